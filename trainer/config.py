@@ -1,0 +1,446 @@
+"""One typed config tree for a training run.
+
+Precedence: command line > `--config run.yaml` > the defaults below, resolved once by
+`load_config`. Every field is a flag of the same name (`--kd_alpha 0.5`) and a key of the
+same name in the YAML file (flat, or grouped under the section names below). Unknown keys
+and flags are errors that name them. The resolved config is frozen; `write_resolved`
+puts a copy beside the logs.
+
+DeepSpeed settings live in `ds_configs/*.json`; this tree only holds the values the
+trainer fills into their "auto" fields (batch sizes, lr, clipping, precision).
+"""
+
+import argparse
+import ast
+import dataclasses
+import functools
+import glob
+import inspect
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+import braceexpand
+import yaml
+
+STAGES = ("selfkd", "align")
+TEACHERS = ("shared", "frozen", "ema")
+DIVERGENCES = ("fkl", "rkl", "jsd")
+ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
+TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
+PROJECTORS = ("mlp", "linear")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    model: Optional[str] = None
+    """`tiny` (random toy model, no download), or a directory written by tools/export_hf.py.
+    Leave unset and give --vlm and --audio_encoder to compose a new model."""
+    vlm: Optional[str] = None
+    """Hugging Face VLM id or path (Qwen2-VL, Qwen2.5-VL) for a new composition."""
+    audio_encoder: Optional[str] = None
+    """Whisper id or path whose encoder becomes the model's ears (new composition)."""
+    audio_stack: int = 4
+    """Whisper frames stacked into one LLM audio token (50 Hz / 4 = 12.5 tokens per second)."""
+    projector: str = "mlp"
+    """`mlp` (Linear-GELU-Linear after frame stacking) or `linear` (the paper's single layer)."""
+    trainable: tuple = ("llm", "projector")
+    """Parts that receive gradients; the rest are frozen and run under no_grad."""
+    attn_impl: str = "auto"
+    """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
+    gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of the LLM (correct with two passes per step)."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_shards: Optional[str] = None
+    """WebDataset shard spec: brace pattern, comma-separated list or pipe: URL."""
+    eval_shards: Optional[str] = None
+    """Held-out shards scored typed vs spoken every --eval_every steps."""
+    stage: str = "selfkd"
+    """`selfkd`: vision-audio Self-KD on image+question shards; `align`: ASR, CE only."""
+    max_seq_len: int = 2048
+    """Samples whose teacher or student sequence is longer are skipped (counted as too_long)."""
+    num_workers: int = 2
+    """DataLoader workers per rank (decode, features, tokenise, collate)."""
+    max_bad_fraction: float = 0.01
+    """Stop when more than this fraction of samples is broken."""
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    kd_alpha: float = 0.75
+    """Weight of the KD term; 0 skips the teacher pass entirely (the SFT baseline)."""
+    kd_temperature: float = 1.0
+    """Softmax temperature of both distributions; the KD term is scaled by T^2."""
+    kd_divergence: str = "fkl"
+    """fkl = KL(teacher || student) (the paper), rkl = KL(student || teacher), jsd."""
+    teacher: str = "shared"
+    """shared: the live weights; frozen: the starting weights; ema: an EMA of the weights."""
+    ema_decay: float = 0.999
+    """EMA teacher decay per optimizer step."""
+    kd_chunk_size: int = 1024
+    """Answer tokens per LM-head chunk; bounds the logits memory to chunk x vocab."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON; its "auto" fields are filled from the flags below."""
+    micro_batch_size: int = 1
+    """Samples per rank per micro-step."""
+    grad_accum: int = 1
+    """Micro-steps per optimizer step."""
+    lr: float = 2e-5
+    """Peak learning rate (after warmup; cosine decay to lr * min_lr_ratio)."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of --lr."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
+    max_steps: int = 1000
+    """Optimizer steps to run; the data stream repeats epochs as needed."""
+    seed: int = 42
+    """Seeds model init, data order and every RNG."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    save_dir: Optional[str] = None
+    """Where checkpoints go; unset = no checkpoints."""
+    save_every: int = 500
+    """Save every N optimizer steps (and at the end)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep; older ones are deleted."""
+    resume: Optional[str] = None
+    """`auto` (newest complete checkpoint in --save_dir, if any) or a checkpoint directory."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    log_dir: Optional[str] = None
+    """TensorBoard event files, metrics.jsonl and the resolved config.yaml go here."""
+    log_every: int = 1
+    """Console line and TensorBoard scalars every N steps."""
+    eval_every: int = 0
+    """Score --eval_shards typed vs spoken every N steps (0 = only at the end, if given)."""
+    eval_max_new_tokens: int = 16
+    """Greedy generation length for evaluation."""
+    dist_timeout_s: int = 1800
+    """Bound on every collective and on each step; a hang dumps all ranks' stacks and exits."""
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "distill": DistillConfig,
+    "optim": OptimConfig,
+    "checkpoint": CheckpointConfig,
+    "logging": LoggingConfig,
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_flat_dict(self) -> dict:
+        flat = {}
+        for name in SECTIONS:
+            for key, value in dataclasses.asdict(getattr(self, name)).items():
+                flat[key] = list(value) if isinstance(value, tuple) else value
+        return flat
+
+
+class ConfigError(ValueError):
+    """A configuration value is not allowed; the message says which and why."""
+
+
+def _field_index() -> dict:
+    """flag name -> (section name, dataclass field)."""
+    index = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            assert f.name not in index, f"duplicate config key {f.name}"
+            index[f.name] = (section, f)
+    return index
+
+
+def _coerce(name: str, f, value: Any) -> Any:
+    """Convert a YAML or CLI value to the field's type, with an error naming the key."""
+    default = f.default
+    if value is None:
+        return None
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            text = str(value).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(value)
+        if isinstance(default, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(x).strip() for x in items if str(x).strip())
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        kind = "true/false" if isinstance(default, bool) else type(default).__name__
+        raise ConfigError(f"{name}: expected {kind}, got {value!r}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict:
+    """The docstring under each dataclass field (shown by --help and in the README)."""
+    body = ast.parse(inspect.getsource(cls)).body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trainer/main.py",
+        description="Self-KD training of an omni (vision + audio) LLM on DeepSpeed.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file; every flag below is also a key there")
+    # The deepspeed launcher appends --local_rank; the rank itself is read from the environment.
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        docs = field_docs(cls)
+        for f in fields(cls):
+            help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
+            group.add_argument(f"--{f.name}", default=None, metavar=type(f.default).__name__.upper(), help=help_text)
+    return parser
+
+
+def _read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config: {path} does not exist")
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    flat = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for sub_key, sub_value in value.items():
+                if sub_key not in {f.name for f in fields(SECTIONS[key])}:
+                    raise ConfigError(f"{path}: unknown key '{key}.{sub_key}'")
+                flat[sub_key] = sub_value
+        else:
+            flat[key] = value
+    return flat
+
+
+def load_config(argv: Optional[list] = None) -> Config:
+    """Parse the command line (and --config YAML), validate, return the frozen config."""
+    parser = build_arg_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f"unknown flag(s): {' '.join(unknown)} (see trainer/main.py --help)")
+    index = _field_index()
+    values = {}
+    if args.config:
+        for key, value in _read_yaml(args.config).items():
+            if key not in index:
+                raise ConfigError(f"{args.config}: unknown key '{key}'")
+            values[key] = value
+    for key in index:
+        cli_value = getattr(args, key)
+        if cli_value is not None:
+            values[key] = cli_value
+    per_section = {name: {} for name in SECTIONS}
+    for key, value in values.items():
+        section, f = index[key]
+        per_section[section][key] = _coerce(key, f, value)
+    config = Config(**{name: SECTIONS[name](**kw) for name, kw in per_section.items()})
+    validate(config)
+    return config
+
+
+def expand_shard_spec(spec: str) -> list:
+    """Brace-expand a comma-separated shard spec; pipe: and URL entries pass through."""
+    urls = []
+    for part in spec.split(","):
+        part = part.strip()
+        if part:
+            urls.extend(braceexpand.braceexpand(part))
+    return urls
+
+
+def _check_shards(flag: str, spec: str) -> None:
+    local = [u for u in expand_shard_spec(spec) if not u.startswith("pipe:") and "://" not in u]
+    missing = [u for u in local if not glob.glob(u)]
+    if not expand_shard_spec(spec):
+        raise ConfigError(f"--{flag}: the spec {spec!r} names no shard")
+    if missing and len(missing) == len(local):
+        raise ConfigError(f"--{flag}: no shard matches {spec!r} (first missing: {missing[0]})")
+    if missing:
+        raise ConfigError(f"--{flag}: {len(missing)} of {len(local)} shards do not exist, e.g. {missing[0]}")
+
+
+def _check_choice(flag: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
+
+
+def validate(c: Config) -> None:
+    m, d, k, o, ck, lg = c.model, c.data, c.distill, c.optim, c.checkpoint, c.logging
+    if m.model is None and not (m.vlm and m.audio_encoder):
+        raise ConfigError("give --model tiny|DIR, or both --vlm and --audio_encoder to compose a new model")
+    if m.model is not None and (m.vlm or m.audio_encoder):
+        raise ConfigError("--model and --vlm/--audio_encoder are exclusive: --model loads a finished composition")
+    if m.model not in (None, "tiny") and not os.path.isdir(m.model):
+        raise ConfigError(f"--model: {m.model} is neither 'tiny' nor an existing directory")
+    if m.audio_stack < 1:
+        raise ConfigError(f"--audio_stack: must be >= 1, got {m.audio_stack}")
+    _check_choice("projector", m.projector, PROJECTORS)
+    _check_choice("attn_impl", m.attn_impl, ATTN_IMPLS)
+    for part in m.trainable:
+        _check_choice("trainable", part, TRAINABLE_PARTS)
+    if not m.trainable:
+        raise ConfigError("--trainable: at least one part must be trained")
+
+    _check_choice("stage", d.stage, STAGES)
+    if d.train_shards is None:
+        raise ConfigError("--train_shards is required")
+    _check_shards("train_shards", d.train_shards)
+    if d.eval_shards is not None:
+        _check_shards("eval_shards", d.eval_shards)
+    if d.max_seq_len < 16:
+        raise ConfigError(f"--max_seq_len: must be >= 16, got {d.max_seq_len}")
+    if d.num_workers < 0:
+        raise ConfigError(f"--num_workers: must be >= 0, got {d.num_workers}")
+    if not 0.0 <= d.max_bad_fraction <= 1.0:
+        raise ConfigError(f"--max_bad_fraction: must lie in [0, 1], got {d.max_bad_fraction}")
+
+    if not 0.0 <= k.kd_alpha <= 1.0:
+        raise ConfigError(f"--kd_alpha: must lie in [0, 1], got {k.kd_alpha}")
+    if k.kd_temperature <= 0:
+        raise ConfigError(f"--kd_temperature: must be > 0, got {k.kd_temperature}")
+    _check_choice("kd_divergence", k.kd_divergence, DIVERGENCES)
+    _check_choice("teacher", k.teacher, TEACHERS)
+    if not 0.0 < k.ema_decay < 1.0:
+        raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")
+    if k.kd_chunk_size < 1:
+        raise ConfigError(f"--kd_chunk_size: must be >= 1, got {k.kd_chunk_size}")
+    if d.stage == "align" and k.kd_alpha > 0:
+        raise ConfigError("--stage align trains on ASR shards (no typed question, no teacher): set --kd_alpha 0")
+
+    _check_ds_config(o)
+    for flag in ("micro_batch_size", "grad_accum", "max_steps"):
+        if getattr(o, flag) < 1:
+            raise ConfigError(f"--{flag}: must be >= 1, got {getattr(o, flag)}")
+    if o.lr <= 0:
+        raise ConfigError(f"--lr: must be > 0, got {o.lr}")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"--min_lr_ratio: must lie in [0, 1], got {o.min_lr_ratio}")
+    if o.warmup_steps < 0 or o.max_grad_norm <= 0 or o.weight_decay < 0:
+        raise ConfigError("--warmup_steps and --weight_decay must be >= 0, --max_grad_norm > 0")
+
+    if ck.save_every < 1 or ck.keep_last < 1:
+        raise ConfigError("--save_every and --keep_last must be >= 1")
+    if ck.resume is not None and ck.resume != "auto" and not os.path.isdir(ck.resume):
+        raise ConfigError(f"--resume: {ck.resume} is neither 'auto' nor a checkpoint directory")
+    if ck.resume == "auto" and ck.save_dir is None:
+        raise ConfigError("--resume auto needs --save_dir to look in")
+    if lg.log_every < 1 or lg.eval_every < 0 or lg.dist_timeout_s < 10:
+        raise ConfigError("--log_every must be >= 1, --eval_every >= 0, --dist_timeout_s >= 10")
+
+
+def read_ds_config(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"--ds_config: {path} does not exist")
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--ds_config: {path} is not valid JSON: {e}") from None
+
+
+def _check_ds_config(o: OptimConfig) -> None:
+    ds = read_ds_config(o.ds_config)
+    for key, flag in (("train_micro_batch_size_per_gpu", "micro_batch_size"), ("gradient_accumulation_steps", "grad_accum")):
+        fixed = ds.get(key, "auto")
+        if fixed != "auto" and fixed != getattr(o, flag):
+            raise ConfigError(
+                f"--{flag} {getattr(o, flag)} contradicts {o.ds_config}: {key} = {fixed} "
+                f"(set it to \"auto\" there, or pass --{flag} {fixed})"
+            )
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"{o.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
+
+
+def fill_ds_config(ds: dict, o: OptimConfig, world_size: int, on_gpu: bool) -> dict:
+    """Return a copy of the DeepSpeed config with every "auto" field filled from the flags."""
+    ds = json.loads(json.dumps(ds))
+    fills = {
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "gradient_accumulation_steps": o.grad_accum,
+        "train_batch_size": o.micro_batch_size * o.grad_accum * world_size,
+        "gradient_clipping": o.max_grad_norm,
+    }
+    for key, value in fills.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    # bf16 on a GPU, fp32 on the CPU (the CPU's bf16 matmuls are slow and its tests exact).
+    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
+    if bf16.get("enabled") == "auto":
+        bf16["enabled"] = on_gpu
+    opt = ds.get("optimizer", {}).get("params", {})
+    for key, value in (("lr", o.lr), ("weight_decay", o.weight_decay)):
+        if opt.get(key) == "auto":
+            opt[key] = value
+    if opt.get("torch_adam") == "auto":
+        # DeepSpeed's FusedAdam is a CUDA kernel; on the CPU torch's AdamW does the job.
+        opt["torch_adam"] = not on_gpu
+    sched = ds.get("scheduler", {}).get("params", {})
+    sched_fills = {
+        "total_num_steps": o.max_steps,
+        "warmup_num_steps": max(1, o.warmup_steps),
+        "cos_min_ratio": o.min_lr_ratio,
+    }
+    for key, value in sched_fills.items():
+        if sched.get(key) == "auto":
+            sched[key] = value
+    leftover = [k for k, v in _walk(ds) if v == "auto"]
+    if leftover:
+        raise ConfigError(f"the DeepSpeed config has \"auto\" fields the trainer cannot fill: {', '.join(leftover)}")
+    return ds
+
+
+def _walk(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _walk(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def write_resolved(config: Config, path: str) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        yaml.safe_dump(config.to_flat_dict(), f, sort_keys=False)

@@ -1,0 +1,158 @@
+"""All distributed plumbing: process-group set-up under any launcher, rank-0 printing,
+reductions, and the hang watchdog. Nothing else in the trainer calls torch.distributed.
+
+Launchers: the `deepspeed` launcher and `torchrun` set RANK / WORLD_SIZE / LOCAL_RANK /
+MASTER_ADDR / MASTER_PORT; under `srun` only SLURM_* variables exist, and `init` derives
+the torch ones from them (master = first host of SLURM_JOB_NODELIST).
+"""
+
+import datetime
+import faulthandler
+import os
+import re
+import signal
+import sys
+
+import torch
+import torch.distributed as dist
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list: 'gpu[003-006,9],cpu1' -> 'gpu003'."""
+    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not match:
+        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
+    prefix, _, ranges = match.groups()
+    if ranges is None:
+        return prefix
+    first = ranges.split(",")[0].split("-")[0]
+    return prefix + first
+
+
+def env_from_slurm(environ=os.environ) -> dict:
+    """torch.distributed variables derived from SLURM's, for processes started by srun
+    (one task per GPU). Returns only the variables that are missing."""
+    if "RANK" in environ or "SLURM_PROCID" not in environ or "SLURM_NTASKS" not in environ:
+        return {}
+    derived = {
+        "RANK": environ["SLURM_PROCID"],
+        "WORLD_SIZE": environ["SLURM_NTASKS"],
+        "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
+    }
+    if "MASTER_ADDR" not in environ:
+        derived["MASTER_ADDR"] = _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "localhost"))
+    if "MASTER_PORT" not in environ:
+        derived["MASTER_PORT"] = str(29500 + int(environ.get("SLURM_JOB_ID", "0")) % 1000)
+    return derived
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", 0))
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", 1))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank())
+    return torch.device("cpu")
+
+
+def init(timeout_s: int) -> None:
+    """Join the process group (gloo on CPU, nccl on GPU) with `timeout_s` on every collective."""
+    import deepspeed
+
+    os.environ.update(env_from_slurm())
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank())
+    deepspeed.init_distributed(
+        dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        verbose=False,
+    )
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64 tensor over ranks (a copy; the input is left alone)."""
+    out = values.detach().to(torch.float64).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = out.to(device())
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.cpu()
+
+
+def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
+    out = values.detach().to(torch.float64).clone()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        out = out.to(device())
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out.cpu()
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+class HangWatchdog:
+    """Dumps every thread's stack and exits non-zero when a step overruns `timeout_s`.
+
+    Every rank arms its own watchdog, so a collective that never completes (a rank died,
+    a rank took another code path) ends with all ranks' stacks in the logs instead of an
+    allocation burning until the job's time limit. `kick()` re-arms it each step.
+    """
+
+    def __init__(self, timeout_s: int):
+        self.timeout_s = timeout_s
+        # SIGUSR1 lets an operator ask a live run for its stacks without stopping it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+    def kick(self) -> None:
+        faulthandler.cancel_dump_traceback_later()
+        sys.stderr.flush()
+        faulthandler.dump_traceback_later(self.timeout_s, exit=True)
+
+    def stop(self) -> None:
+        faulthandler.cancel_dump_traceback_later()

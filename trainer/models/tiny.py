@@ -1,0 +1,135 @@
+"""The `tiny` preset: real Qwen2-VL and Whisper classes at toy size, random weights, and
+a tokenizer trained here from a built-in corpus. Nothing is downloaded, so tests and the
+demo run on any machine. The image processor keeps pictures small (at most 112x112 px,
+i.e. 16 image tokens) so a CPU step stays cheap.
+"""
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+from trainer.models.processing import AUDIO_TOKENS, OmniProcessor
+
+# Qwen2-VL's own special tokens, in its id order, so chat templates and the model's
+# image/video token ids work unchanged.
+QWEN2VL_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# Qwen2-VL's chat template (the image/video/text content-list form).
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Enough English for the demo's questions and answers and for LLaVA-style prompts.
+_CORPUS = """
+what colour is the shape in the image? the circle is red. the square is blue. the triangle is green.
+how many shapes are there? there are two shapes. there are three circles. one two three four five six seven eight nine ten.
+is there a yellow star on the left? yes. no. the star is on the right. the purple square is at the top.
+which shape is at the bottom? a) circle b) square c) triangle d) star. answer with the option letter.
+where is the orange circle? it is in the centre of the picture, near the middle, below the blue square.
+describe the image in detail. a man is riding a horse in front of a white fence. a cat sits on a table.
+transcribe the audio. please repeat what you heard. the quick brown fox jumps over the lazy dog.
+0 1 2 3 4 5 6 7 8 9 10 100 % $ . , ? ! : ; ' " ( ) - + = / a b c d e f g h i j k l m n o p q r s t u v w x y z
+A B C D E F G H I J K L M N O P Q R S T U V W X Y Z You are a helpful assistant. Answer the question using a single word or phrase.
+"""
+
+
+def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=QWEN2VL_SPECIAL_TOKENS + list(AUDIO_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2VL_SPECIAL_TOKENS[3:] + list(AUDIO_TOKENS),
+        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+def build_tiny_processor(audio_stack: int = 4) -> OmniProcessor:
+    """Tiny tokenizer + Qwen2-VL image processor (<= 112x112 px) + an 80-bin Whisper
+    feature extractor with a 10 s window."""
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112)
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=10)
+    return OmniProcessor(build_tiny_tokenizer(), image_processor, feature_extractor, audio_stack=audio_stack)
+
+
+def tiny_vlm_config(vocab_size: int) -> Qwen2VLConfig:
+    """A 2-layer Qwen2-VL: 64-d LLM, 2-block 32-d vision tower."""
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            tie_word_embeddings=False,
+            bos_token_id=None,
+            eos_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|im_end|>"),
+            pad_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|endoftext|>"),
+        ),
+        vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|image_pad|>"),
+        video_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|video_pad|>"),
+        vision_start_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_start|>"),
+        vision_end_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def tiny_whisper_config(num_mel_bins: int = 80, window_frames: int = 1000) -> WhisperConfig:
+    """A 2-layer, 32-d Whisper whose encoder window matches the tiny feature extractor."""
+    return WhisperConfig(
+        num_mel_bins=num_mel_bins,
+        d_model=32,
+        encoder_layers=2,
+        encoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_layers=1,
+        decoder_attention_heads=2,
+        decoder_ffn_dim=64,
+        max_source_positions=window_frames // 2,
+        vocab_size=64,
+    )

@@ -1,0 +1,312 @@
+"""The training loop: one Trainer object with a few named steps.
+
+    trainer = Trainer(config)     # process group, model under zero.Init, engine, teacher, data
+    trainer.train()               # train_step() until --max_steps, checkpoints, evaluation
+    trainer.close()
+
+One optimizer step = `grad_accum` micro-batches. Before the first micro-batch the answer
+tokens of all of them are counted and summed over ranks, so the loss of every micro-batch
+is normalised by the global answer-token count: every answer token weighs the same, however
+answers are spread over samples, micro-batches and ranks.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import time
+
+import deepspeed
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from trainer import checkpoint, dist
+from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
+from trainer.data import build_eval_loader, build_train_loader
+from trainer.distill.loss import KDSettings
+from trainer.distill.teachers import make_teacher
+from trainer.models.omni import build_model, set_trainable
+
+# Dense bf16 tensor-core peaks, for MFU. Unknown devices report no MFU rather than a guess.
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+
+
+def _peak_flops() -> float:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    for key, flops in PEAK_BF16_FLOPS.items():
+        if key in name:
+            return flops
+    return None
+
+
+def _peak_mem_gib() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, config: Config):
+        self.config = config
+        c = config
+        dist.init(c.logging.dist_timeout_s)
+        self.watchdog = dist.HangWatchdog(c.logging.dist_timeout_s)
+        self.watchdog.kick()
+        _seed_everything(c.optim.seed)
+        self.device = dist.device()
+        on_gpu = self.device.type == "cuda"
+        self.ds_config = fill_ds_config(read_ds_config(c.optim.ds_config), c.optim, dist.world_size(), on_gpu)
+        self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
+
+        # Under ZeRO-3 every parameter is partitioned as it is created: no rank ever holds
+        # the whole model, which is what lets an 8B model start on 80 GB cards.
+        init_ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config) if self.zero_stage == 3 else contextlib.nullcontext()
+        model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype)
+        set_trainable(model, set(c.model.trainable))
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
+        self.model = self.engine.module
+        self.teacher = make_teacher(c.distill.teacher, self.model, c.distill.ema_decay, zero_stage=self.zero_stage)
+        self.kd = None
+        if c.data.stage == "selfkd" and c.distill.kd_alpha > 0:
+            self.kd = KDSettings(
+                alpha=c.distill.kd_alpha,
+                temperature=c.distill.kd_temperature,
+                divergence=c.distill.kd_divergence,
+                chunk_size=c.distill.kd_chunk_size,
+            )
+        self.num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        self.peak_flops = _peak_flops()
+
+        self.step = 0
+        self.samples_seen = 0
+        self.tokens_seen = 0
+        resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
+        state = checkpoint.load(self.engine, resume_from) if resume_from else None
+        if state is not None:
+            if state["world_size"] != dist.world_size():
+                raise RuntimeError(
+                    f"{resume_from} was written by {state['world_size']} ranks, this run has {dist.world_size()}: "
+                    "exact resume needs the same world size"
+                )
+            self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+            self.teacher.load_state_dict(state["teacher"])
+        self.loader = build_train_loader(
+            c.data.train_shards,
+            self.processor,
+            stage=c.data.stage,
+            micro_batch_size=c.optim.micro_batch_size,
+            max_seq_len=c.data.max_seq_len,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+            num_workers=c.data.num_workers,
+            seed=c.optim.seed,
+            max_bad_fraction=c.data.max_bad_fraction,
+            state=state["data"] if state else None,
+        )
+        self.data_iter = iter(self.loader)
+        if state is not None:
+            checkpoint.set_rng_state(state["rng"])
+            dist.print0(f"resumed from {resume_from} at step {self.step}")
+
+        self.writer = None
+        self.metrics_file = None
+        if dist.is_main() and c.logging.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(c.logging.log_dir, exist_ok=True)
+            write_resolved(c, os.path.join(c.logging.log_dir, "config.yaml"))
+            self.writer = SummaryWriter(c.logging.log_dir)
+            self.metrics_file = open(os.path.join(c.logging.log_dir, "metrics.jsonl"), "a")
+
+    # --- one micro-batch / one optimizer step ---------------------------------------
+    def _to_device(self, batch: dict) -> dict:
+        moved = {}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(self.device, non_blocking=True)
+                if value.is_floating_point():
+                    value = value.to(self.dtype)
+            moved[key] = value
+        return moved
+
+    def forward_backward_step(self, batch: dict, normalizer: float) -> dict:
+        out = self.engine(self._to_device(batch), kd=self.kd, normalizer=normalizer, teacher_ctx=self.teacher.context)
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        return out
+
+    def train_step(self) -> dict:
+        gas = self.config.optim.grad_accum
+        t_start = time.perf_counter()
+        wait = 0.0
+        batches = []
+        for _ in range(gas):
+            t = time.perf_counter()
+            batches.append(next(self.data_iter))
+            wait += time.perf_counter() - t
+
+        local = torch.tensor(
+            [
+                sum(int((b["student_labels"] != -100).sum()) for b in batches),
+                sum(len(b["keys"]) for b in batches),
+                sum(int(b["student_attention_mask"].sum()) for b in batches),
+                sum(int(b["teacher_attention_mask"].sum()) for b in batches) if self.kd else 0,
+            ],
+            dtype=torch.float64,
+        )
+        answer_tokens, samples, student_tokens, teacher_tokens = dist.all_reduce_sum(local).tolist()
+        tokens = student_tokens + teacher_tokens
+        if answer_tokens == 0:
+            raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
+        # DeepSpeed divides the gradient by grad_accum and averages it over ranks; undo both
+        # so the step's gradient is that of (sum of token losses) / (global answer tokens).
+        normalizer = answer_tokens / (gas * dist.world_size())
+
+        sums = torch.zeros(5, dtype=torch.float64)
+        for batch in batches:
+            out = self.forward_backward_step(batch, normalizer)
+            sums += torch.stack(
+                [out["ce_sum"], out["kd_sum"], out["teacher_ce_sum"], out["agree_count"], out["n_tokens"]]
+            ).detach().double().cpu()
+        self.teacher.update()
+        ce_sum, kd_sum, teacher_ce_sum, agree, n = dist.all_reduce_sum(sums).tolist()
+        step_time = dist.all_reduce_max(torch.tensor([time.perf_counter() - t_start])).item()
+
+        self.step += 1
+        self.samples_seen += int(samples)
+        self.tokens_seen += int(tokens)
+        alpha, temp2 = (self.kd.alpha, self.kd.temperature**2) if self.kd else (0.0, 1.0)
+        metrics = {
+            "train/loss": (alpha * temp2 * kd_sum + (1 - alpha) * ce_sum) / n,
+            "train/ce_loss": ce_sum / n,
+            "train/lr": self.engine.get_lr()[0],
+            "perf/samples_per_s": samples / step_time,
+            "perf/tokens_per_s": tokens / step_time,
+            "perf/data_wait_frac": wait / step_time,
+            "perf/step_s": step_time,
+            "mem/peak_gib": dist.all_reduce_max(torch.tensor([_peak_mem_gib()])).item(),
+        }
+        if self.kd:
+            metrics["train/kd_loss"] = kd_sum / n
+            metrics["train/teacher_ce"] = teacher_ce_sum / n
+            metrics["train/agreement"] = agree / n
+        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        if self.peak_flops:
+            # 6 N per student token (forward + backward) plus 2 N per teacher token (forward).
+            flops = self.num_params * (6 * student_tokens + 2 * teacher_tokens)
+            metrics["perf/mfu"] = flops / step_time / (self.peak_flops * dist.world_size())
+        for reason, count in self.loader.skip_counts().items():
+            metrics[f"data/skipped/{reason}"] = count
+        if not math.isfinite(metrics["train/loss"]):
+            raise FloatingPointError(f"step {self.step}: loss is {metrics['train/loss']}; stopping before it spreads")
+        return metrics
+
+    # --- loop ---------------------------------------------------------------------------
+    def train(self) -> None:
+        c = self.config
+        progress = tqdm(total=c.optim.max_steps, initial=self.step, disable=not dist.is_main(), dynamic_ncols=True, desc="train")
+        while self.step < c.optim.max_steps:
+            metrics = self.train_step()
+            self.watchdog.kick()
+            progress.update(1)
+            if self.step % c.logging.log_every == 0 or self.step == c.optim.max_steps:
+                self._log(metrics, progress)
+            if c.logging.eval_every and c.data.eval_shards and self.step % c.logging.eval_every == 0:
+                self.evaluate()
+            if c.checkpoint.save_dir and (self.step % c.checkpoint.save_every == 0 or self.step == c.optim.max_steps):
+                path = self.save()
+                dist.print0(f"saved {path}")
+        progress.close()
+        if c.data.eval_shards and not (c.logging.eval_every and self.step % c.logging.eval_every == 0):
+            self.evaluate()
+
+    def _log(self, metrics: dict, progress) -> None:
+        if not dist.is_main():
+            return
+        if self.writer:
+            for key, value in metrics.items():
+                self.writer.add_scalar(key, value, self.step)
+            self.writer.flush()
+        if self.metrics_file:
+            self.metrics_file.write(json.dumps({"step": self.step, **metrics}) + "\n")
+            self.metrics_file.flush()
+        line = f"step {self.step}/{self.config.optim.max_steps} | loss {metrics['train/loss']:.4f} ce {metrics['train/ce_loss']:.4f}"
+        if self.kd:
+            line += f" kd {metrics['train/kd_loss']:.4f} agree {metrics['train/agreement']:.2f}"
+        line += (
+            f" | lr {metrics['train/lr']:.2e} gn {metrics.get('train/grad_norm', float('nan')):.2f}"
+            f" | {metrics['perf/samples_per_s']:.1f} samples/s data {100 * metrics['perf/data_wait_frac']:.0f}%"
+            f" | {metrics['mem/peak_gib']:.1f} GiB"
+        )
+        progress.write(line)
+
+    def evaluate(self) -> dict:
+        from trainer.eval.harness import evaluate
+
+        c = self.config
+        loader = build_eval_loader(
+            c.data.eval_shards,
+            self.processor,
+            micro_batch_size=c.optim.micro_batch_size,
+            max_seq_len=c.data.max_seq_len,
+            rank=dist.rank(),
+            world_size=dist.world_size(),
+        )
+        was_training = self.model.training
+        self.model.eval()
+        report, _ = evaluate(self.model, self.processor, loader, modes=("text", "audio"), max_new_tokens=c.logging.eval_max_new_tokens, device=self.device, dtype=self.dtype)
+        self.model.train(was_training)
+        self.watchdog.kick()
+        if dist.is_main():
+            scalars = {"eval/vl_score": report["vl_score"], "eval/va_score": report["va_score"], "eval/gap": report["gap"]}
+            if self.writer:
+                for key, value in scalars.items():
+                    self.writer.add_scalar(key, value, self.step)
+                self.writer.flush()
+            if self.metrics_file:
+                self.metrics_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
+                self.metrics_file.flush()
+            print(f"eval step {self.step} | VL {report['vl_score']:.2f} VA {report['va_score']:.2f} gap {report['gap']:.2f} (n={report['n']})", flush=True)
+        return report
+
+    # --- state ----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's loop state; the engine state is saved by DeepSpeed beside it."""
+        return {
+            "step": self.step,
+            "samples_seen": self.samples_seen,
+            "tokens_seen": self.tokens_seen,
+            "world_size": dist.world_size(),
+            "data": self.loader.state_dict(),
+            "teacher": self.teacher.state_dict(),
+            "rng": checkpoint.rng_state(),
+        }
+
+    def save(self) -> str:
+        c = self.config
+        return checkpoint.save(
+            self.engine, c.checkpoint.save_dir, self.step, self.state_dict(), c.to_flat_dict(), self.processor, c.checkpoint.keep_last
+        )
+
+    def close(self) -> None:
+        self.watchdog.stop()
+        if self.writer:
+            self.writer.close()
+        if self.metrics_file:
+            self.metrics_file.close()
