@@ -9,24 +9,13 @@ the torch ones from them (master = first host of SLURM_JOB_NODELIST).
 import datetime
 import faulthandler
 import os
-import re
 import signal
 import sys
 
 import torch
 import torch.distributed as dist
 
-
-def _first_slurm_host(nodelist: str) -> str:
-    """First host of a SLURM node list: 'gpu[003-006,9],cpu1' -> 'gpu003'."""
-    match = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        raise ValueError(f"cannot parse SLURM_JOB_NODELIST={nodelist!r}")
-    prefix, _, ranges = match.groups()
-    if ranges is None:
-        return prefix
-    first = ranges.split(",")[0].split("-")[0]
-    return prefix + first
+from trainer.slurm import expand_nodelist
 
 
 def env_from_slurm(environ=os.environ) -> dict:
@@ -40,7 +29,7 @@ def env_from_slurm(environ=os.environ) -> dict:
         "LOCAL_RANK": environ.get("SLURM_LOCALID", "0"),
     }
     if "MASTER_ADDR" not in environ:
-        derived["MASTER_ADDR"] = _first_slurm_host(environ.get("SLURM_JOB_NODELIST", "localhost"))
+        derived["MASTER_ADDR"] = expand_nodelist(environ.get("SLURM_JOB_NODELIST", "localhost"))[0]
     if "MASTER_PORT" not in environ:
         derived["MASTER_PORT"] = str(29500 + int(environ.get("SLURM_JOB_ID", "0")) % 1000)
     return derived

@@ -1,0 +1,137 @@
+"""Config precedence (CLI > YAML > defaults), validation messages, auto-field filling."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from trainer.config import ConfigError, fill_ds_config, load_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DS_DIR = os.path.join(ROOT, "ds_configs")
+
+
+@pytest.fixture
+def shards(tmp_path):
+    for i in range(2):
+        (tmp_path / f"train-{i:06d}.tar").write_bytes(b"")
+    return str(tmp_path / "train-{000000..000001}.tar")
+
+
+def base(shards, *extra):
+    return ["--model", "tiny", "--train_shards", shards, "--ds_config", os.path.join(DS_DIR, "zero3.json"), *extra]
+
+
+def write_yaml(tmp_path, data):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+def test_defaults_then_yaml_then_cli(tmp_path, shards):
+    c = load_config(base(shards))
+    assert c.distill.kd_alpha == 0.75 and c.optim.lr == 2e-5 and c.model.trainable == ("llm", "projector")
+    cfg = write_yaml(tmp_path, {"kd_alpha": 0.5, "lr": 1e-4, "trainable": ["projector"], "optim": {"max_steps": 7}})
+    c = load_config(base(shards, "--config", cfg))
+    assert (c.distill.kd_alpha, c.optim.lr, c.model.trainable, c.optim.max_steps) == (0.5, 1e-4, ("projector",), 7)
+    c = load_config(base(shards, "--config", cfg, "--kd_alpha", "0.25", "--trainable", "llm,projector"))
+    assert c.distill.kd_alpha == 0.25 and c.optim.lr == 1e-4 and c.model.trainable == ("llm", "projector")
+
+
+def test_config_is_frozen(shards):
+    c = load_config(base(shards))
+    with pytest.raises(Exception):
+        c.distill.kd_alpha = 0.1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--kd_alpha", "1.5"], "--kd_alpha: must lie in [0, 1], got 1.5"),
+        (["--kd_alpha", "abc"], "kd_alpha: expected float, got 'abc'"),
+        (["--kd_divergence", "kl"], "--kd_divergence: 'kl' is not one of fkl, rkl, jsd"),
+        (["--teacher", "big"], "--teacher: 'big' is not one of shared, frozen, ema"),
+        (["--max_steps", "0"], "--max_steps: must be >= 1, got 0"),
+        (["--gradient_checkpointing", "maybe"], "gradient_checkpointing: expected true/false, got 'maybe'"),
+        (["--ds_config", "nope.json"], "--ds_config: nope.json does not exist"),
+        (["--bogus", "1"], "unknown flag(s): --bogus 1"),
+        (["--stage", "align"], "--stage align trains on ASR shards"),
+        (["--resume", "auto"], "--resume auto needs --save_dir"),
+    ],
+)
+def test_errors_name_the_value(shards, extra, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(base(shards, *extra))
+    assert message in str(err.value)
+
+
+def test_shard_spec_must_match(tmp_path, shards):
+    with pytest.raises(ConfigError, match="no shard matches"):
+        load_config(base(str(tmp_path / "none-{0..3}.tar")))
+    with pytest.raises(ConfigError, match="1 of 3 shards do not exist"):
+        load_config(base(shards.replace("000001}", "000002}")))
+
+
+def test_unknown_yaml_key_is_named(tmp_path, shards):
+    with pytest.raises(ConfigError, match="unknown key 'kd_alpah'"):
+        load_config(base(shards, "--config", write_yaml(tmp_path, {"kd_alpah": 0.5})))
+    with pytest.raises(ConfigError, match="unknown key 'distill.lr'"):
+        load_config(base(shards, "--config", write_yaml(tmp_path, {"distill": {"lr": 0.5}})))
+
+
+def test_model_source_is_exclusive(shards):
+    with pytest.raises(ConfigError, match="exclusive"):
+        load_config(base(shards, "--vlm", "x", "--audio_encoder", "y"))
+    args = base(shards)
+    args[args.index("--model") : args.index("--model") + 2] = []
+    with pytest.raises(ConfigError, match="give --model tiny"):
+        load_config(args)
+
+
+def test_batch_size_contradicting_ds_config(tmp_path, shards):
+    ds = json.load(open(os.path.join(DS_DIR, "zero3.json")))
+    ds["train_micro_batch_size_per_gpu"] = 4
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"--micro_batch_size 2 contradicts .*train_micro_batch_size_per_gpu = 4"):
+        load_config(base(shards, "--ds_config", str(path), "--micro_batch_size", "2"))
+    assert load_config(base(shards, "--ds_config", str(path), "--micro_batch_size", "4")).optim.micro_batch_size == 4
+
+
+def test_deepspeed_launcher_local_rank_is_accepted(shards):
+    assert load_config(base(shards, "--local_rank=1")).optim.max_steps == 1000
+
+
+@pytest.mark.parametrize("name", sorted(os.listdir(DS_DIR)))
+def test_every_ds_config_fills_and_validates(shards, name):
+    """Each shipped DeepSpeed config: every "auto" is filled and DeepSpeed's own parser accepts it."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    c = load_config(base(shards, "--ds_config", os.path.join(DS_DIR, name), "--micro_batch_size", "2", "--grad_accum", "3"))
+    raw = json.load(open(os.path.join(DS_DIR, name)))
+    filled = fill_ds_config(raw, c.optim, world_size=1, on_gpu=False)
+    assert "auto" not in json.dumps(filled)
+    parsed = DeepSpeedConfig(filled)
+    assert parsed.train_micro_batch_size_per_gpu == 2 and parsed.gradient_accumulation_steps == 3
+    assert parsed.train_batch_size == 6
+    assert parsed.zero_optimization_stage == raw["zero_optimization"]["stage"]
+    if "nvme" in name:
+        assert parsed.zero_config.offload_param.device == "nvme"
+
+
+def test_recipes_load(shards):
+    """The shipped recipes parse; only their cluster paths are swapped for local ones."""
+    recipes = os.path.join(ROOT, "launch_scripts", "recipes")
+    for name in sorted(os.listdir(recipes)):
+        data = yaml.safe_load(open(os.path.join(recipes, name)))
+        for key in ("model", "vlm", "audio_encoder", "save_dir", "log_dir", "eval_shards", "resume"):
+            data.pop(key, None)
+        data["train_shards"] = shards
+        data["ds_config"] = os.path.join(DS_DIR, os.path.basename(data["ds_config"]))
+        import tempfile
+
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+            yaml.safe_dump(data, f)
+        c = load_config(["--config", f.name, "--model", "tiny"])
+        assert c.data.stage == data["stage"]

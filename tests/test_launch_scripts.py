@@ -1,0 +1,70 @@
+"""DRY_RUN output of the launch scripts for a made-up 4-node SLURM allocation."""
+
+import os
+import shlex
+import subprocess
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["--config", "launch_scripts/recipes/selfkd_qwen2vl7b.yaml", "--train_shards", "/data/a b/{000..009}.tar", "--lr", "1e-5"]
+
+
+def run(script, env, *args):
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    full_env.update(env, DRY_RUN="1")
+    out = subprocess.run(["bash", script, *args], cwd=ROOT, env=full_env, capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def parse_launch(command):
+    argv = shlex.split(command)
+    assert argv[0] == "deepspeed"
+    main = argv.index("trainer/main.py")
+    launcher = argv[1:main]
+    opts = {launcher[i]: launcher[i + 1] for i in range(len(launcher)) if launcher[i].startswith("--") and i + 1 < len(launcher) and not launcher[i + 1].startswith("--")}
+    return launcher, opts, argv[main + 1 :]
+
+
+def test_slurm_dry_run_4_nodes(tmp_path):
+    env = {"SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu-[007-009,012]", "SLURM_JOB_ID": "4242",
+           "SLURM_GPUS_ON_NODE": "8", "HOSTFILE": str(tmp_path / "hostfile")}
+    out = run("launch_scripts/slurm_train.sbatch", env, *ARGS)
+    lines = [line for line in out.splitlines() if line.startswith("node ")]
+    assert len(lines) == 4
+    masters, ranks = set(), []
+    for i, line in enumerate(lines):
+        label, command = line.split(": ", 1)
+        assert label == f"node {i}"
+        launcher, opts, trainer_args = parse_launch(command)
+        assert "--no_ssh" in launcher
+        ranks.append(int(opts["--node_rank"]))
+        masters.add((opts["--master_addr"], opts["--master_port"]))
+        assert opts["--num_nodes"] == "4" and opts["--num_gpus"] == "8"
+        assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+    assert ranks == [0, 1, 2, 3]
+    assert masters == {("gpu-007", str(29500 + 4242 % 1000))}
+    hosts = (tmp_path / "hostfile").read_text().split("\n")
+    assert hosts[:4] == ["gpu-007 slots=8", "gpu-008 slots=8", "gpu-009 slots=8", "gpu-012 slots=8"]
+
+
+def test_train_sh_dry_run_multi_node(tmp_path):
+    env = {"NUM_NODES": "4", "NUM_GPUS": "8", "HOSTFILE": "hostfile", "MASTER_PORT": "29600", "MASTER_ADDR": "gpu-007"}
+    out = run("launch_scripts/train.sh", env, *ARGS).strip()
+    launcher, opts, trainer_args = parse_launch(out)
+    assert opts == {"--num_nodes": "4", "--num_gpus": "8", "--master_port": "29600", "--hostfile": "hostfile", "--master_addr": "gpu-007"}
+    assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+
+
+def test_train_sh_refuses_multi_node_without_hostfile():
+    full_env = {**os.environ, "NUM_NODES": "2", "DRY_RUN": "1"}
+    full_env.pop("HOSTFILE", None)
+    out = subprocess.run(["bash", "launch_scripts/train.sh"], cwd=ROOT, env=full_env, capture_output=True, text=True)
+    assert out.returncode == 2 and "needs HOSTFILE" in out.stderr
+
+
+def test_srun_environment_is_translated():
+    """Under plain `srun` (one task per GPU) the torch variables come from SLURM's."""
+    from trainer.dist import env_from_slurm
+
+    env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "32", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "n[10-13]", "SLURM_JOB_ID": "77"}
+    assert env_from_slurm(env) == {"RANK": "13", "WORLD_SIZE": "32", "LOCAL_RANK": "5", "MASTER_ADDR": "n10", "MASTER_PORT": "29577"}
+    assert env_from_slurm({**env, "RANK": "13"}) == {}, "launcher-provided variables win"
