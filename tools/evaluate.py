@@ -1,0 +1,96 @@
+"""Score an exported omni model on evaluation shards, question typed (VL) and spoken (VA).
+
+Run:
+  python tools/evaluate.py --model runs/demo/export --shards 'demo_out/data/shards/heldout-{000000..000000}.tar' \
+      --out runs/demo/eval/report.json
+  torchrun --nproc_per_node 8 tools/evaluate.py --model DIR --shards SPEC --out report.json --batch_size 16
+Under a launcher (WORLD_SIZE > 1) every rank holds the whole model and answers its share
+of the samples; rank 0 writes the outputs.
+
+Writes report.json ({"vl_score", "va_score", "gap", "n", "by_task", ["by_source"], "settings"},
+points out of 100, gap = VL - VA), report.predictions.jsonl (one line per sample and mode)
+and report.png (VL vs VA per task).
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from trainer import dist  # noqa: E402
+from trainer.data import build_eval_loader  # noqa: E402
+from trainer.eval.harness import evaluate  # noqa: E402
+from trainer.eval.plots import plot_scores  # noqa: E402
+from trainer.eval.scoring import MODES  # noqa: E402
+from trainer.models.omni import load_omni  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def output_paths(out: str) -> dict:
+    """report.json -> report.predictions.jsonl and report.png beside it."""
+    stem = out[: -len(".json")] if out.endswith(".json") else out
+    return {"report": out, "predictions": stem + ".predictions.jsonl", "chart": stem + ".png"}
+
+
+def write_outputs(report: dict, records: list[dict], out: str) -> dict:
+    paths = output_paths(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(paths["report"], "w") as f:
+        json.dump(report, f, indent=2)
+    with open(paths["predictions"], "w") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    plot_scores(report, paths["chart"])
+    return paths
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="exported omni model directory (save_omni)")
+    parser.add_argument("--shards", required=True, help="evaluation shards: brace spec(s), several separated by spaces")
+    parser.add_argument("--out", required=True, help="report JSON path; predictions and chart go beside it")
+    parser.add_argument("--modes", default="text,audio", help="text (typed question), audio (spoken) or both")
+    parser.add_argument("--batch_size", type=int, default=8, help="samples per generate() call per rank")
+    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--max_seq_len", type=int, default=4096, help="longer prompts are skipped by the loader")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
+    parser.add_argument("--dist_timeout_s", type=int, default=1800)
+    args = parser.parse_args(argv)
+    args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if not args.modes or any(m not in MODES for m in args.modes):
+        parser.error(f"--modes takes a comma list of {MODES}, got {args.modes}")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init(args.dist_timeout_s)
+    try:
+        device = dist.device()
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        model, processor = load_omni(args.model, dtype=dtype)
+        model.to(device)
+        loader = build_eval_loader(args.shards, processor, micro_batch_size=args.batch_size,
+                                   max_seq_len=args.max_seq_len, rank=dist.rank(), world_size=dist.world_size())
+        report, records = evaluate(model, processor, loader, modes=args.modes, max_new_tokens=args.max_new_tokens,
+                                   device=device, dtype=dtype)
+        report["settings"] = {"model": args.model, "shards": args.shards, "modes": list(args.modes),
+                              "max_new_tokens": args.max_new_tokens, "world_size": dist.world_size()}
+        if dist.is_main():
+            paths = write_outputs(report, records, args.out)
+            gap = "n/a" if report["gap"] is None else f"{report['gap']:.2f}"
+            vl = "n/a" if report["vl_score"] is None else f"{report['vl_score']:.2f}"
+            va = "n/a" if report["va_score"] is None else f"{report['va_score']:.2f}"
+            print(f"VL {vl} | VA {va} | gap {gap} | n {report['n']} -> {', '.join(paths.values())}", flush=True)
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()
