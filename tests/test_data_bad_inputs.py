@@ -1,0 +1,325 @@
+"""Untrusted shards: odd-but-valid inputs are converted, text-only samples (no image
+member) are kept, broken samples are skipped and counted by reason, pickles are never
+loaded, and too many bad samples stop the run."""
+
+import io
+import json
+import logging
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+
+from trainer.data import DataQualityError, build_eval_loader, build_train_loader
+from trainer.data.collate import IGNORE_INDEX
+from trainer.data.decode import decode_image
+from trainer.data.shards import read_shard
+from trainer.models.tiny import build_tiny_processor
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+def image_bytes(mode="RGB", size=(64, 48), fmt="JPEG", **save_args) -> bytes:
+    rng = np.random.default_rng(sum(size))
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **save_args)
+    return buffer.getvalue()
+
+
+def audio_bytes(seconds=1.0, rate=16000, channels=1, fmt="WAV") -> bytes:
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
+    data = np.stack([wave] * channels, axis=1) if channels > 1 else wave
+    buffer = io.BytesIO()
+    sf.write(buffer, data, rate, format=fmt)
+    return buffer.getvalue()
+
+
+def meta(question="What is shown?", answer="A square.", **extra) -> bytes:
+    return json.dumps({"question": question, "answer": answer, **extra}).encode()
+
+
+def good(key, **overrides):
+    members = {"jpg": image_bytes(), "wav": audio_bytes(), "json": meta()}
+    members.update(overrides)
+    return key, members
+
+
+def write_tar(path, samples):
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+class TouchOnUnpickle:
+    """Unpickling this creates `path`: proof that something called pickle.loads."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def odd_samples():
+    """Valid inputs that need conversion: all must decode."""
+    transparent = Image.new("P", (40, 30))
+    transparent.info["transparency"] = 0
+    png_p = io.BytesIO()
+    transparent.save(png_p, format="PNG", transparency=0)
+    gray16 = io.BytesIO()
+    Image.fromarray((np.arange(40 * 30).reshape(30, 40) * 50).astype(np.uint16)).save(gray16, format="PNG")
+    return [
+        good("gray", jpg=image_bytes("L")),
+        good("rgba", jpg=b"", png=image_bytes("RGBA", fmt="PNG")),
+        good("cmyk", jpg=image_bytes("CMYK")),
+        good("palette", jpg=b"", png=png_p.getvalue()),
+        good("gray16", jpg=b"", png=gray16.getvalue()),
+        good("webp", jpg=b"", webp=image_bytes(fmt="WEBP")),
+        good("huge", jpg=image_bytes(size=(4000, 3000), quality=30)),
+        good("stereo8k", wav=audio_bytes(rate=8000, channels=2)),
+        good("flac44k", wav=b"", flac=audio_bytes(rate=44100, fmt="FLAC")),
+        good("ogg", wav=b"", ogg=audio_bytes(rate=22050, fmt="OGG")),
+        good("long", wav=audio_bytes(seconds=12)),  # longer than the tiny 10 s window: clipped, kept
+    ]
+
+
+def drop_empty(samples):
+    return [(key, {ext: data for ext, data in members.items() if data}) for key, members in samples]
+
+
+def bad_samples(marker):
+    jpeg = image_bytes()
+    flac = audio_bytes(fmt="FLAC")
+    bomb = io.BytesIO()
+    Image.new("1", (8000, 7000)).save(bomb, format="PNG")  # 56 MP in a few KB
+    return [
+        good("truncated_image", jpg=jpeg[: len(jpeg) // 2]),
+        good("garbage_image", jpg=b"this is not a jpeg"),
+        good("bomb", jpg=b"", png=bomb.getvalue()),
+        good("truncated_audio", wav=b"", flac=flac[: len(flac) // 2]),
+        good("garbage_audio", wav=b"RIFF....WAVEnot really"),
+        good("no_json", json=b""),
+        good("no_audio", wav=b""),
+        good("empty_answer", json=meta(answer="  ")),
+        good("no_answer", json=json.dumps({"question": "Why?"}).encode()),
+        good("invalid_json", json=b'{"question": "x", '),
+        good("latin1_json", json='{"question": "caf\u00e9", "answer": "oui"}'.encode("latin-1")),
+        good("list_json", json=b"[1, 2]"),
+        good("pickled", pyd=pickle.dumps(TouchOnUnpickle(marker)), pickle=pickle.dumps(TouchOnUnpickle(marker)),
+             txt=b"unknown extension"),
+    ]
+
+
+EXPECTED_BAD = {"bad_image": 2, "image_too_large": 1, "bad_audio": 2, "missing_key": 3, "empty_answer": 1,
+                "bad_json": 3}
+
+
+def run_epoch(spec, processor, **kwargs):
+    args = dict(stage="selfkd", micro_batch_size=3, max_seq_len=1024, rank=0, world_size=1, num_workers=0, seed=0,
+                epochs=1, max_bad_fraction=1.0)
+    args.update(kwargs)
+    loader = build_train_loader(spec, processor, **args)
+    batches = list(loader)
+    return loader, batches
+
+
+def test_pickle_payload_is_real(tmp_path):
+    control = tmp_path / "control"
+    pickle.loads(pickle.dumps(TouchOnUnpickle(control)))
+    assert control.exists()
+
+
+def test_odd_inputs_are_converted(tmp_path, processor):
+    spec = write_tar(tmp_path / "odd.tar", drop_empty(odd_samples()))
+    loader, batches = run_epoch(spec, processor, max_bad_fraction=0.0)
+    keys = [k for b in batches for k in b["keys"]]
+    assert sorted(keys) == sorted(k for k, _ in odd_samples())
+    assert loader.skip_counts() == {"audio_clipped": 1}
+    for batch in batches:
+        assert torch.isfinite(batch["pixel_values"]).all() and torch.isfinite(batch["input_features"]).all()
+        # every image fits the processor's cap (112x112 px -> at most 16 image tokens)
+        assert all(processor.image_token_count(g) <= 16 for g in batch["image_grid_thw"])
+
+
+def test_image_conversions():
+    rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red -> white
+    buffer = io.BytesIO()
+    rgba.save(buffer, format="PNG")
+    image = decode_image(buffer.getvalue(), max_pixels=10_000)
+    assert image.mode == "RGB" and image.getpixel((5, 5)) == (255, 255, 255)
+    big = decode_image(image_bytes(size=(4000, 3000), quality=30), max_pixels=112 * 112)
+    assert big.mode == "RGB" and big.width * big.height <= 112 * 112 * 1.05
+    assert abs(big.width / big.height - 4 / 3) < 0.05
+
+
+def test_broken_samples_are_skipped_and_counted(tmp_path, processor, caplog):
+    marker = tmp_path / "unpickled"
+    good_spec = write_tar(tmp_path / "good.tar", [good(f"ok{i}") for i in range(4)])
+    bad_spec = write_tar(tmp_path / "bad.tar", drop_empty(bad_samples(marker)))
+    full = write_tar(tmp_path / "full.tar", [good(f"trunc{i}") for i in range(6)])
+    with tarfile.open(full) as tar:
+        cut_member = tar.getmember("trunc3.wav")  # trunc3.jpg is complete, its audio is cut mid-data
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(open(full, "rb").read()[: cut_member.offset_data + cut_member.size // 2])
+    missing = str(tmp_path / "missing.tar")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        loader, batches = run_epoch([good_spec, bad_spec, str(truncated), missing], processor, shuffle=False)
+    keys = [k for b in batches for k in b["keys"]]
+    assert not marker.exists(), "a pickle member was unpickled"
+    assert set(keys) >= {f"ok{i}" for i in range(4)} | {"pickled"}
+    assert sorted(k for k in keys if k.startswith("trunc")) == ["trunc0", "trunc1", "trunc2"]
+    # trunc3, cut mid-sample, is dropped with the shard's truncated_tar count
+    assert loader.skip_counts() == dict(EXPECTED_BAD, truncated_tar=1, shard_unreadable=1, ignored_member=3)
+    assert loader.skip_counts(include_ok=True)["ok"] == len(keys) == 4 + 1 + 3
+    line = next(r.getMessage() for r in caplog.records if "truncated_image" in r.getMessage())
+    assert bad_spec in line and "field image" in line and "bad_image" in line
+    assert any("json.answer" in r.getMessage() and "empty_answer" in r.getMessage() for r in caplog.records)
+    assert any(missing in r.getMessage() and "shard_unreadable" in r.getMessage() for r in caplog.records)
+
+
+def decoded_text(processor, ids, mask):
+    return processor.tokenizer.decode(ids[mask == 1])
+
+
+def test_text_only_samples_have_no_image_inputs(tmp_path, processor):
+    """No image member -> text-only sample; an image member that is present but empty is broken."""
+    text_only = drop_empty([good(f"text{i}", jpg=b"", json=meta(f"Say {i} words.", f"{i} words.")) for i in range(3)])
+    samples = [good("empty_image", jpg=b"")] + text_only  # written as a 0-byte member
+    spec = write_tar(tmp_path / "text.tar", samples)
+    loader, (batch,) = run_epoch(spec, processor, shuffle=False)
+    assert loader.skip_counts() == {"bad_image": 1}
+    assert batch["keys"] == ["text0", "text1", "text2"]
+    assert batch["pixel_values"] is None and batch["image_grid_thw"] is None
+    for row in range(3):
+        teacher = decoded_text(processor, batch["teacher_input_ids"][row], batch["teacher_attention_mask"][row])
+        student = decoded_text(processor, batch["student_input_ids"][row], batch["student_attention_mask"][row])
+        for prompt in (teacher, student):
+            assert "<|image_pad|>" not in prompt and "<|vision_start|>" not in prompt
+        assert f"Say {row} words." in teacher and "<|audio_pad|>" not in teacher
+        assert int((batch["student_input_ids"][row] == processor.audio_pad_id).sum()) == batch["audio_token_counts"][row]
+        teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
+        student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+        assert torch.equal(teacher_answer, student_answer)
+        assert processor.tokenizer.decode(student_answer) == f"{row} words.<|im_end|>"
+
+
+def image_patches(processor, data: bytes) -> torch.Tensor:
+    """Reference: the image processor run on the image alone."""
+    return processor.image_processor(images=[Image.open(io.BytesIO(data)).convert("RGB")],
+                                     return_tensors="pt")["pixel_values"]
+
+
+def test_mixed_batch_one_image_one_text_only(tmp_path, processor):
+    picture = image_bytes(size=(56, 84))
+    spec = write_tar(tmp_path / "mixed.tar", drop_empty([good("with_image", jpg=picture), good("text_only", jpg=b"")]))
+    _, (batch,) = run_epoch(spec, processor, micro_batch_size=2, shuffle=False, max_bad_fraction=0.0)
+    assert batch["keys"] == ["with_image", "text_only"]
+    reference = image_patches(processor, picture)
+    assert batch["image_grid_thw"].shape == (1, 3)
+    assert batch["pixel_values"].shape == reference.shape
+    assert int(batch["image_grid_thw"][0].prod()) == reference.shape[0]
+    torch.testing.assert_close(batch["pixel_values"], reference)
+    image_tokens = processor.image_token_count(batch["image_grid_thw"][0])
+    for side in ("teacher", "student"):
+        assert (batch[f"{side}_input_ids"] == processor.image_pad_id).sum(dim=1).tolist() == [image_tokens, 0]
+    for row in range(2):
+        teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
+        student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+        assert torch.equal(teacher_answer, student_answer)
+
+
+def test_mixed_batch_grid_rows_follow_sample_order(tmp_path, processor):
+    first, second = image_bytes(size=(112, 28)), image_bytes(size=(28, 56))
+    samples = drop_empty([good("first", jpg=first), good("middle", jpg=b""), good("second", jpg=second)])
+    _, (batch,) = run_epoch(write_tar(tmp_path / "order.tar", samples), processor, shuffle=False)
+    assert batch["keys"] == ["first", "middle", "second"]
+    references = [image_patches(processor, first), image_patches(processor, second)]
+    assert batch["image_grid_thw"].prod(dim=1).tolist() == [r.shape[0] for r in references]
+    torch.testing.assert_close(batch["pixel_values"], torch.cat(references))
+    counts = (batch["student_input_ids"] == processor.image_pad_id).sum(dim=1).tolist()
+    assert counts == [processor.image_token_count(batch["image_grid_thw"][0]), 0,
+                      processor.image_token_count(batch["image_grid_thw"][1])]
+
+
+def test_eval_batches_mix_text_only_and_carry_sources(tmp_path, processor):
+    samples = drop_empty([good("with_image", json=meta(source="vqa")), good("text_only", jpg=b""),
+                          good("text_vqa", jpg=b"", json=meta(source="sharegpt"))])
+    spec = write_tar(tmp_path / "eval.tar", samples)
+    batches = list(build_eval_loader(spec, processor, micro_batch_size=2, max_seq_len=512, rank=0, world_size=1))
+    assert [b["keys"] for b in batches] == [["with_image", "text_only"], ["text_vqa"]]
+    assert [b["sources"] for b in batches] == [["vqa", None], ["sharegpt"]]
+    assert batches[0]["image_grid_thw"].shape == (1, 3) and batches[1]["pixel_values"] is None
+    prompt = decoded_text(processor, batches[1]["teacher_input_ids"][0], batches[1]["teacher_attention_mask"][0])
+    assert "<|image_pad|>" not in prompt and prompt.endswith("<|im_start|>assistant\n")
+
+
+def test_tar_cut_inside_an_image_never_yields_a_text_only_sample(tmp_path):
+    """Members in json, audio, image order: a cut inside the image must drop the sample."""
+    path = write_tar(tmp_path / "order.tar", [(key, {"json": meta(), "wav": audio_bytes(), "jpg": image_bytes()})
+                                              for key in ("a", "b")])
+    with tarfile.open(path) as tar:
+        cut_member = tar.getmember("b.jpg")
+    truncated = tmp_path / "cut.tar"
+    truncated.write_bytes(open(path, "rb").read()[: cut_member.offset_data + cut_member.size // 2])
+    samples, _, error = read_shard(str(truncated))
+    assert [s["__key__"] for s in samples] == ["a"] and error.reason == "truncated_tar"
+
+
+def test_too_many_bad_samples_stop_the_run(tmp_path, processor):
+    samples = [good(f"ok{i:03d}") for i in range(120)]
+    for i in (5, 50, 90):
+        samples[i] = good(f"bad{i}", json=b"{not json")
+    spec = write_tar(tmp_path / "mostly_good.tar", samples)
+    with pytest.raises(DataQualityError, match=r"3 of \d+ samples bad .*bad_json=3"):
+        run_epoch(spec, processor, max_bad_fraction=0.01, shuffle=False)
+    loader, batches = run_epoch(spec, processor, max_bad_fraction=0.05, shuffle=False)
+    assert loader.skip_counts() == {"bad_json": 3} and sum(len(b["keys"]) for b in batches) == 117
+
+
+def test_few_samples_are_judged_when_all_are_seen(tmp_path, processor):
+    spec = write_tar(tmp_path / "small.tar", drop_empty([good("a"), good("b", json=b""), good("c")]))
+    with pytest.raises(DataQualityError, match="missing_key=1"):
+        run_epoch(spec, processor, max_bad_fraction=0.01)
+
+
+def test_all_shards_missing_is_an_error(tmp_path, processor):
+    loader = build_train_loader(str(tmp_path / "nope-{0..1}.tar"), processor, stage="selfkd", micro_batch_size=2,
+                                max_seq_len=512, rank=0, world_size=1, num_workers=0, seed=0)
+    with pytest.raises(DataQualityError, match="shard_unreadable=2"):
+        next(iter(loader))
+
+
+def test_shard_spec_forms(tmp_path, processor):
+    for i in range(3):
+        write_tar(tmp_path / f"part-{i:02d}.tar", [good(f"s{i}")])
+    brace = str(tmp_path / "part-{00..02}.tar")
+    listed = [str(tmp_path / "part-00.tar"), str(tmp_path / "part-{01..02}.tar")]
+    piped = [f"pipe:cat {tmp_path / f'part-{i:02d}.tar'}" for i in range(3)]
+    for spec in (brace, listed, piped):
+        _, batches = run_epoch(spec, processor, shuffle=False, max_bad_fraction=0.0)
+        assert sorted(k for b in batches for k in b["keys"]) == ["s0", "s1", "s2"]
+
+
+@pytest.mark.slow
+def test_data_quality_error_reaches_the_trainer_from_workers(tmp_path, processor):
+    specs = [write_tar(tmp_path / f"s{i}.tar", [good(f"k{i}{j}") for j in range(3)] + [good(f"bad{i}", json=b"{")])
+             for i in range(2)]
+    loader = build_train_loader(specs, processor, stage="selfkd", micro_batch_size=2, max_seq_len=512, rank=0,
+                                world_size=1, num_workers=2, seed=0)
+    with pytest.raises(DataQualityError, match="bad_json=1"):
+        for _ in loader:
+            pass

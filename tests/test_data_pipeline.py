@@ -1,0 +1,393 @@
+"""make_shards (real eSpeak NG speech) -> streaming loader -> collator: batch contract,
+rank x worker split, shuffling, exact resume, eval loader, ASR stage, too_long rule,
+inspect_shards."""
+
+import io
+import json
+import os
+import shutil
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from PIL import Image
+from transformers import WhisperFeatureExtractor
+
+from tools.inspect_shards import main as inspect_main
+from trainer.data import DataQualityError, build_eval_loader, build_train_loader
+from trainer.data.collate import IGNORE_INDEX
+from trainer.data.writer import make_asr_shards, make_llava_shards
+from trainer.models.processing import AUDIO_PAD
+from trainer.models.tiny import build_tiny_processor
+
+NUM_RECORDS = 9  # with an image, x 2 turn pairs = 18 samples
+NUM_SAMPLES = 2 * NUM_RECORDS + 1  # + the text-only record's one turn pair
+TEXT_ONLY_KEY = "textonly_t0"
+SAMPLES_PER_SHARD = 3
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+def write_llava(root, num_records=NUM_RECORDS):
+    """A LLaVA JSON with generated images: two turn pairs per record, plus a text-only record
+    (no "image" key, no task/source, like LLaVA-1.5-mix's ShareGPT part) and one whose image
+    file is missing."""
+    image_dir = root / "images"
+    image_dir.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(num_records):
+        size = (40 + 16 * i, 56 + 8 * (i % 3))
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(image_dir / f"img{i}.jpg")
+        records.append({"id": f"rec{i}", "image": f"img{i}.jpg", "task": "open", "source": "test",
+                        "conversations": [
+                            {"from": "human", "value": f"<image>\nHow many shapes are in picture {i}?"},
+                            {"from": "gpt", "value": f"There are {i + 1} shapes."},
+                            {"from": "human", "value": "Which is larger?\nA) the circle\nB) the square"},
+                            {"from": "gpt", "value": "A" if i % 2 else "B"}]})
+    records.append({"id": "textonly", "conversations": [
+        {"from": "human", "value": "Write a two word greeting for a friend."}, {"from": "gpt", "value": "Hello friend!"}]})
+    records.append({"id": "lost", "image": "missing.jpg", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is this?"}, {"from": "gpt", "value": "A cat."}]})
+    json_path = root / "llava.json"
+    json_path.write_text(json.dumps(records))
+    return json_path, image_dir
+
+
+@pytest.fixture(scope="module")
+def llava_shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("llava")
+    json_path, image_dir = write_llava(root)
+    out = root / "shards"
+    index = make_llava_shards(str(json_path), str(image_dir), str(out), seed=3, samples_per_shard=SAMPLES_PER_SHARD,
+                              workers=2, progress=False)
+    return {"root": root, "json": json_path, "images": image_dir, "out": out, "index": index,
+            "spec": index["shard_spec"]}
+
+
+def shard_samples(out_dir):
+    """key -> {ext: bytes} read straight from the tar files (independent of the loader)."""
+    samples = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.endswith(".tar"):
+            with tarfile.open(os.path.join(out_dir, name)) as tar:
+                for member in tar.getmembers():
+                    key, ext = member.name.split(".", 1)
+                    samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return samples
+
+
+def loader_keys(loader, limit=None):
+    keys = []
+    for batch in loader:
+        keys.extend(batch["keys"])
+        if limit is not None and len(keys) >= limit:
+            break
+    return keys
+
+
+def test_make_shards_index(llava_shards):
+    index = llava_shards["index"]
+    assert index["samples"] == NUM_SAMPLES
+    assert index["skipped"] == {"missing_image": 1}
+    assert len(index["shards"]) == 7  # 20 planned samples / 3 per shard
+    assert 0.001 < index["audio_hours"] < 0.05
+    on_disk = json.loads((llava_shards["out"] / "index.json").read_text())
+    assert on_disk["samples"] == index["samples"]
+    samples = shard_samples(llava_shards["out"])
+    assert len(samples) == NUM_SAMPLES
+    text_only = json.loads(samples[TEXT_ONLY_KEY]["json"])
+    assert set(samples[TEXT_ONLY_KEY]) == {"flac", "json"}
+    assert text_only == {"question": "Write a two word greeting for a friend.", "answer": "Hello friend!",
+                         "id": "textonly"}
+    for key, members in samples.items():
+        meta = json.loads(members["json"])
+        assert meta["question"] and meta["answer"]
+        if key != TEXT_ONLY_KEY:
+            assert set(members) == {"jpg", "flac", "json"}, key
+            assert meta["task"] == "open" and meta["source"] == "test"
+        assert "<image>" not in meta["question"]
+        audio, rate = sf.read(io.BytesIO(members["flac"]))
+        assert rate == 16000 and 0.5 < len(audio) / rate < 10 and np.abs(audio).max() > 0.05
+
+
+def test_make_shards_rerun_skips_complete_shards(llava_shards, tmp_path):
+    out = tmp_path / "shards"
+    shutil.copytree(llava_shards["out"], out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
+    (out / "shard-000002.tar").unlink()  # a crash while writing shard 2 leaves only its temp file
+    (out / "shard-000002.tar.tmp").write_bytes(b"partial")
+    index = make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(out), seed=3,
+                              samples_per_shard=SAMPLES_PER_SHARD, workers=1, progress=False)
+    assert index["samples"] == llava_shards["index"]["samples"]
+    for path in out.glob("*.tar"):
+        if path.name != "shard-000002.tar":
+            assert path.stat().st_mtime_ns == mtimes[path.name], f"{path.name} was rewritten"
+    assert set(shard_samples(out)) == set(shard_samples(llava_shards["out"]))
+    with pytest.raises(ValueError, match="different build"):
+        make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(out), seed=4,
+                          samples_per_shard=SAMPLES_PER_SHARD, progress=False)
+
+
+def test_make_shards_limit_is_reproducible(llava_shards, tmp_path):
+    keys = []
+    for run in ("a", "b"):
+        index = make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(tmp_path / run),
+                                  limit=5, seed=11, samples_per_shard=2, progress=False, voices=["en-us"])
+        keys.append(sorted(shard_samples(tmp_path / run)))
+        # the 5 drawn inputs either became samples or were skipped (the missing image may be drawn)
+        assert index["samples"] + index["skipped"].get("missing_image", 0) == 5
+    assert keys[0] == keys[1] and len(keys[0]) == index["samples"]
+
+
+def test_make_shards_refuses_unknown_voice(llava_shards, tmp_path):
+    with pytest.raises(ValueError, match="no voice"):
+        make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(tmp_path / "out"),
+                          voices=["en-us", "xx-nope"], progress=False)
+
+
+def test_batch_contract(llava_shards, processor):
+    raw = shard_samples(llava_shards["out"])
+    loader = build_train_loader(llava_shards["spec"], processor, stage="selfkd", micro_batch_size=4, max_seq_len=1024,
+                                rank=0, world_size=1, num_workers=0, seed=0, epochs=1)
+    seen = []
+    for batch in loader:
+        B = len(batch["keys"])
+        seen.extend(batch["keys"])
+        assert batch["student_input_ids"].shape == batch["student_labels"].shape == batch["student_attention_mask"].shape
+        assert batch["teacher_input_ids"].shape[0] == B and batch["input_features"].shape == (B, 80, 1000)
+        image_keys = [k for k in batch["keys"] if "jpg" in raw[k]]
+        assert batch["image_grid_thw"].shape == (len(image_keys), 3)
+        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
+        for row, key in enumerate(batch["keys"]):
+            meta = json.loads(raw[key]["json"])
+            teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
+            student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+            assert torch.equal(teacher_answer, student_answer)
+            assert processor.tokenizer.decode(student_answer) == meta["answer"] + "<|im_end|>"
+            teacher_text = processor.tokenizer.decode(batch["teacher_input_ids"][row][batch["teacher_attention_mask"][row] == 1])
+            assert meta["question"] in teacher_text and AUDIO_PAD not in teacher_text
+            student_ids = batch["student_input_ids"][row]
+            audio, _ = sf.read(io.BytesIO(raw[key]["flac"]), dtype="float32")
+            assert int((student_ids == processor.audio_pad_id).sum()) == batch["audio_token_counts"][row] \
+                == processor.audio_token_count(len(audio))
+            # grid rows follow the samples that have an image, in sample order
+            image_tokens = processor.image_token_count(batch["image_grid_thw"][image_keys.index(key)]) \
+                if key in image_keys else 0
+            assert int((student_ids == processor.image_pad_id).sum()) == image_tokens
+            assert int((batch["teacher_input_ids"][row] == processor.image_pad_id).sum()) == image_tokens
+            reference = WhisperFeatureExtractor(feature_size=80, chunk_length=10)(
+                audio, sampling_rate=16000, return_tensors="np")["input_features"][0]
+            np.testing.assert_allclose(batch["input_features"][row].numpy(), reference, atol=1e-4)
+            length = int(batch["student_attention_mask"][row].sum())
+            assert batch["student_attention_mask"][row][:length].all(), "right padding"
+            assert bool((batch["student_input_ids"][row][length:] == processor.pad_id).all())
+            assert bool((batch["student_labels"][row][length:] == IGNORE_INDEX).all())
+    assert sorted(seen) == sorted(raw)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("num_shards", [7, 2])  # shard-level split, then sample-level (2 shards < 4 slots)
+def test_two_ranks_two_workers_see_each_sample_once(llava_shards, processor, num_shards):
+    spec = [os.path.join(llava_shards["out"], name) for name in llava_shards["index"]["shards"][:num_shards]]
+    expected = sorted(k for name in llava_shards["index"]["shards"][:num_shards]
+                      for k in _tar_keys(os.path.join(llava_shards["out"], name)))
+    keys = []
+    for rank in (0, 1):
+        loader = build_train_loader(spec, processor, stage="selfkd", micro_batch_size=2, max_seq_len=1024, rank=rank,
+                                    world_size=2, num_workers=2, seed=5, epochs=1)
+        rank_keys = loader_keys(loader)
+        assert rank_keys, f"rank {rank} got no samples"
+        keys.extend(rank_keys)
+    assert sorted(keys) == expected
+
+
+def _tar_keys(path):
+    with tarfile.open(path) as tar:
+        return sorted({m.name.split(".", 1)[0] for m in tar.getmembers()})
+
+
+def test_shuffle_is_seeded_and_changes_per_epoch(llava_shards, processor):
+    def keys(seed):
+        loader = build_train_loader(llava_shards["spec"], processor, stage="selfkd", micro_batch_size=3,
+                                    max_seq_len=1024, rank=0, world_size=1, num_workers=0, seed=seed, epochs=2)
+        return loader_keys(loader)
+
+    first = keys(1)
+    assert first == keys(1)
+    assert first != keys(2)
+    epoch0, epoch1 = first[:NUM_SAMPLES], first[NUM_SAMPLES:]
+    assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
+
+
+def _take(loader, num_batches):
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if len(batches) == num_batches:
+            break
+    return batches
+
+
+@pytest.mark.parametrize("num_workers,world_size,rank", [
+    (0, 1, 0), pytest.param(2, 1, 0, marks=pytest.mark.slow), pytest.param(2, 2, 1, marks=pytest.mark.slow)])
+def test_exact_resume(llava_shards, processor, num_workers, world_size, rank):
+    """Stop after k batches, restart from the JSON state: same batches as one run; crosses epochs."""
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, rank=rank, world_size=world_size,
+                num_workers=num_workers, seed=7)
+    total, stop = 16, 5
+    reference = _take(build_train_loader(llava_shards["spec"], processor, **args), total)
+    first = build_train_loader(llava_shards["spec"], processor, **args)
+    head = _take(first, stop)
+    state = json.loads(json.dumps(first.state_dict()))
+    resumed = build_train_loader(llava_shards["spec"], processor, state=state, **args)
+    tail = _take(resumed, total - stop)
+    got = head + tail
+    assert [b["keys"] for b in got] == [b["keys"] for b in reference]
+    for ours, theirs in zip(got, reference):
+        assert torch.equal(ours["student_input_ids"], theirs["student_input_ids"])
+        assert torch.equal(ours["input_features"], theirs["input_features"])
+        assert (ours["pixel_values"] is None and theirs["pixel_values"] is None) \
+            or torch.equal(ours["pixel_values"], theirs["pixel_values"])
+    assert resumed.skip_counts(include_ok=True)["ok"] == sum(len(b["keys"]) for b in got), \
+        "counts carry over a resume"
+
+
+def test_resume_does_not_decode_skipped_samples(llava_shards, processor):
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, rank=0, world_size=1, num_workers=0, seed=7)
+    first = build_train_loader(llava_shards["spec"], processor, **args)
+    _take(first, 4)
+    resumed = build_train_loader(llava_shards["spec"], processor, state=first.state_dict(), **args)
+
+    class CountingEncoder:
+        def __init__(self, encoder):
+            self.encoder, self.processor, self.calls = encoder, encoder.processor, 0
+
+        def __call__(self, raw):
+            self.calls += 1
+            return self.encoder(raw)
+
+    resumed.encoder = CountingEncoder(resumed.encoder)
+    _take(resumed, 3)
+    assert resumed.encoder.calls == 6
+
+
+def test_resume_with_other_settings_is_refused(llava_shards, processor):
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, rank=0, world_size=1, seed=7)
+    first = build_train_loader(llava_shards["spec"], processor, num_workers=0, **args)
+    _take(first, 1)
+    with pytest.raises(ValueError, match="num_workers"):
+        build_train_loader(llava_shards["spec"], processor, num_workers=2, state=first.state_dict(), **args)
+
+
+def test_eval_loader_left_padded_prompts_each_sample_once(llava_shards, processor):
+    raw = shard_samples(llava_shards["out"])
+    ids = []
+    per_rank = []
+    for rank in (0, 1):
+        count = 0
+        for batch in build_eval_loader(llava_shards["spec"], processor, micro_batch_size=4, max_seq_len=1024,
+                                       rank=rank, world_size=2):
+            assert not any(k.endswith("labels") for k in batch)
+            for side in ("teacher", "student"):
+                mask = batch[f"{side}_attention_mask"]
+                assert bool(mask[:, -1].all()), "left padding: every row ends with a real token"
+                assert bool((mask.cummax(dim=1).values == mask).all()), "padding only on the left"
+                assert bool((batch[f"{side}_input_ids"][mask == 0] == processor.pad_id).all())
+            for side in ("teacher", "student"):
+                prompt = processor.tokenizer.decode(batch[f"{side}_input_ids"][0])
+                assert prompt.endswith("<|im_start|>assistant\n"), "prompt only, ready for generation"
+            for row, key in enumerate(batch["keys"]):
+                meta = json.loads(raw[key]["json"])
+                assert batch["questions"][row] == meta["question"] and batch["answers"][row] == [meta["answer"]]
+                assert batch["ids"][row] == meta["id"] and batch["tasks"][row] == meta.get("task")
+                assert batch["sources"][row] == meta.get("source")  # None for the text-only record
+                assert batch["choices"][row] is None
+            ids.extend(batch["keys"])
+            count += len(batch["keys"])
+        per_rank.append(count)
+    assert sorted(ids) == sorted(raw)
+    assert abs(per_rank[0] - per_rank[1]) <= 1
+    again = build_eval_loader(llava_shards["spec"], processor, micro_batch_size=4, max_seq_len=1024, rank=0,
+                              world_size=1)
+    assert loader_keys(again) == loader_keys(again), "each iteration is a fresh ordered pass"
+
+
+def test_over_long_samples_are_dropped_not_truncated(llava_shards, processor):
+    args = dict(stage="selfkd", micro_batch_size=1, rank=0, world_size=1, num_workers=0, seed=0, epochs=1,
+                max_bad_fraction=1.0)
+    lengths = {}
+    for batch in build_train_loader(llava_shards["spec"], processor, max_seq_len=4096, **args):
+        lengths[batch["keys"][0]] = max(batch["student_input_ids"].shape[1], batch["teacher_input_ids"].shape[1])
+    limit = sorted(lengths.values())[len(lengths) // 2]
+    loader = build_train_loader(llava_shards["spec"], processor, max_seq_len=limit, **args)
+    kept = [b["keys"][0] for b in loader]
+    assert sorted(kept) == sorted(k for k, n in lengths.items() if n <= limit)
+    assert loader.skip_counts() == {"too_long": sum(n > limit for n in lengths.values())}
+    strict = build_train_loader(llava_shards["spec"], processor, max_seq_len=limit,
+                                **{**args, "max_bad_fraction": 0.01})
+    with pytest.raises(DataQualityError, match="too_long"):
+        loader_keys(strict)
+
+
+def test_align_stage_on_asr_shards(tmp_path, processor):
+    rng = np.random.default_rng(1)
+    audio_dir = tmp_path / "audio"
+    audio_dir.mkdir()
+    sf.write(audio_dir / "a.wav", 0.2 * rng.standard_normal((44100, 2)).astype(np.float32), 44100)  # stereo 44.1k
+    sf.write(audio_dir / "b.flac", 0.2 * rng.standard_normal(8000).astype(np.float32), 8000)
+    sf.write(audio_dir / "c.wav", 0.2 * rng.standard_normal(16000 * 12).astype(np.float32), 16000)  # > 10 s window
+    lines = [{"audio": "audio/a.wav", "text": "the quick brown fox"}, {"audio": "audio/b.flac", "text": "one two"},
+             {"audio": "audio/c.wav", "text": "a long clip"}, {"audio": "audio/gone.wav", "text": "lost"}]
+    manifest = tmp_path / "asr.jsonl"
+    manifest.write_text("\n".join(json.dumps(x) for x in lines) + "\n{broken\n")
+    index = make_asr_shards(str(manifest), str(tmp_path / "out"), samples_per_shard=2, progress=False)
+    assert index["samples"] == 3 and index["skipped"] == {"bad_manifest_line": 1, "missing_audio": 1}
+    loader = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=3, max_seq_len=512,
+                                rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    (batch,) = list(loader)
+    assert "teacher_input_ids" not in batch and batch["pixel_values"] is None and batch["image_grid_thw"] is None
+    answers = {processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["student_labels"]}
+    assert answers == {t + "<|im_end|>" for t in ("the quick brown fox", "one two", "a long clip")}
+    assert loader.skip_counts() == {"audio_clipped": 1}
+    assert max(batch["audio_token_counts"]) == processor.audio_token_count(processor.max_audio_samples)
+
+
+def test_inspect_shards_json(llava_shards, capsys):
+    report = inspect_main([llava_shards["spec"], "--json"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["ok"] == report["ok"] == NUM_SAMPLES and last["bad"] == {}
+    assert last["text_only"] == 1
+    assert 0.5 < last["audio_seconds"]["p50"] < 10
+    assert last["student_tokens"]["max"] >= last["student_tokens"]["p50"] > 0
+
+
+ENGINE = """
+import sys, numpy as np, soundfile as sf
+text = open(sys.argv[sys.argv.index("--text") + 1]).read()
+sf.write(sys.argv[sys.argv.index("--out") + 1], np.full(160 * len(text), 0.3, np.float32), 16000)
+"""
+
+
+def test_make_shards_cli_with_tts_command(tmp_path):
+    from tools.make_shards import main as make_main
+
+    json_path, image_dir = write_llava(tmp_path / "data", num_records=2)
+    engine = tmp_path / "engine.py"
+    engine.write_text(ENGINE)
+    index = make_main(["llava", "--json", str(json_path), "--image_root", str(image_dir), "--out",
+                       str(tmp_path / "out"), "--tts_cmd", f"{sys.executable} {engine} --text {{text_file}} --out {{out}}",
+                       "--no_progress"])
+    assert index["samples"] == 5  # 2 records x 2 turn pairs + the text-only one
+    for members in shard_samples(tmp_path / "out").values():
+        question = json.loads(members["json"])["question"]
+        audio, _ = sf.read(io.BytesIO(members["flac"]))
+        from trainer.data.normalize import normalize_for_tts
+
+        assert len(audio) == 160 * len(normalize_for_tts(question))

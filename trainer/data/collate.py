@@ -1,0 +1,193 @@
+"""Per-sample encoding (image patches, log-mel, prompt and answer token ids) and the
+collators that build the batch contract's micro-batches.
+
+Over-long rule: a sample whose teacher or student sequence (prompt + answer) exceeds
+max_seq_len is dropped and counted as "too_long"; answers are never truncated, because a
+cut answer would teach the model to stop mid-sentence. Audio longer than the encoder
+window is cut to the window and counted as "audio_clipped" (the sample is kept).
+
+Text-only rule (selfkd and eval): a sample without an image member is a text-only sample
+(both prompts without the image slot, no pixel_values / image_grid_thw); the collator
+concatenates the patches of the samples that have images, in sample order, so a batch may
+mix both kinds. An image member that is present but undecodable is still a bad sample.
+JSON and audio are required in every stage ("missing_key").
+"""
+
+import torch
+
+from trainer.data.decode import SampleError, decode_audio, decode_image, decode_json, find_member, require_text
+from trainer.data.features import LogMel
+from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
+from trainer.models.processing import AUDIO_END, AUDIO_PAD, AUDIO_START
+
+IGNORE_INDEX = -100
+ASR_INSTRUCTION = "\nTranscribe the audio."
+STAGES = ("selfkd", "align", "eval")
+
+
+def image_max_pixels(image_processor) -> int:
+    """The image processor's pixel cap (Qwen2-VL: size["longest_edge"] or max_pixels)."""
+    size = getattr(image_processor, "size", None)
+    for value in (getattr(size, "longest_edge", None),
+                  size.get("longest_edge") if isinstance(size, dict) else None,
+                  getattr(image_processor, "max_pixels", None)):
+        if value:
+            return int(value)
+    return 12_845_056  # Qwen2-VL's documented default max_pixels
+
+
+class SampleEncoder:
+    """Raw shard sample -> encoded sample dict (tensors and id lists), or SampleError.
+
+    stage "selfkd": [image] + audio + question + answer -> teacher and student sequences.
+    stage "align":  audio + transcript (falls back to the spoken "question") -> student only.
+    stage "eval":   like selfkd but prompts only (no answer tokens) plus scoring metadata.
+    The image is optional in selfkd/eval: without one the sample is text-only.
+    """
+
+    def __init__(self, processor, stage: str, max_seq_len: int):
+        if stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+        self.processor = processor
+        self.stage = stage
+        self.max_seq_len = int(max_seq_len)
+        self.log_mel = LogMel(processor.feature_extractor)
+        self.max_pixels = image_max_pixels(processor.image_processor)
+        self.im_end = "<|im_end|>"
+
+    def __call__(self, raw: dict) -> tuple[dict, bool]:
+        """Returns (encoded sample, audio_was_clipped)."""
+        meta = decode_json(raw)
+        if self.stage == "align":
+            answer_field = "transcript" if "transcript" in meta else "question"
+            answer = require_text(meta, answer_field, "empty_answer")
+            question = None
+        else:
+            question = require_text(meta, "question", "empty_question")
+            answer = require_text(meta, "answer", "empty_answer") if self.stage == "selfkd" else \
+                str(meta.get("answer", ""))
+        _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
+        audio = decode_audio(audio_bytes, self.processor.sampling_rate)
+        clipped = len(audio) > self.processor.max_audio_samples
+        audio = audio[: self.processor.max_audio_samples]
+        sample = {
+            "key": raw["__key__"],
+            "input_features": self.log_mel(audio),  # n_mels, window_frames
+            "audio_token_count": self.processor.audio_token_count(len(audio)),
+            "audio_seconds": len(audio) / self.processor.sampling_rate,
+        }
+        audio_text = AUDIO_START + AUDIO_PAD + AUDIO_END
+        num_image_tokens = 0
+        if self.stage == "align":
+            student_content = [{"type": "text", "text": audio_text + ASR_INSTRUCTION}]
+        else:
+            image_slot = []
+            image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+            if image_bytes is not None:
+                image = decode_image(image_bytes, self.max_pixels)
+                vision = self.processor.image_processor(images=[image], return_tensors="pt")
+                sample["pixel_values"] = vision["pixel_values"]  # patches, patch_dim
+                sample["image_grid_thw"] = vision["image_grid_thw"]  # 1, 3
+                num_image_tokens = self.processor.image_token_count(vision["image_grid_thw"][0])
+                image_slot = [{"type": "image"}]
+            student_content = image_slot + [{"type": "text", "text": audio_text}]
+            teacher_content = image_slot + [{"type": "text", "text": question}]
+            sample["teacher_prompt_ids"] = self._prompt_ids(teacher_content, num_image_tokens, 0)
+        sample["student_prompt_ids"] = self._prompt_ids(student_content, num_image_tokens, sample["audio_token_count"])
+        if self.stage == "eval":
+            sample.update(question=question, answer=answer, task=meta.get("task"), choices=meta.get("choices"),
+                          source=meta.get("source"), id=meta.get("id", raw["__key__"]),
+                          answers=meta.get("answers") or ([answer] if answer else []))
+            longest = max(len(sample["student_prompt_ids"]), len(sample["teacher_prompt_ids"]))
+        else:
+            sample["answer_ids"] = self.processor.tokenizer(answer + self.im_end, add_special_tokens=False)["input_ids"]
+            longest = len(sample["student_prompt_ids"]) + len(sample["answer_ids"])
+            if "teacher_prompt_ids" in sample:
+                longest = max(longest, len(sample["teacher_prompt_ids"]) + len(sample["answer_ids"]))
+        if longest > self.max_seq_len:
+            raise SampleError("too_long", "tokens", f"{longest} tokens > max_seq_len {self.max_seq_len}")
+        return sample, clipped
+
+    def _prompt_ids(self, content: list, num_image_tokens: int, num_audio_tokens: int) -> list[int]:
+        """Chat-template prompt with the single image/audio pad expanded to its token count."""
+        text = self.processor.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                            add_generation_prompt=True)
+        ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+        expanded = []
+        for token_id in ids:
+            if token_id == self.processor.image_pad_id:
+                expanded.extend([token_id] * num_image_tokens)
+            elif token_id == self.processor.audio_pad_id:
+                expanded.extend([token_id] * num_audio_tokens)
+            else:
+                expanded.append(token_id)
+        return expanded
+
+
+def _pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    out = torch.full((len(sequences), width), value, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if left:
+            out[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        else:
+            out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def _shared_fields(samples: list[dict]) -> dict:
+    batch = {
+        "keys": [s["key"] for s in samples],
+        "input_features": torch.stack([s["input_features"] for s in samples]),  # B, n_mels, window_frames
+        "audio_token_counts": torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long),
+        "pixel_values": None,
+        "image_grid_thw": None,
+    }
+    with_image = [s for s in samples if "pixel_values" in s]
+    if with_image:
+        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # sum(patches), patch_dim
+        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_image])  # N_img, 3
+    return batch
+
+
+def _train_side(samples: list[dict], prompt_key: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ids = [s[prompt_key] + s["answer_ids"] for s in samples]
+    labels = [[IGNORE_INDEX] * len(s[prompt_key]) + s["answer_ids"] for s in samples]
+    input_ids = _pad(ids, pad_id, left=False)  # B, T
+    attention_mask = _pad([[1] * len(x) for x in ids], 0, left=False)
+    return input_ids, attention_mask, _pad(labels, IGNORE_INDEX, left=False)
+
+
+def collate_train(samples: list[dict], pad_id: int) -> dict:
+    """Encoded samples -> micro-batch per the batch contract (teacher keys only when the
+    samples carry a typed question, i.e. the selfkd stage)."""
+    batch = _shared_fields(samples)
+    student = _train_side(samples, "student_prompt_ids", pad_id)
+    batch["student_input_ids"], batch["student_attention_mask"], batch["student_labels"] = student
+    if "teacher_prompt_ids" in samples[0]:
+        teacher = _train_side(samples, "teacher_prompt_ids", pad_id)
+        batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_labels"] = teacher
+        for row, key in enumerate(batch["keys"]):
+            teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
+            student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+            if not torch.equal(teacher_answer, student_answer):
+                raise AssertionError(f"sample {key}: teacher and student answer labels differ "
+                                     f"({teacher_answer.tolist()} vs {student_answer.tolist()})")
+    return batch
+
+
+def collate_eval(samples: list[dict], pad_id: int) -> dict:
+    """Encoded eval samples -> LEFT-padded prompt-only batch plus scoring metadata
+    (questions, answers, tasks, choices, ids, sources)."""
+    batch = _shared_fields(samples)
+    for side in ("teacher", "student"):
+        prompts = [s[f"{side}_prompt_ids"] for s in samples]
+        batch[f"{side}_input_ids"] = _pad(prompts, pad_id, left=True)  # B, T
+        batch[f"{side}_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+    batch["questions"] = [s["question"] for s in samples]
+    batch["answers"] = [s["answers"] for s in samples]  # reference answers (list per sample)
+    batch["tasks"] = [s["task"] for s in samples]
+    batch["choices"] = [s["choices"] for s in samples]
+    batch["ids"] = [s["id"] for s in samples]
+    batch["sources"] = [s["source"] for s in samples]  # None where the json has no "source"
+    return batch

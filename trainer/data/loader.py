@@ -1,0 +1,259 @@
+"""Streaming shard loader: rank/worker split, seeded shuffling, epochs, skip accounting
+and exact resume.
+
+Split: the shard list is permuted per epoch with seed+epoch (identical on every rank),
+then slot s = rank * num_workers + worker reads shards s, s+S, s+2S, ... (S = world_size *
+num_workers). With fewer shards than slots every slot reads every shard and keeps raw
+sample g (counted over the epoch's shard order) when g % S == s, so no slot is empty.
+
+Shuffle and memory rule: a shard's raw (undecoded) samples are held in memory and visited
+in a permutation seeded by (seed, epoch, shard index). Peak memory per worker is about one
+shard's bytes plus prefetched batches, so keep shards around 100-500 MB.
+
+Position of a slot: (epoch, shard_pos in that epoch's slot shard list, cursor = raw samples
+of that shard already consumed, base = raw samples in earlier shards of the epoch). A resumed
+stream re-reads the current shard's raw bytes and starts at the cursor: skipped samples are
+never decoded.
+
+Bad-data policy: a broken sample is skipped, counted by reason and logged as one WARNING.
+When bad / (ok + bad) > max_bad_fraction, checked once MIN_QUALITY_COUNT samples were seen or
+at the end of every epoch (whichever comes first), DataQualityError lists the counts.
+"""
+
+import logging
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trainer.data.collate import SampleEncoder, collate_eval, collate_train
+from trainer.data.decode import SampleError
+from trainer.data.shards import expand_shard_spec, read_shard
+
+log = logging.getLogger(__name__)
+
+MIN_QUALITY_COUNT = 100
+# Counted for visibility, but not bad samples.
+NOT_BAD_REASONS = frozenset({"ok", "audio_clipped", "ignored_member"})
+STATE_FORMAT = 1
+
+
+class DataQualityError(RuntimeError):
+    """Too many broken samples; the message lists the counts by reason."""
+
+
+def samples_seen(counts: dict) -> int:
+    """ok + bad samples (clip and ignored-member counts are not samples)."""
+    return counts.get("ok", 0) + sum(v for k, v in counts.items() if k not in NOT_BAD_REASONS)
+
+
+def check_quality(counts: dict, max_bad_fraction: float, epoch_done: bool, where: str) -> None:
+    seen = samples_seen(counts)
+    bad = seen - counts.get("ok", 0)
+    if seen == 0 or (seen < MIN_QUALITY_COUNT and not epoch_done):
+        return
+    if bad / seen > max_bad_fraction:
+        reasons = ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if k not in NOT_BAD_REASONS)
+        raise DataQualityError(f"{where}: {bad} of {seen} samples bad ({bad / seen:.2%} > max_bad_fraction "
+                               f"{max_bad_fraction:.2%}); by reason: {reasons}")
+
+
+class ShardStream(IterableDataset):
+    """Yields (micro-batch, tag) where tag = {"role", "position", "counts"}: the position
+    and cumulative skip counts of this worker role just after the batch."""
+
+    def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
+                 epochs: int | None, positions: dict, counts: dict, role_offset: int, split_samples: bool = False):
+        self.urls = urls
+        self.encoder = encoder
+        self.collate = collate
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.num_roles = max(1, num_workers)
+        self.seed = seed
+        self.shuffle = shuffle
+        self.max_bad_fraction = max_bad_fraction
+        self.epochs = epochs
+        self.positions = positions
+        self.counts = counts
+        self.role_offset = role_offset
+        self.num_slots = world_size * self.num_roles
+        self.split_samples = split_samples or len(urls) < self.num_slots
+        self.pad_id = encoder.processor.pad_id
+
+    def epoch_shards(self, epoch: int, slot: int) -> list[int]:
+        order = np.arange(len(self.urls))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
+        if self.split_samples:
+            return order.tolist()
+        return order[slot::self.num_slots].tolist()
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker_id = info.id if info is not None else 0
+        role = (worker_id + self.role_offset) % self.num_roles
+        slot = self.rank * self.num_roles + role
+        where = f"rank {self.rank} worker role {role}"
+        position = dict(self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0})
+        counts = dict(self.counts.get(str(role)) or {})
+        pending = []
+
+        def count(reason, n=1):
+            counts[reason] = counts.get(reason, 0) + n
+
+        while self.epochs is None or position["epoch"] < self.epochs:
+            epoch = position["epoch"]
+            shards = self.epoch_shards(epoch, slot)
+            seen_before = samples_seen(counts)
+            while position["shard_pos"] < len(shards):
+                shard_pos = position["shard_pos"]
+                shard_index = shards[shard_pos]
+                url = self.urls[shard_index]
+                raw_samples, ignored, error = read_shard(url)
+                # In sample-split mode every slot reads the shard; one slot owns its errors.
+                owns_shard = not self.split_samples or shard_pos % self.num_slots == slot
+                if owns_shard and position["cursor"] == 0:
+                    if error is not None:
+                        log.warning("%s: skipping %s: %s", where, error.reason, error)
+                        count(error.reason)
+                        check_quality(counts, self.max_bad_fraction, False, where)
+                    if ignored:
+                        log.warning("shard %s: ignored members with extensions not on the allow-list: %s", url,
+                                    ignored)
+                        count("ignored_member", sum(ignored.values()))
+                order = np.arange(len(raw_samples))
+                if self.shuffle:
+                    order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(raw_samples))
+                for j in range(position["cursor"], len(raw_samples)):
+                    position["cursor"] = j + 1
+                    if self.split_samples and (position["base"] + j) % self.num_slots != slot:
+                        continue
+                    raw = raw_samples[order[j]]
+                    try:
+                        sample, clipped = self.encoder(raw)
+                    except SampleError as exc:
+                        log.warning("skipping sample: shard %s key %s field %s: %s: %s", url, raw["__key__"],
+                                    exc.field, exc.reason, exc.detail)
+                        count(exc.reason)
+                        check_quality(counts, self.max_bad_fraction, False, where)
+                        continue
+                    count("ok")
+                    if clipped:
+                        count("audio_clipped")
+                    pending.append(sample)
+                    if len(pending) == self.micro_batch_size:
+                        yield self._emit(pending, role, position, counts)
+                        pending = []
+                position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples))
+            check_quality(counts, self.max_bad_fraction, True, where)
+            if samples_seen(counts) == seen_before and self.epochs is None:
+                raise ValueError(f"{where}: epoch {epoch} produced no samples (shards: {len(self.urls)}, "
+                                 f"slots: {self.num_slots}); the data set is smaller than the number of readers")
+            position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0)
+        if pending:
+            yield self._emit(pending, role, position, counts)
+
+    def _emit(self, samples, role, position, counts):
+        batch = self.collate(samples, self.pad_id)
+        return batch, {"role": role, "position": dict(position), "counts": dict(counts)}
+
+
+def _keep_as_is(item):
+    return item
+
+
+class StreamingLoader:
+    """Iterates micro-batches; `state_dict()` is the JSON-able position after the last
+    batch handed out, and a loader built with `state=` continues exactly from there."""
+
+    def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
+                 world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
+                 epochs: int | None, state: dict | None, split_samples: bool = False, fresh_each_pass: bool = False):
+        if micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        self.urls = urls
+        self.num_workers = num_workers
+        self.max_bad_fraction = max_bad_fraction
+        self._identity = {"format": STATE_FORMAT, "rank": rank, "world_size": world_size,
+                          "num_workers": num_workers, "seed": seed, "num_shards": len(urls), "shuffle": shuffle}
+        self._stream_args = dict(micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                                 num_workers=num_workers, seed=seed, shuffle=shuffle,
+                                 max_bad_fraction=max_bad_fraction, epochs=epochs, split_samples=split_samples)
+        self.encoder = encoder
+        self.collate = collate
+        self._positions: dict = {}
+        self._counts: dict = {}
+        self._next_role = 0
+        self.fresh_each_pass = fresh_each_pass
+        if state is not None:
+            self.load_state_dict(state)
+
+    def __iter__(self):
+        if self.fresh_each_pass:
+            self._positions, self._counts, self._next_role = {}, {}, 0
+        stream = ShardStream(self.urls, self.encoder, self.collate, positions=dict(self._positions),
+                             counts=dict(self._counts), role_offset=self._next_role, **self._stream_args)
+        if self.num_workers == 0:
+            source = iter(stream)
+        else:
+            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
+                                     collate_fn=_keep_as_is))
+        num_roles = max(1, self.num_workers)
+        for batch, tag in source:
+            role = str(tag["role"])
+            self._positions[role] = tag["position"]
+            self._counts[role] = tag["counts"]
+            self._next_role = (tag["role"] + 1) % num_roles
+            check_quality(self.skip_counts(include_ok=True), self.max_bad_fraction, False,
+                          f"rank {self._identity['rank']}")
+            yield batch
+
+    def skip_counts(self, include_ok: bool = False) -> dict:
+        """reason -> count summed over workers (plus "ok" when include_ok)."""
+        total: dict = {}
+        for worker_counts in self._counts.values():
+            for reason, n in worker_counts.items():
+                if include_ok or reason != "ok":
+                    total[reason] = total.get(reason, 0) + n
+        return total
+
+    def state_dict(self) -> dict:
+        return {**self._identity, "next_role": self._next_role, "positions": dict(self._positions),
+                "counts": dict(self._counts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        mismatched = {k: (state.get(k), v) for k, v in self._identity.items() if state.get(k) != v}
+        if mismatched:
+            raise ValueError("cannot resume the data stream exactly: saved vs current settings differ: "
+                             + ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in mismatched.items()))
+        self._positions = {str(k): dict(v) for k, v in state["positions"].items()}
+        self._counts = {str(k): dict(v) for k, v in state["counts"].items()}
+        self._next_role = int(state["next_role"])
+
+
+def build_train_loader(spec: str | list[str], processor, *, stage: str, micro_batch_size: int, max_seq_len: int,
+                       rank: int, world_size: int, num_workers: int, seed: int, shuffle: bool = True,
+                       max_bad_fraction: float = 0.01, state: dict | None = None,
+                       epochs: int | None = None) -> StreamingLoader:
+    """Training micro-batches (batch contract) from shards, forever (epochs=None) or for
+    `epochs` passes. stage: "selfkd" (teacher + student) or "align" (ASR, student only)."""
+    if stage not in ("selfkd", "align"):
+        raise ValueError(f"stage must be 'selfkd' or 'align', got {stage!r}")
+    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, stage, max_seq_len), collate_train,
+                           micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
+                           num_workers=num_workers, seed=seed, shuffle=shuffle, max_bad_fraction=max_bad_fraction,
+                           epochs=epochs, state=state)
+
+
+def build_eval_loader(spec: str | list[str], processor, *, micro_batch_size: int, max_seq_len: int, rank: int,
+                      world_size: int, max_bad_fraction: float = 0.01) -> StreamingLoader:
+    """One ordered pass per iteration (re-iterable): prompt-only, left-padded batches; raw
+    sample g goes to rank g % world_size, so each sample is seen once and ranks differ by at
+    most one sample (so their batch counts may differ by one)."""
+    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, "eval", max_seq_len), collate_eval,
+                           micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=0,
+                           seed=0, shuffle=False, max_bad_fraction=max_bad_fraction, epochs=1, state=None,
+                           split_samples=True, fresh_each_pass=True)
