@@ -135,3 +135,10 @@ def test_recipes_load(shards):
             yaml.safe_dump(data, f)
         c = load_config(["--config", f.name, "--model", "tiny"])
         assert c.data.stage == data["stage"]
+
+
+def test_shard_spec_lists_split_outside_braces():
+    from trainer.data.shards import expand_shard_spec
+
+    assert expand_shard_spec("a-{0..1}.tar,b-{x,y}.tar") == ["a-0.tar", "a-1.tar", "b-x.tar", "b-y.tar"]
+    assert expand_shard_spec("pipe:curl -s http://host/a,b.tar") == ["pipe:curl -s http://host/a,b.tar"]

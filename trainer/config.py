@@ -14,14 +14,12 @@ import argparse
 import ast
 import dataclasses
 import functools
-import glob
 import inspect
 import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
-import braceexpand
 import yaml
 
 STAGES = ("selfkd", "align")
@@ -280,21 +278,15 @@ def load_config(argv: Optional[list] = None) -> Config:
     return config
 
 
-def expand_shard_spec(spec: str) -> list:
-    """Brace-expand a comma-separated shard spec; pipe: and URL entries pass through."""
-    urls = []
-    for part in spec.split(","):
-        part = part.strip()
-        if part:
-            urls.extend(braceexpand.braceexpand(part))
-    return urls
-
-
 def _check_shards(flag: str, spec: str) -> None:
-    local = [u for u in expand_shard_spec(spec) if not u.startswith("pipe:") and "://" not in u]
-    missing = [u for u in local if not glob.glob(u)]
-    if not expand_shard_spec(spec):
-        raise ConfigError(f"--{flag}: the spec {spec!r} names no shard")
+    from trainer.data.shards import expand_shard_spec
+
+    try:
+        urls = expand_shard_spec(spec)
+    except ValueError as e:
+        raise ConfigError(f"--{flag}: {e}") from None
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    missing = [u for u in local if not os.path.exists(u)]
     if missing and len(missing) == len(local):
         raise ConfigError(f"--{flag}: no shard matches {spec!r} (first missing: {missing[0]})")
     if missing:
@@ -438,6 +430,17 @@ def _walk(tree: dict, prefix: str = ""):
             yield from _walk(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
+
+
+def reference_table() -> str:
+    """The README's configuration reference, generated from the field docstrings."""
+    lines = ["| flag / YAML key | section | default | meaning |", "|---|---|---|---|"]
+    for name, cls in SECTIONS.items():
+        docs = field_docs(cls)
+        for f in fields(cls):
+            default = ",".join(f.default) if isinstance(f.default, tuple) else f.default
+            lines.append(f"| `--{f.name}` | {name} | `{default}` | {docs[f.name]} |")
+    return "\n".join(lines)
 
 
 def write_resolved(config: Config, path: str) -> None:

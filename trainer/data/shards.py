@@ -21,10 +21,25 @@ AUDIO_EXTS = ("wav", "flac", "mp3", "ogg")
 ALLOWED_EXTS = frozenset(IMAGE_EXTS + AUDIO_EXTS + ("json",))
 
 
+def split_spec_list(spec: str) -> list[str]:
+    """'a-{0..3}.tar,b-{x,y}.tar' -> ['a-{0..3}.tar', 'b-{x,y}.tar']: commas outside braces
+    separate specs. A `pipe:` command is one spec, whatever it contains."""
+    if spec.startswith("pipe:"):
+        return [spec]
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(spec):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            parts.append(spec[start:i])
+            start = i + 1
+    parts.append(spec[start:])
+    return [p.strip() for p in parts if p.strip()]
+
+
 def expand_shard_spec(spec: str | list[str]) -> list[str]:
-    """'data/shard-{000000..000009}.tar' or a list of such specs -> list of shard URLs, in
-    order. Each string is one spec, so pipe: commands may contain spaces."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
+    """'data/shard-{000000..000009}.tar', a comma-separated list of such specs, or a Python
+    list of them -> list of shard URLs, in order."""
+    specs = split_spec_list(spec) if isinstance(spec, str) else list(spec)
     urls = []
     for item in specs:
         urls.extend(braceexpand.braceexpand(item))

@@ -5,10 +5,10 @@ Every human/assistant turn pair of a LLaVA record becomes one sample (image, spo
 question as 16 kHz FLAC, json with question/answer). A record without an image (the
 text-only ShareGPT conversations of LLaVA-1.5-mix-665k) gives samples without an image
 member; a record whose image file is missing is skipped, never demoted to text-only.
-Samples are shuffled with --seed
-(so shards mix sources) and --limit keeps the first N of that order. Shard i holds samples
-[i*N, (i+1)*N) of the plan; it is written to a temporary name and renamed when complete,
-so a re-run skips finished shards and a crash loses at most the shard in progress.
+Samples are shuffled with --seed (so shards mix sources) and --limit keeps the first N of
+that order. Shard i holds samples [i*N, (i+1)*N) of the plan; it is written to a temporary
+name and renamed when complete, so a re-run skips finished shards and a crash loses at most
+the shard in progress.
 """
 
 import hashlib
