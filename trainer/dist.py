@@ -10,6 +10,7 @@ import datetime
 import faulthandler
 import os
 import signal
+import socket
 import sys
 
 import torch
@@ -57,6 +58,12 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def init(timeout_s: int) -> None:
     """Join the process group (gloo on CPU, nccl on GPU) with `timeout_s` on every collective."""
     import deepspeed
@@ -66,7 +73,9 @@ def init(timeout_s: int) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
+    if "MASTER_PORT" not in os.environ:
+        # A single process needs no agreed port: take a free one, so several runs can share a host.
+        os.environ["MASTER_PORT"] = str(_free_port()) if os.environ["WORLD_SIZE"] == "1" else "29500"
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank())
     deepspeed.init_distributed(

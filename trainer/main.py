@@ -13,11 +13,18 @@ Every flag is also a key of the --config YAML file; flags win over the file.
 
 import os
 import sys
+import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# Run as a script, Python puts trainer/ itself first on sys.path, where trainer.py would
+# shadow the package; the repository root replaces it.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from trainer import dist  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
+
+
+# DeepSpeed 0.19 calls collectives that torch 2.1x deprecates: one warning per call, every step.
+warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
 
 
 def main(argv=None) -> int:

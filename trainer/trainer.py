@@ -27,7 +27,7 @@ from trainer.config import Config, fill_ds_config, read_ds_config, write_resolve
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.distill.loss import KDSettings
 from trainer.distill.teachers import make_teacher
-from trainer.models.omni import build_model, set_trainable
+from trainer.models.omni import answer_chunks_for, build_model
 
 # Dense bf16 tensor-core peaks, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -74,12 +74,13 @@ class Trainer:
         # Under ZeRO-3 every parameter is partitioned as it is created: no rank ever holds
         # the whole model, which is what lets an 8B model start on 80 GB cards.
         init_ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config) if self.zero_stage == 3 else contextlib.nullcontext()
-        model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype)
-        set_trainable(model, set(c.model.trainable))
+        model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype, ds_config=self.ds_config)
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
         self.model = self.engine.module
-        self.teacher = make_teacher(c.distill.teacher, self.model, c.distill.ema_decay, zero_stage=self.zero_stage)
+        self.teacher = make_teacher(
+            c.distill.teacher, self.model, c.distill.ema_decay, zero_stage=self.zero_stage, release=self.engine.empty_partition_cache
+        )
         self.kd = None
         if c.data.stage == "selfkd" and c.distill.kd_alpha > 0:
             self.kd = KDSettings(
@@ -143,8 +144,10 @@ class Trainer:
             moved[key] = value
         return moved
 
-    def forward_backward_step(self, batch: dict, normalizer: float) -> dict:
-        out = self.engine(self._to_device(batch), kd=self.kd, normalizer=normalizer, teacher_ctx=self.teacher.context)
+    def forward_backward_step(self, batch: dict, normalizer: float, answer_chunks: int) -> dict:
+        out = self.engine(
+            self._to_device(batch), kd=self.kd, normalizer=normalizer, teacher_ctx=self.teacher.context, answer_chunks=answer_chunks
+        )
         self.engine.backward(out["loss"])
         self.engine.step()
         return out
@@ -170,6 +173,10 @@ class Trainer:
         )
         answer_tokens, samples, student_tokens, teacher_tokens = dist.all_reduce_sum(local).tolist()
         tokens = student_tokens + teacher_tokens
+        # Every LM-head chunk is a ZeRO-3 gather, so all ranks must run the same number of
+        # chunks in each micro-batch: size them by the largest micro-batch over ranks.
+        per_micro = torch.tensor([float((b["student_labels"] != -100).sum()) for b in batches])
+        answer_chunks = [answer_chunks_for(int(n), self.kd) for n in dist.all_reduce_max(per_micro).tolist()]
         if answer_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
         # DeepSpeed divides the gradient by grad_accum and averages it over ranks; undo both
@@ -177,8 +184,8 @@ class Trainer:
         normalizer = answer_tokens / (gas * dist.world_size())
 
         sums = torch.zeros(5, dtype=torch.float64)
-        for batch in batches:
-            out = self.forward_backward_step(batch, normalizer)
+        for batch, chunks in zip(batches, answer_chunks):
+            out = self.forward_backward_step(batch, normalizer, chunks)
             sums += torch.stack(
                 [out["ce_sum"], out["kd_sum"], out["teacher_ce_sum"], out["agree_count"], out["n_tokens"]]
             ).detach().double().cpu()

@@ -1,0 +1,62 @@
+"""Answer-token logits of a checkpoint, computed by the 2-rank ZeRO-3 engine (helper of
+tests/test_train_zero3.py::test_export_reloads_to_the_same_logits).
+
+    deepspeed --num_gpus 2 tests/dist_logits.py --checkpoint CKPT --shards SPEC --out logits.pt
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[0] = ROOT
+
+
+@torch.no_grad()
+def answer_logits(model, batch) -> torch.Tensor:
+    """Student logits at the answer positions: N, V."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    image_tokens, _ = model.encode_images(batch)
+    audio_tokens, _ = model.encode_audio(batch)
+    hidden = model.hidden_states(batch, "student", image_tokens, audio_tokens)
+    answers, _, _ = model.answer_positions(hidden, batch["student_labels"])
+    return model.adapter.lm_head(answers).float().cpu()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--shards", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=None)
+    args = parser.parse_args()
+
+    from trainer import dist
+    from trainer.config import load_config
+    from trainer.data import build_train_loader
+    from trainer.trainer import Trainer
+
+    with open(os.path.join(args.checkpoint, "run_config.json")) as f:
+        run = json.load(f)
+    # The run's own settings, so the checkpoint (data position included) loads as saved.
+    config = load_config(["--model", run["model"], "--train_shards", run["train_shards"], "--ds_config", run["ds_config"],
+                          "--max_steps", str(run["max_steps"]), "--micro_batch_size", str(run["micro_batch_size"]),
+                          "--num_workers", str(run["num_workers"]), "--seed", str(run["seed"]), "--resume", args.checkpoint])
+    trainer = Trainer(config)
+    # The same batch on both ranks: each computes the full logits through ZeRO-3 gathers.
+    batch = next(iter(build_train_loader(args.shards, trainer.processor, stage="selfkd", micro_batch_size=2,
+                                         max_seq_len=512, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False)))
+    trainer.model.eval()
+    logits = answer_logits(trainer.model, batch)
+    if dist.is_main():
+        torch.save(logits, args.out)
+    trainer.close()
+    dist.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Self-KD trainer for omni (vision + audio) LLMs on DeepSpeed ZeRO-3."""
