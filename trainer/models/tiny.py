@@ -132,4 +132,11 @@ def tiny_whisper_config(num_mel_bins: int = 80, window_frames: int = 1000) -> Wh
         decoder_ffn_dim=64,
         max_source_positions=window_frames // 2,
         vocab_size=64,
+        # Whisper's own ids (50256...) lie outside a 64-token vocabulary; only the encoder is used.
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        decoder_start_token_id=1,
+        suppress_tokens=[],
+        begin_suppress_tokens=[],
     )

@@ -1,0 +1,33 @@
+"""A hang on purpose: rank 0 enters an all-reduce that rank 1 never joins (rank 1 is stuck
+elsewhere). Both ranks' watchdogs must dump their stacks and exit non-zero.
+
+    deepspeed --num_gpus 2 tests/dist_hang_check.py
+"""
+
+import os
+import sys
+import time
+
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from trainer import dist  # noqa: E402
+
+
+def stuck_elsewhere() -> None:
+    time.sleep(3600)
+
+
+def main() -> None:
+    dist.init(timeout_s=3600)  # the collective itself would wait an hour
+    watchdog = dist.HangWatchdog(timeout_s=3)
+    watchdog.kick()
+    if dist.rank() == 0:
+        dist.all_reduce_sum(torch.ones(1))
+    else:
+        stuck_elsewhere()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Chunked answer-token loss vs a naive full-logits [B, T, V] reference written here."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer.distill.loss import KDSettings, answer_token_loss, chunk_bounds, combine
+
+B, T, H, V = 3, 11, 16, 37
+
+
+def naive_reference(student_hidden_btH, teacher_hidden_btH, labels_bt, lm_head, divergence, temperature):
+    """Full logits for every position, shift by one, mask -100, sum over tokens."""
+    student_logits = lm_head(student_hidden_btH)[:, :-1].float()  # B, T-1, V
+    teacher_logits = lm_head(teacher_hidden_btH)[:, :-1].float().detach()
+    targets = labels_bt[:, 1:]
+    mask = targets != -100
+    ce = F.cross_entropy(student_logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    p_s = torch.softmax(student_logits / temperature, -1)
+    p_t = torch.softmax(teacher_logits / temperature, -1)
+    if divergence == "fkl":
+        per_token = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    elif divergence == "rkl":
+        per_token = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    else:
+        m = 0.5 * (p_s + p_t)
+        per_token = 0.5 * (p_t * (p_t.log() - m.log())).sum(-1) + 0.5 * (p_s * (p_s.log() - m.log())).sum(-1)
+    kd = (per_token * mask).sum()
+    teacher_ce = F.cross_entropy(teacher_logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100, reduction="sum")
+    agree = ((teacher_logits.argmax(-1) == student_logits.argmax(-1)) & mask).sum()
+    return ce, kd, teacher_ce, agree, mask.sum()
+
+
+def make_inputs(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    lm_head = torch.nn.Linear(H, V, bias=False)
+    with torch.no_grad():
+        lm_head.weight.copy_(torch.randn(V, H, generator=gen))
+    student_hidden = torch.randn(B, T, H, generator=gen, requires_grad=True)
+    teacher_hidden = torch.randn(B, T, H, generator=gen)
+    labels = torch.randint(0, V, (B, T), generator=gen)
+    labels[:, :4] = -100  # prompt
+    labels[1, -2:] = -100  # padding
+    return lm_head, student_hidden, teacher_hidden, labels
+
+
+def gather_answers(hidden_btH, labels_bt):
+    """Hidden at position t predicts label t+1 -> (N, H), (N,)."""
+    targets = labels_bt[:, 1:]
+    mask = targets != -100
+    return hidden_btH[:, :-1][mask], targets[mask]
+
+
+@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
+@pytest.mark.parametrize("teacher_as_logits", [False, True])
+def test_matches_full_logits_reference(divergence, temperature, chunk_size, teacher_as_logits):
+    lm_head, student_hidden, teacher_hidden, labels = make_inputs()
+    settings = KDSettings(alpha=0.75, temperature=temperature, divergence=divergence, chunk_size=chunk_size)
+
+    ref = naive_reference(student_hidden, teacher_hidden, labels, lm_head, divergence, temperature)
+    ref_loss = combine(dict(ce_sum=ref[0], kd_sum=ref[1]), settings, normalizer=5.0)
+    (ref_grad,) = torch.autograd.grad(ref_loss, student_hidden)
+
+    student_answers, targets = gather_answers(student_hidden, labels)
+    teacher_answers, _ = gather_answers(teacher_hidden, labels)
+    teacher_kwargs = (
+        dict(teacher_logits=lm_head(teacher_answers).detach())
+        if teacher_as_logits
+        else dict(teacher_hidden=teacher_answers)
+    )
+    sums = answer_token_loss(student_answers, targets, lm_head, settings, **teacher_kwargs)
+    loss = combine(sums, settings, normalizer=5.0)
+    (grad,) = torch.autograd.grad(loss, student_hidden)
+
+    torch.testing.assert_close(sums["ce_sum"], ref[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["kd_sum"], ref[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sums["teacher_ce_sum"], ref[2], rtol=1e-5, atol=1e-5)
+    assert sums["agree_count"].item() == ref[3].item()
+    assert sums["n_tokens"].item() == ref[4].item()
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_sft_ignores_teacher_and_lm_head_grad_matches():
+    lm_head, student_hidden, _, labels = make_inputs(1)
+    student_answers, targets = gather_answers(student_hidden.detach(), labels)
+    sums = answer_token_loss(student_answers, targets, lm_head, KDSettings(alpha=0.0, chunk_size=3))
+    combine(sums, None, 2.0).backward()
+    chunked_grad = lm_head.weight.grad.clone()
+    lm_head.weight.grad = None
+    ref_ce = F.cross_entropy(lm_head(student_answers), targets, reduction="sum")
+    (ref_ce / 2.0).backward()
+    torch.testing.assert_close(sums["ce_sum"], ref_ce, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_grad, lm_head.weight.grad, rtol=1e-5, atol=1e-6)
+    assert sums["kd_sum"].item() == 0.0
+
+
+def test_only_one_chunk_of_logits_is_saved_for_backward():
+    """The saved activations must not grow with the number of answer tokens x vocab."""
+    lm_head = torch.nn.Linear(H, 4096, bias=False)
+    student_answers = torch.randn(64, H, requires_grad=True)
+    targets = torch.randint(0, 4096, (64,))
+    saved_numel = []
+
+    def pack(t):
+        saved_numel.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        answer_token_loss(student_answers, targets, lm_head, KDSettings(chunk_size=8), teacher_hidden=torch.randn(64, H))
+    assert max(saved_numel) < 64 * 4096
+
+
+def test_chunk_bounds_fixed_count_allows_empty_chunks():
+    assert chunk_bounds(10, 4) == [(0, 3), (3, 7), (7, 10)]  # ceil(10/4) = 3 near-equal chunks
+    assert chunk_bounds(2, 4, num_chunks=3) == [(0, 1), (1, 1), (1, 2)]
+    assert chunk_bounds(0, 4) == [(0, 0)]
+
+
+def test_teacher_token_count_mismatch_is_loud():
+    lm_head, student_hidden, teacher_hidden, labels = make_inputs()
+    student_answers, targets = gather_answers(student_hidden, labels)
+    with pytest.raises(ValueError, match="answer tokens"):
+        answer_token_loss(student_answers, targets, lm_head, KDSettings(), teacher_hidden=teacher_hidden[0, :3])

@@ -1,0 +1,257 @@
+"""Tiny omni model (real Qwen2-VL / Whisper classes, random init) on synthetic batches."""
+
+import contextlib
+
+import pytest
+import torch
+
+from trainer.distill.loss import KDSettings
+from trainer.models.omni import build_tiny, load_omni, save_omni, set_trainable
+from trainer.models.synthetic import make_batch
+from trainer.models.tiny import build_tiny_processor
+
+KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl", chunk_size=8)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return build_tiny_processor()
+
+
+@pytest.fixture()
+def model(processor):
+    return build_tiny(processor, attn_impl="sdpa", seed=0)
+
+
+def count_teacher_passes(model):
+    calls = {"teacher": 0, "student": 0}
+    original = model.hidden_states
+
+    def counting(batch, role, *args):
+        calls[role] += 1
+        return original(batch, role, *args)
+
+    model.hidden_states = counting
+    return calls
+
+
+def test_forward_backward_grads_only_on_trainable(model, processor):
+    out = model(make_batch(processor, 2), kd=KD, normalizer=7.0)
+    assert set(out) == {"loss", "ce_sum", "kd_sum", "teacher_ce_sum", "agree_count", "n_tokens"}
+    assert torch.isfinite(out["loss"]) and out["kd_sum"] > 0 and out["n_tokens"] > 0
+    expected = (0.75 * 4.0 * out["kd_sum"] + 0.25 * out["ce_sum"]) / 7.0
+    torch.testing.assert_close(out["loss"].detach(), expected)
+    out["loss"].backward()
+    for name, param in model.named_parameters():
+        trains = name.startswith(("vlm.model.language_model", "vlm.lm_head", "projector"))
+        assert param.requires_grad == trains, name
+        assert (param.grad is not None) == trains, name
+
+
+def test_sft_makes_no_teacher_pass(model, processor):
+    calls = count_teacher_passes(model)
+    batch = make_batch(processor, 2)
+    sft = model(batch, kd=KDSettings(alpha=0.0), normalizer=1.0)
+    assert calls == {"teacher": 0, "student": 1}
+    model(batch, kd=None, normalizer=1.0)
+    assert calls == {"teacher": 0, "student": 2}
+    model(batch, kd=KD, normalizer=1.0)
+    assert calls == {"teacher": 1, "student": 3}
+    torch.testing.assert_close(sft["loss"].detach(), sft["ce_sum"] / 1.0)
+
+
+def test_loss_falls_on_fixed_batch(model, processor):
+    batch = make_batch(processor, 1, seed=3, audio_seconds=(1.0, 1.5))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    losses = []
+    for _ in range(15):
+        out = model(batch, kd=KD, normalizer=float(batch["student_labels"].ne(-100).sum()))
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_missing_modalities_run_dummy_encoders_and_grads_flow(model, processor):
+    set_trainable(model, {"llm", "projector", "vision", "audio"})
+    for batch in (make_batch(processor, 2, with_image=False), make_batch(processor, 2, with_audio=False)):
+        model.zero_grad(set_to_none=True)
+        vision_calls = []
+        handle = model.adapter.vision_tower.register_forward_hook(lambda *a: vision_calls.append(1))
+        audio_calls = []
+        handle2 = model.audio_encoder.register_forward_hook(lambda *a: audio_calls.append(1))
+        out = model(batch, kd=KD, normalizer=1.0)
+        out["loss"].backward()
+        handle.remove()
+        handle2.remove()
+        assert vision_calls and audio_calls
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                assert param.grad is not None and torch.isfinite(param.grad).all(), name
+
+
+def test_frozen_vision_runs_without_graph(model, processor):
+    image_tokens, _ = model.encode_images(make_batch(processor, 1))
+    assert not image_tokens.requires_grad
+    set_trainable(model, {"llm", "vision"})
+    image_tokens, _ = model.encode_images(make_batch(processor, 1))
+    assert image_tokens.requires_grad
+    with pytest.raises(ValueError, match="unknown trainable"):
+        set_trainable(model, {"llm", "ears"})
+
+
+def test_mismatches_are_loud_and_name_the_sample(model, processor):
+    batch = make_batch(processor, 2)
+    batch["audio_token_counts"] = batch["audio_token_counts"] + torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="synthetic-0-1"):
+        model(batch, kd=KD, normalizer=1.0)
+    batch = make_batch(processor, 2)
+    labels = batch["teacher_labels"].clone()
+    first_answer = (labels[1] != -100).nonzero()[0, 0]
+    labels[1, first_answer] = -100
+    batch["teacher_labels"] = labels
+    with pytest.raises(ValueError, match="synthetic-0-1"):
+        model(batch, kd=KD, normalizer=1.0)
+
+
+def test_own_weight_teacher_matches_shared_when_weights_equal(model, processor):
+    """A swapping teacher (logits computed in its context) with unchanged weights must give
+    exactly the shared teacher's loss."""
+
+    class SameWeights:
+        swaps_weights = True
+
+        def __call__(self):
+            return contextlib.nullcontext()
+
+    batch = make_batch(processor, 2)
+    shared = model(batch, kd=KD, normalizer=3.0)
+    swapped = model(batch, kd=KD, normalizer=3.0, teacher_ctx=SameWeights())
+    for key in ("loss", "kd_sum", "teacher_ce_sum", "agree_count"):
+        torch.testing.assert_close(shared[key], swapped[key])
+
+
+def test_save_load_gives_identical_outputs(model, processor, tmp_path):
+    batch = make_batch(processor, 2, seed=5)
+    with torch.no_grad():
+        before = model(batch, kd=KD, normalizer=1.0)
+    save_omni(model, processor, str(tmp_path))
+    loaded, loaded_processor = load_omni(str(tmp_path), attn_impl="sdpa")
+    assert loaded_processor.audio_stack == processor.audio_stack
+    assert len(loaded_processor.tokenizer) == len(processor.tokenizer)
+    with torch.no_grad():
+        after = loaded(batch, kd=KD, normalizer=1.0)
+    for key in before:
+        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+def naive_greedy(model, batch, role, max_new_tokens):
+    """No cache: re-run the whole sequence for every new token, positions recomputed."""
+    input_ids, attention_mask = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+    image_tokens, _ = model.encode_images(batch)
+    audio_tokens, _ = model.encode_audio(batch)
+    audio_tokens = audio_tokens if role == "student" else None
+    eos = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    outputs = [[] for _ in range(input_ids.shape[0])]
+    for _ in range(max_new_tokens):
+        embeds = model.embed(batch["keys"], input_ids, image_tokens, audio_tokens, batch["audio_token_counts"], role)
+        positions = model.adapter.position_ids(input_ids, batch["image_grid_thw"], attention_mask)
+        hidden, _ = model.adapter.decode(embeds, positions, attention_mask)
+        next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
+        for row, token in zip(outputs, next_ids.tolist()):
+            if not row or row[-1] != eos:
+                row.append(token)
+        input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    return outputs
+
+
+@pytest.mark.parametrize("mode", ["text", "audio"])
+def test_generate_matches_naive_reference(model, processor, mode):
+    batch = make_batch(processor, 3, seed=1, prompt_only=True)
+    role = "teacher" if mode == "text" else "student"
+    assert batch[f"{role}_attention_mask"][:, 0].eq(0).any(), "want left padding in the batch"
+    model.eval()
+    with torch.no_grad():
+        fast = model.generate_ids(batch, mode, 6, synced_gpus=True)
+        slow = naive_greedy(model, batch, role, 6)
+        texts = model.generate(batch, mode, 6)
+    assert fast == slow
+    assert texts == processor.tokenizer.batch_decode(fast, skip_special_tokens=True)
+
+
+def test_tied_embeddings_save_load_and_lm_head_grad(processor, tmp_path):
+    """Qwen2-VL-2B ties the LM head to the embeddings: the chunked head must still train
+    the shared matrix, and the export stores it once and re-ties it on load."""
+    from trainer.models.omni import build_from_configs
+    from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
+
+    vlm_config = tiny_vlm_config(len(processor.tokenizer))
+    vlm_config.tie_word_embeddings = True
+    vlm_config.text_config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = build_from_configs(vlm_config, tiny_whisper_config(80, 1000), processor, attn_impl="sdpa")
+    assert model.adapter.lm_head.weight is model.adapter.input_embeddings().weight
+    batch = make_batch(processor, 2)
+    out = model(batch, kd=KD, normalizer=1.0)
+    out["loss"].backward()
+    assert model.adapter.lm_head.weight.grad is not None
+    save_omni(model, processor, str(tmp_path))
+    loaded, _ = load_omni(str(tmp_path), attn_impl="sdpa")
+    assert loaded.adapter.lm_head.weight is loaded.adapter.input_embeddings().weight
+    with torch.no_grad():
+        before, after = model(batch, kd=KD, normalizer=1.0), loaded(batch, kd=KD, normalizer=1.0)
+    torch.testing.assert_close(after["loss"], before["loss"], rtol=0, atol=0)
+
+
+def tiny_qwen25_vl_config(vocab_size):
+    from transformers import Qwen2_5_VLConfig
+
+    from trainer.models.tiny import tiny_vlm_config
+
+    fields = tiny_vlm_config(vocab_size).to_dict()
+    fields.pop("model_type")
+    fields["vision_config"] = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                                   window_size=56, fullatt_block_indexes=[1])
+    return Qwen2_5_VLConfig(**fields)
+
+
+def test_qwen25_vl_adapter_trains_and_generates(processor):
+    from trainer.models.omni import build_from_configs
+    from trainer.models.tiny import tiny_whisper_config
+
+    torch.manual_seed(0)
+    model = build_from_configs(tiny_qwen25_vl_config(len(processor.tokenizer)), tiny_whisper_config(80, 1000), processor,
+                               attn_impl="sdpa")
+    assert type(model.adapter).__name__ == "Qwen25VLAdapter"
+    out = model(make_batch(processor, 2), kd=KD, normalizer=1.0)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and model.projector.net[0].weight.grad is not None
+    batch = make_batch(processor, 2, seed=1, prompt_only=True)
+    with torch.no_grad():
+        assert model.generate_ids(batch, "audio", 4, synced_gpus=True) == naive_greedy(model, batch, "student", 4)
+
+
+def test_compose_loads_pretrained_vlm_and_whisper_encoder_only(processor, tmp_path):
+    from transformers import Qwen2VLForConditionalGeneration, WhisperForConditionalGeneration
+
+    from trainer.models.omni import compose
+    from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
+
+    whisper_config = tiny_whisper_config(80, 1000)
+    # The tiny Whisper config only sizes an encoder; a full checkpoint needs in-vocab ids.
+    whisper_config.pad_token_id = whisper_config.bos_token_id = whisper_config.eos_token_id = 0
+    whisper_config.decoder_start_token_id = 0
+    torch.manual_seed(1)
+    whisper = WhisperForConditionalGeneration(whisper_config)
+    whisper.save_pretrained(tmp_path / "whisper")
+    vlm = Qwen2VLForConditionalGeneration(tiny_vlm_config(len(processor.tokenizer)))
+    vlm.save_pretrained(tmp_path / "vlm")
+    model = compose(str(tmp_path / "vlm"), str(tmp_path / "whisper"), processor, dtype=torch.float32, attn_impl="sdpa")
+    for name, weight in whisper.model.encoder.state_dict().items():
+        assert torch.equal(model.audio_encoder.state_dict()[name], weight), name
+    for name, weight in vlm.state_dict().items():
+        assert torch.equal(model.vlm.state_dict()[name], weight), name
+    assert torch.isfinite(model(make_batch(processor, 1), kd=KD, normalizer=1.0)["loss"])

@@ -1,0 +1,162 @@
+"""Answer-token distillation loss: chunked LM head, KD divergence + cross-entropy sums.
+
+The model gathers the hidden states at answer positions (N, H) for the student and, when
+distilling, for the teacher; this module turns them into summed losses without ever
+materialising more than one chunk of logits (chunk, V): each chunk's logits are computed
+inside a non-reentrant activation checkpoint, so the backward pass recomputes them one chunk
+at a time as well.
+
+  loss = (alpha * T^2 * kd_sum + (1 - alpha) * ce_sum) / normalizer      (see `combine`)
+
+  fkl: KL(p_T || p_S)   (the paper's Self-KD loss, teacher first)
+  rkl: KL(p_S || p_T)
+  jsd: 0.5 KL(p_T || M) + 0.5 KL(p_S || M),  M = (p_T + p_S) / 2
+with p = softmax(logits / T) for both sides, and CE at T = 1 on the student.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+DIVERGENCES = ("fkl", "rkl", "jsd")
+
+
+@dataclass(frozen=True)
+class KDSettings:
+    """How the teacher's answer distribution enters the loss."""
+
+    alpha: float = 0.75  # weight of the KD term; 0 = plain SFT (no teacher pass at all)
+    temperature: float = 1.0  # applied to teacher and student logits; KD term scaled by T^2
+    divergence: str = "fkl"  # fkl | rkl | jsd
+    chunk_size: int = 1024  # answer tokens per LM-head chunk (bounds the live logits)
+
+    def __post_init__(self):
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"kd alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
+        if self.divergence not in DIVERGENCES:
+            raise ValueError(f"kd divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.chunk_size < 1:
+            raise ValueError(f"kd chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.alpha > 0
+
+
+def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str, temperature: float):
+    """Summed per-token divergence between tempered distributions; logits (n, V), fp32."""
+    student_logp = F.log_softmax(student_logits / temperature, dim=-1)
+    teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
+    if divergence == "fkl":
+        return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
+    if divergence == "rkl":
+        return (student_logp.exp() * (student_logp - teacher_logp)).sum()
+    mixture_logp = torch.logsumexp(torch.stack([teacher_logp, student_logp]), dim=0) - math.log(2.0)
+    return 0.5 * (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum() + 0.5 * (
+        student_logp.exp() * (student_logp - mixture_logp)
+    ).sum()
+
+
+def _chunk_sums(student_hidden, teacher_hidden, teacher_logits, target_ids, lm_head, divergence, temperature):
+    """One chunk: (ce_sum, kd_sum, teacher_ce_sum, agree_count). Run under checkpoint, so
+    its logits are freed after the forward and recomputed in the backward."""
+    student_logits = lm_head(student_hidden).float()  # n, H -> n, V
+    ce_sum = F.cross_entropy(student_logits, target_ids, reduction="sum")
+    zero = student_logits.new_zeros(())
+    if teacher_hidden is None and teacher_logits is None:
+        return ce_sum, zero, zero, zero
+    if teacher_logits is None:
+        with torch.no_grad():
+            teacher_logits = lm_head(teacher_hidden)  # n, H -> n, V
+    teacher_logits = teacher_logits.float().detach()
+    kd_sum = divergence_sum(student_logits, teacher_logits, divergence, temperature)
+    with torch.no_grad():
+        teacher_ce_sum = F.cross_entropy(teacher_logits, target_ids, reduction="sum")
+        agree_count = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().float()
+    return ce_sum, kd_sum, teacher_ce_sum, agree_count
+
+
+def chunk_bounds(n_tokens: int, chunk_size: int, num_chunks: int | None = None) -> list[tuple[int, int]]:
+    """Split [0, n_tokens) into chunks of at most `chunk_size`, or into exactly `num_chunks`
+    near-equal (possibly empty) chunks. Under ZeRO-3 every LM-head call is a collective
+    gather, so all ranks must make the same number of calls: the trainer passes the same
+    `num_chunks` everywhere."""
+    if num_chunks is None:
+        num_chunks = max(1, math.ceil(n_tokens / chunk_size))
+    if num_chunks < 1:
+        raise ValueError(f"num_chunks must be >= 1, got {num_chunks}")
+    edges = [round(i * n_tokens / num_chunks) for i in range(num_chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def answer_token_loss(
+    student_hidden: torch.Tensor,
+    target_ids: torch.Tensor,
+    lm_head,
+    settings: KDSettings | None,
+    *,
+    teacher_hidden: torch.Tensor | None = None,
+    teacher_logits: torch.Tensor | None = None,
+    num_chunks: int | None = None,
+) -> dict:
+    """Summed answer-token losses.
+
+    student_hidden (N, H) with grad; target_ids (N,) the token each position predicts;
+    lm_head: module/callable H -> V (called as a module so ZeRO-3 hooks gather it).
+    Teacher given as hidden states (N, H) (its logits are recomputed per chunk with the
+    same `lm_head`: the teacher shares the head) or as precomputed logits (N, V) (a teacher
+    with its own weights, computed inside its context). Neither: SFT.
+    Returns ce_sum, kd_sum (not yet scaled by T^2), teacher_ce_sum, agree_count, n_tokens;
+    ce_sum and kd_sum carry grad, the rest are detached.
+    """
+    n_tokens = student_hidden.shape[0]
+    if target_ids.shape != (n_tokens,):
+        raise ValueError(f"target_ids shape {tuple(target_ids.shape)} != ({n_tokens},)")
+    use_teacher = settings is not None and settings.uses_teacher
+    if use_teacher:
+        if (teacher_hidden is None) == (teacher_logits is None):
+            raise ValueError("KD needs exactly one of teacher_hidden or teacher_logits")
+        teacher = teacher_hidden if teacher_hidden is not None else teacher_logits
+        if teacher.shape[0] != n_tokens:
+            raise ValueError(f"teacher has {teacher.shape[0]} answer tokens, student {n_tokens}")
+    else:
+        teacher_hidden = teacher_logits = None
+    chunk_size = settings.chunk_size if settings is not None else 1024
+    divergence = settings.divergence if settings is not None else "fkl"
+    temperature = settings.temperature if settings is not None else 1.0
+
+    totals = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(4)]
+    for start, end in chunk_bounds(n_tokens, chunk_size, num_chunks):
+        sums = checkpoint(
+            _chunk_sums,
+            student_hidden[start:end],
+            None if teacher_hidden is None else teacher_hidden[start:end],
+            None if teacher_logits is None else teacher_logits[start:end],
+            target_ids[start:end],
+            lm_head,
+            divergence,
+            temperature,
+            use_reentrant=False,
+        )
+        totals = [total + part for total, part in zip(totals, sums)]
+    ce_sum, kd_sum, teacher_ce_sum, agree_count = totals
+    return dict(
+        ce_sum=ce_sum,
+        kd_sum=kd_sum,
+        teacher_ce_sum=teacher_ce_sum.detach(),
+        agree_count=agree_count.detach(),
+        n_tokens=torch.tensor(float(n_tokens), device=student_hidden.device),
+    )
+
+
+def combine(sums: dict, settings: KDSettings | None, normalizer: float) -> torch.Tensor:
+    """(alpha * T^2 * kd_sum + (1 - alpha) * ce_sum) / normalizer."""
+    if settings is None or not settings.uses_teacher:
+        return sums["ce_sum"] / normalizer
+    kd_weight = settings.alpha * settings.temperature**2
+    return (kd_weight * sums["kd_sum"] + (1.0 - settings.alpha) * sums["ce_sum"]) / normalizer
