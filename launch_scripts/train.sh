@@ -4,16 +4,26 @@
 #   NUM_GPUS=8 bash launch_scripts/train.sh --config launch_scripts/recipes/selfkd_qwen2vl7b.yaml
 #   NUM_NODES=4 HOSTFILE=hostfile bash launch_scripts/train.sh --config ...   # hostfile: "node1 slots=8" lines
 #   DRY_RUN=1 NUM_NODES=4 HOSTFILE=hostfile bash launch_scripts/train.sh ...  # print the command only
+#   salloc -N 4 ... then: bash launch_scripts/train.sh ...    # inside an allocation: nodes, hostfile and
+#                                                              # master come from SLURM_JOB_NODELIST
 #
 # Every argument is passed to trainer/main.py unchanged. On a SLURM cluster use
 # launch_scripts/slurm_train.sbatch instead (no ssh between nodes needed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-NUM_NODES=${NUM_NODES:-1}
 NUM_GPUS=${NUM_GPUS:-8}              # per node
 HOSTFILE=${HOSTFILE:-}
 MASTER_ADDR=${MASTER_ADDR:-}
+if [ -n "${SLURM_JOB_NODELIST:-}" ] && [ -z "$HOSTFILE" ]; then
+  # Inside a SLURM allocation: one hostfile line per allocated node, rank 0 on the first.
+  NUM_NODES=${NUM_NODES:-${SLURM_JOB_NUM_NODES:-1}}
+  HOSTFILE=logs/hostfile-${SLURM_JOB_ID:-local}
+  mkdir -p logs
+  python3 -m trainer.slurm hosts "$SLURM_JOB_NODELIST" | head -n "$NUM_NODES" | sed "s/\$/ slots=$NUM_GPUS/" > "$HOSTFILE"
+  MASTER_ADDR=${MASTER_ADDR:-$(head -n1 "$HOSTFILE" | cut -d' ' -f1)}
+fi
+NUM_NODES=${NUM_NODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
 DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
 DRY_RUN=${DRY_RUN:-0}
@@ -29,6 +39,10 @@ cmd=(deepspeed --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS" --master_port "$M
 cmd+=(trainer/main.py --ds_config "$DS_CONFIG" "$@")
 
 if [ "$DRY_RUN" = "1" ]; then
+  if [ -n "$HOSTFILE" ] && [ -f "$HOSTFILE" ]; then
+    # The launcher gives node ranks in hostfile order.
+    awk '{print "node " NR-1 ": " $1}' "$HOSTFILE" | head -n "$NUM_NODES"
+  fi
   printf '%q ' "${cmd[@]}"; echo
   exit 0
 fi

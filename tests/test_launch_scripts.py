@@ -54,6 +54,18 @@ def test_train_sh_dry_run_multi_node(tmp_path):
     assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
 
 
+def test_train_sh_dry_run_inside_4_node_slurm_allocation(tmp_path):
+    env = {"SLURM_JOB_NUM_NODES": "4", "SLURM_JOB_NODELIST": "gpu-[007-009,012]", "SLURM_JOB_ID": "4243", "NUM_GPUS": "8"}
+    lines = run("launch_scripts/train.sh", env, *ARGS).strip().splitlines()
+    assert lines[:4] == ["node 0: gpu-007", "node 1: gpu-008", "node 2: gpu-009", "node 3: gpu-012"]
+    launcher, opts, trainer_args = parse_launch(lines[4])
+    assert opts["--num_nodes"] == "4" and opts["--master_addr"] == "gpu-007" and opts["--hostfile"] == "logs/hostfile-4243"
+    assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+    hostfile = os.path.join(ROOT, "logs", "hostfile-4243")
+    assert open(hostfile).read().split("\n")[:4] == ["gpu-007 slots=8", "gpu-008 slots=8", "gpu-009 slots=8", "gpu-012 slots=8"]
+    os.remove(hostfile)
+
+
 def test_train_sh_refuses_multi_node_without_hostfile():
     full_env = {**os.environ, "NUM_NODES": "2", "DRY_RUN": "1"}
     full_env.pop("HOSTFILE", None)

@@ -144,3 +144,26 @@ def test_ranks_with_different_modality_mixes_finish(tmp_path, shards):
     mixed = {**shards, "train_shards": f"{image_shard},{index['shard_spec']}"}
     _, metrics, _ = deepspeed_train(tmp_path, mixed, "--max_steps", "4", "--num_workers", "1", "--dist_timeout_s", "300")
     assert sorted(metrics) == [1, 2, 3, 4]
+
+
+def test_align_stage_trains_on_asr_shards(tmp_path, shards):
+    """--stage align: audio -> transcript with CE only, from shards built out of an ASR manifest."""
+    import soundfile as sf
+
+    from trainer.data.tts import EspeakTTS
+    from trainer.data.writer import make_asr_shards
+
+    tts = EspeakTTS()
+    lines = []
+    for i, text in enumerate(["the red circle is on the left", "there are three shapes", "a blue square", "yes it is"]):
+        audio, rate = tts.synthesize(text, seed=i)
+        path = tmp_path / f"utt{i}.wav"
+        sf.write(path, audio, rate)
+        lines.append(json.dumps({"audio": str(path), "text": text}))
+    (tmp_path / "asr.jsonl").write_text("\n".join(lines) + "\n")
+    index = make_asr_shards(str(tmp_path / "asr.jsonl"), str(tmp_path / "asr_shards"), samples_per_shard=2, progress=False)
+    asr = {**shards, "train_shards": index["shard_spec"]}
+    _, metrics, _ = deepspeed_train(tmp_path, asr, "--stage", "align", "--kd_alpha", "0", "--max_steps", "3",
+                                    "--micro_batch_size", "2", "--num_workers", "1")
+    assert sorted(metrics) == [1, 2, 3] and "train/kd_loss" not in metrics[3]
+    assert metrics[3]["train/loss"] == pytest.approx(metrics[3]["train/ce_loss"])
