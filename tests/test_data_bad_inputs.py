@@ -176,14 +176,15 @@ def test_broken_samples_are_skipped_and_counted(tmp_path, processor, caplog):
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(open(full, "rb").read()[: cut_member.offset_data + cut_member.size // 2])
     missing = str(tmp_path / "missing.tar")
+    (tmp_path / "index.json").write_text(json.dumps({"shard_samples": {"truncated.tar": 6, "missing.tar": 5}}))
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         loader, batches = run_epoch([good_spec, bad_spec, str(truncated), missing], processor, shuffle=False)
     keys = [k for b in batches for k in b["keys"]]
     assert not marker.exists(), "a pickle member was unpickled"
     assert set(keys) >= {f"ok{i}" for i in range(4)} | {"pickled"}
     assert sorted(k for k in keys if k.startswith("trunc")) == ["trunc0", "trunc1", "trunc2"]
-    # trunc3, cut mid-sample, is dropped with the shard's truncated_tar count
-    assert loader.skip_counts() == dict(EXPECTED_BAD, truncated_tar=1, shard_unreadable=1, ignored_member=3)
+    # a lost shard counts as the samples index.json gives it; trunc3..5 were lost at the cut
+    assert loader.skip_counts() == dict(EXPECTED_BAD, truncated_tar=3, shard_unreadable=5, ignored_member=3)
     assert loader.skip_counts(include_ok=True)["ok"] == len(keys) == 4 + 1 + 3
     line = next(r.getMessage() for r in caplog.records if "truncated_image" in r.getMessage())
     assert bad_spec in line and "field image" in line and "bad_image" in line
@@ -294,6 +295,32 @@ def test_few_samples_are_judged_when_all_are_seen(tmp_path, processor):
     spec = write_tar(tmp_path / "small.tar", drop_empty([good("a"), good("b", json=b""), good("c")]))
     with pytest.raises(DataQualityError, match="missing_key=1"):
         run_epoch(spec, processor, max_bad_fraction=0.01)
+
+
+def test_a_lost_shard_trips_max_bad_fraction(tmp_path, processor, caplog):
+    """Without index.json a lost shard counts as the mean of the shards read whole so far."""
+    specs = [write_tar(tmp_path / f"shard-{i}.tar", [good(f"k{i}{j}") for j in range(2 + i)]) for i in range(3)]
+    missing = str(tmp_path / "shard-3.tar")
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        with pytest.raises(DataQualityError, match=r"3 of 12 samples bad .*shard_unreadable=3"):  # mean of 2, 3, 4
+            run_epoch(specs + [missing], processor, shuffle=False, max_bad_fraction=0.1)
+    assert any(missing in r.getMessage() and "shard_unreadable" in r.getMessage() for r in caplog.records)
+    loader, _ = run_epoch([missing] + specs, processor, shuffle=False)  # nothing read yet: at least 1
+    assert loader.skip_counts() == {"shard_unreadable": 1}
+
+
+def test_eval_ranks_share_a_lost_shard(tmp_path, processor):
+    """Sample-split mode: each rank counts the lost samples that would have been its own."""
+    specs = [write_tar(tmp_path / f"e{i}.tar", [good(f"k{i}{j}") for j in range(3)]) for i in range(2)]
+    missing = str(tmp_path / "e2.tar")
+    (tmp_path / "index.json").write_text(json.dumps({"shard_samples": {"e0.tar": 3, "e1.tar": 3, "e2.tar": 5}}))
+    lost = []
+    for rank in range(2):
+        loader = build_eval_loader(specs[:1] + [missing] + specs[1:], processor, micro_batch_size=2, max_seq_len=512,
+                                   rank=rank, world_size=2, max_bad_fraction=1.0)
+        assert sum(len(b["keys"]) for b in loader) == 3
+        lost.append(loader.skip_counts()["shard_unreadable"])
+    assert lost == [2, 3]  # lost raw samples 3..7 (after e0's 0..2) go to ranks 1, 0, 1, 0, 1
 
 
 def test_all_shards_missing_is_an_error(tmp_path, processor):

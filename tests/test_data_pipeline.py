@@ -100,6 +100,11 @@ def test_make_shards_index(llava_shards):
     assert 0.001 < index["audio_hours"] < 0.05
     on_disk = json.loads((llava_shards["out"] / "index.json").read_text())
     assert on_disk["samples"] == index["samples"]
+    per_shard = {}
+    for name in on_disk["shards"]:
+        with tarfile.open(llava_shards["out"] / name) as tar:
+            per_shard[name] = len({member.name.split(".", 1)[0] for member in tar.getmembers()})
+    assert on_disk["shard_samples"] == per_shard and sum(per_shard.values()) == NUM_SAMPLES
     samples = shard_samples(llava_shards["out"])
     assert len(samples) == NUM_SAMPLES
     text_only = json.loads(samples[TEXT_ONLY_KEY]["json"])

@@ -1,8 +1,8 @@
 """Score an exported omni model on evaluation shards, question typed (VL) and spoken (VA).
 
 Run:
-  python tools/evaluate.py --model runs/demo/export --shards 'demo_out/data/shards/heldout-{000000..000000}.tar' \
-      --out runs/demo/eval/report.json
+  python tools/evaluate.py --model runs/demo/export \
+      --shards 'demo_out/data/shards/heldout/shard-{000000..000000}.tar' --out runs/demo/eval/report.json
   torchrun --nproc_per_node 8 tools/evaluate.py --model DIR --shards SPEC --out report.json --batch_size 16
 Under a launcher (WORLD_SIZE > 1) every rank holds the whole model and answers its share
 of the samples; rank 0 writes the outputs.
@@ -52,7 +52,8 @@ def write_outputs(report: dict, records: list[dict], out: str) -> dict:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="exported omni model directory (save_omni)")
-    parser.add_argument("--shards", required=True, help="evaluation shards: brace spec(s), several separated by spaces")
+    parser.add_argument("--shards", required=True,
+                        help="evaluation shards: a brace spec, or several separated by commas (one argument)")
     parser.add_argument("--out", required=True, help="report JSON path; predictions and chart go beside it")
     parser.add_argument("--modes", default="text,audio", help="text (typed question), audio (spoken) or both")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per generate() call per rank")

@@ -4,6 +4,9 @@ collate) and report ok / bad samples by reason, audio duration and token-length 
     python tools/inspect_shards.py 'shards/selfkd/shard-{000000..000049}.tar'
     python tools/inspect_shards.py 'shards/asr/shard-{000000..000009}.tar' --stage align --model out/export --json
 
+Token counts, and so too_long, depend on the tokenizer and the length cap: pass --model DIR, the
+model you train, and the run's --max_seq_len (the default is the trainer's, 2048) so they match.
+
 With --json the last line of stdout is one JSON object: {"ok": int, "text_only": int (ok samples
 without an image; always ok in the align stage), "bad": {reason: count}, "counted": {...},
 "audio_seconds": {...}, "student_tokens": {...}, "teacher_tokens": {...}}.
@@ -19,6 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from trainer.config import DataConfig  # noqa: E402
 from trainer.data.collate import SampleEncoder, collate_train  # noqa: E402
 from trainer.data.loader import NOT_BAD_REASONS, StreamingLoader  # noqa: E402
 from trainer.data.shards import expand_shard_spec  # noqa: E402
@@ -45,7 +49,7 @@ def summarize(values: list[float]) -> dict:
     return out
 
 
-def inspect(spec, processor, stage: str = "selfkd", max_seq_len: int = 4096) -> dict:
+def inspect(spec, processor, stage: str = "selfkd", max_seq_len: int = DataConfig.max_seq_len) -> dict:
     """Decode every sample of `spec` once, as the trainer would; return the report dict."""
     seconds, student_lengths, teacher_lengths = [], [], []
     text_only = 0
@@ -80,9 +84,12 @@ def inspect(spec, processor, stage: str = "selfkd", max_seq_len: int = 4096) -> 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("spec", nargs="+", help="shard spec(s): paths, brace patterns, pipe: or URLs")
-    parser.add_argument("--model", default="tiny", help="'tiny' or an exported omni model directory")
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (the test tokenizer) or a model directory: give the model you train, so token "
+                             "counts and too_long match the run's")
     parser.add_argument("--stage", default="selfkd", choices=("selfkd", "align"))
-    parser.add_argument("--max_seq_len", type=int, default=4096)
+    parser.add_argument("--max_seq_len", type=int, default=DataConfig.max_seq_len,
+                        help="longer samples count as too_long (default %(default)s, as in the trainer)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")

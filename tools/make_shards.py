@@ -7,8 +7,9 @@ LLaVA instruction data, questions spoken with TTS (eSpeak NG built in, or any en
 ASR manifest (one {"audio": path, "text": ...} per line; paths relative to the manifest):
     python tools/make_shards.py asr --manifest librispeech.jsonl --out shards/asr
 
-Re-running the same command skips complete shards. Writes OUT/index.json (shards, samples,
-hours of audio, skipped inputs by reason). From Python: make_llava_shards / make_asr_shards.
+Re-running the same command skips complete shards. Writes OUT/index.json (shards, samples
+per shard and in all, hours of audio, skipped inputs by reason). From Python:
+make_llava_shards / make_asr_shards.
 """
 
 import argparse

@@ -16,11 +16,18 @@ stream re-reads the current shard's raw bytes and starts at the cursor: skipped 
 never decoded.
 
 Bad-data policy: a broken sample is skipped, counted by reason and logged as one WARNING.
+A missing/unreadable shard counts as the samples it should have held, a truncated one as the
+samples lost at the cut: the shard's count from the index.json beside it (make_shards writes
+one), else the mean of the shards this worker read whole so far (at least 1). In sample-split
+mode each slot counts its share of those samples.
 When bad / (ok + bad) > max_bad_fraction, checked once MIN_QUALITY_COUNT samples were seen or
 at the end of every epoch (whichever comes first), DataQualityError lists the counts.
 """
 
+import json
 import logging
+import math
+import os
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -57,14 +64,49 @@ def check_quality(counts: dict, max_bad_fraction: float, epoch_done: bool, where
                                f"{max_bad_fraction:.2%}); by reason: {reasons}")
 
 
+def read_shard_sizes(urls: list[str]) -> dict[str, int]:
+    """url -> sample count, from the `shard_samples` of the index.json beside local shards
+    (keyed by shard file name); read once per directory. Shards without one are left out."""
+    indexes: dict[str, dict] = {}
+    sizes = {}
+    for url in urls:
+        if "://" in url or url.startswith("pipe:"):
+            continue
+        directory, name = os.path.split(url)
+        if directory not in indexes:
+            indexes[directory] = _read_index_counts(os.path.join(directory, "index.json"))
+        if name in indexes[directory]:
+            sizes[url] = indexes[directory][name]
+    return sizes
+
+
+def _read_index_counts(path: str) -> dict[str, int]:
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path) as f:
+            counts = json.load(f).get("shard_samples") or {}
+        return {str(name): int(n) for name, n in counts.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        log.warning("ignoring unreadable shard index %s: %s", path, exc)
+        return {}
+
+
+def samples_in_slot(start: int, n: int, slot: int, num_slots: int) -> int:
+    """How many of the raw sample numbers start .. start+n-1 fall to `slot` (g % num_slots == slot)."""
+    return len(range(start + (slot - start) % num_slots, start + n, num_slots))
+
+
 class ShardStream(IterableDataset):
     """Yields (micro-batch, tag) where tag = {"role", "position", "counts"}: the position
     and cumulative skip counts of this worker role just after the batch."""
 
     def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
-                 epochs: int | None, positions: dict, counts: dict, role_offset: int, split_samples: bool = False):
+                 epochs: int | None, positions: dict, counts: dict, role_offset: int, shard_sizes: dict,
+                 split_samples: bool = False):
         self.urls = urls
+        self.shard_sizes = shard_sizes
         self.encoder = encoder
         self.collate = collate
         self.micro_batch_size = micro_batch_size
@@ -98,9 +140,16 @@ class ShardStream(IterableDataset):
         position = dict(self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0})
         counts = dict(self.counts.get(str(role)) or {})
         pending = []
+        whole_shards, whole_samples = 0, 0  # shards this worker read without error, this run
 
         def count(reason, n=1):
             counts[reason] = counts.get(reason, 0) + n
+
+        def samples_lost(url, read):
+            expected = self.shard_sizes.get(url)
+            if expected is None:
+                expected = max(1, math.ceil(whole_samples / whole_shards)) if whole_shards else 1
+            return max(1, expected - read)
 
         while self.epochs is None or position["epoch"] < self.epochs:
             epoch = position["epoch"]
@@ -111,13 +160,21 @@ class ShardStream(IterableDataset):
                 shard_index = shards[shard_pos]
                 url = self.urls[shard_index]
                 raw_samples, ignored, error = read_shard(url)
-                # In sample-split mode every slot reads the shard; one slot owns its errors.
+                if error is None:
+                    whole_shards, whole_samples = whole_shards + 1, whole_samples + len(raw_samples)
+                # In sample-split mode every slot reads the shard; one slot owns its warnings.
                 owns_shard = not self.split_samples or shard_pos % self.num_slots == slot
-                if owns_shard and position["cursor"] == 0:
-                    if error is not None:
-                        log.warning("%s: skipping %s: %s", where, error.reason, error)
-                        count(error.reason)
+                if error is not None and position["cursor"] == 0:
+                    lost = samples_lost(url, len(raw_samples))
+                    if owns_shard:
+                        log.warning("%s: skipping %s, counted as %d lost samples: %s", where, error.reason, lost,
+                                    error)
+                    if self.split_samples:  # the lost samples would have followed the ones read
+                        lost = samples_in_slot(position["base"] + len(raw_samples), lost, slot, self.num_slots)
+                    if lost:
+                        count(error.reason, lost)
                         check_quality(counts, self.max_bad_fraction, False, where)
+                if owns_shard and position["cursor"] == 0:
                     if ignored:
                         log.warning("shard %s: ignored members with extensions not on the allow-list: %s", url,
                                     ignored)
@@ -181,7 +238,8 @@ class StreamingLoader:
                           "num_workers": num_workers, "seed": seed, "num_shards": len(urls), "shuffle": shuffle}
         self._stream_args = dict(micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                                  num_workers=num_workers, seed=seed, shuffle=shuffle,
-                                 max_bad_fraction=max_bad_fraction, epochs=epochs, split_samples=split_samples)
+                                 max_bad_fraction=max_bad_fraction, epochs=epochs, split_samples=split_samples,
+                                 shard_sizes=read_shard_sizes(urls))
         self.encoder = encoder
         self.collate = collate
         self._positions: dict = {}

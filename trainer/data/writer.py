@@ -242,7 +242,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
         if workers > 1 else None
     if pool is None:
         _init_worker(tts_config)
-    shard_names, total_samples, total_seconds = [], 0, 0.0
+    shard_samples, total_samples, total_seconds = {}, 0, 0.0
     bar = tqdm(total=len(entries), unit="sample", disable=not progress, desc=f"shards -> {out_dir}")
     started = time.time()
     try:
@@ -275,7 +275,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
                 bar.update(len(chunk))
                 with open(stats_path) as f:
                     stats = json.load(f)
-            shard_names.append(name)
+            shard_samples[name] = stats["samples"]
             total_samples += stats["samples"]
             total_seconds += stats["seconds"]
             for reason, n in stats["skipped"].items():
@@ -286,7 +286,8 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
             pool.shutdown()
     index = {
         "mode": plan["mode"],
-        "shards": shard_names,
+        "shards": list(shard_samples),
+        "shard_samples": shard_samples,  # the loader weighs a lost or truncated shard by its count
         "shard_spec": os.path.join(out_dir, f"shard-{{000000..{num_shards - 1:06d}}}.tar") if num_shards else None,
         "samples": total_samples,
         "audio_hours": round(total_seconds / 3600, 4),
