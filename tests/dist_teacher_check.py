@@ -7,8 +7,10 @@ its own synthetic batches with the EMA teacher as the teacher pass, and keeps a 
 EMA computed on fully gathered weights. It then proves, by gathering with the teacher
 swapped in, that the EMA partitions equal the gathered reference, that the frozen teacher
 still holds the initial weights, and that the student weights come back after the swap.
-Finally it saves a DeepSpeed checkpoint (+ run_config.json, processor/) and the gathered
-weights under $DIST_CHECK_DIR for the export check in tests/test_teacher_zero3.py.
+Then it saves a DeepSpeed checkpoint (+ omni_spec.json, processor/) and the gathered
+weights under $DIST_CHECK_DIR for the export check in tests/test_teacher_zero3.py, and
+reloads the gathered weights with load_omni under zero.Init (only rank 0 reads the file):
+both ranks must hold the saved values.
 Prints "DIST_TEACHER_CHECK_OK" on rank 0 when everything holds.
 """
 
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 from trainer.distill.loss import KDSettings  # noqa: E402
 from trainer.distill.teachers import make_teacher  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.models.omni import build_model  # noqa: E402
+from trainer.models.omni import OMNI_SPEC, build_model, load_omni, omni_spec, save_omni  # noqa: E402
 from trainer.models.synthetic import make_batch  # noqa: E402
 
 DECAY = 0.5  # large steps so a wrong average cannot hide under the tolerance
@@ -72,7 +74,7 @@ def main():
     initial = gathered(trainable)
     reference_ema = [t.clone() for t in initial]
 
-    kd = KDSettings(alpha=0.75, temperature=2.0, chunk_size=8)
+    kd = KDSettings(alpha=0.75, temperature=2.0)
     for step in range(STEPS):
         # Ranks see different batches (different lengths and answer counts); a fixed chunk
         # count keeps their LM-head calls, hence ZeRO-3 gathers, in lockstep.
@@ -111,11 +113,19 @@ def main():
     full = dict(zip([n for n, _ in named], gathered([p for _, p in named])))
     if rank == 0:
         checkpoint_dir = os.path.join(save_dir, "step_00000003")
-        with open(os.path.join(checkpoint_dir, "run_config.json"), "w") as f:
-            json.dump({"model": {"model": "tiny", "projector": "mlp", "audio_stack": 4}}, f)
+        with open(os.path.join(checkpoint_dir, OMNI_SPEC), "w") as f:
+            json.dump(omni_spec(engine.module), f)
         processor.save_pretrained(os.path.join(checkpoint_dir, "processor"))
         torch.save(full, os.path.join(save_dir, "gathered_weights.pt"))
+        save_omni(engine.module, processor, os.path.join(save_dir, "saved"), state_dict=full)
     deepspeed.comm.barrier()
+
+    # load_omni under ZeRO-3: only rank 0 reads the file, every rank must end up with its values.
+    loaded, _ = load_omni(os.path.join(save_dir, "saved"), attn_impl="sdpa", init_ctx=deepspeed.zero.Init(config_dict_or_path=DS_CONFIG))
+    loaded_named = list(loaded.named_parameters())
+    assert all(hasattr(p, "ds_id") for _, p in loaded_named), "load_omni did not partition"
+    assert [n for n, _ in loaded_named] == list(full), "loaded parameter names differ"
+    assert_close("load_omni under ZeRO-3 vs saved weights", gathered([p for _, p in loaded_named]), list(full.values()))
     if rank == 0:
         print("DIST_TEACHER_CHECK_OK", flush=True)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distill.loss import KDSettings, answer_token_loss, chunk_bounds, combine
+from trainer.models.omni import answer_chunks_for
 
 B, T, H, V = 3, 11, 16, 37
 
@@ -57,10 +58,10 @@ def gather_answers(hidden_btH, labels_bt):
 @pytest.mark.parametrize("teacher_as_logits", [False, True])
 def test_matches_full_logits_reference(divergence, temperature, chunk_size, teacher_as_logits):
     lm_head, student_hidden, teacher_hidden, labels = make_inputs()
-    settings = KDSettings(alpha=0.75, temperature=temperature, divergence=divergence, chunk_size=chunk_size)
+    settings = KDSettings(alpha=0.75, temperature=temperature, divergence=divergence)
 
     ref = naive_reference(student_hidden, teacher_hidden, labels, lm_head, divergence, temperature)
-    ref_loss = combine(dict(ce_sum=ref[0], kd_sum=ref[1]), settings, normalizer=5.0)
+    ref_loss = (0.75 * temperature**2 * ref[1] + (1 - 0.75) * ref[0]) / 5.0  # alpha T^2 KD + (1 - alpha) CE
     (ref_grad,) = torch.autograd.grad(ref_loss, student_hidden)
 
     student_answers, targets = gather_answers(student_hidden, labels)
@@ -70,7 +71,7 @@ def test_matches_full_logits_reference(divergence, temperature, chunk_size, teac
         if teacher_as_logits
         else dict(teacher_hidden=teacher_answers)
     )
-    sums = answer_token_loss(student_answers, targets, lm_head, settings, **teacher_kwargs)
+    sums = answer_token_loss(student_answers, targets, lm_head, settings, chunk_size=chunk_size, **teacher_kwargs)
     loss = combine(sums, settings, normalizer=5.0)
     (grad,) = torch.autograd.grad(loss, student_hidden)
 
@@ -86,7 +87,7 @@ def test_matches_full_logits_reference(divergence, temperature, chunk_size, teac
 def test_sft_ignores_teacher_and_lm_head_grad_matches():
     lm_head, student_hidden, _, labels = make_inputs(1)
     student_answers, targets = gather_answers(student_hidden.detach(), labels)
-    sums = answer_token_loss(student_answers, targets, lm_head, KDSettings(alpha=0.0, chunk_size=3))
+    sums = answer_token_loss(student_answers, targets, lm_head, KDSettings(alpha=0.0), chunk_size=3)
     combine(sums, None, 2.0).backward()
     chunked_grad = lm_head.weight.grad.clone()
     lm_head.weight.grad = None
@@ -97,8 +98,10 @@ def test_sft_ignores_teacher_and_lm_head_grad_matches():
     assert sums["kd_sum"].item() == 0.0
 
 
-def test_only_one_chunk_of_logits_is_saved_for_backward():
-    """The saved activations must not grow with the number of answer tokens x vocab."""
+@pytest.mark.parametrize("settings", [KDSettings(), KDSettings(alpha=0.0), None], ids=["kd", "alpha0", "sft"])
+def test_only_one_chunk_of_logits_is_saved_for_backward(settings):
+    """The saved activations must not grow with the number of answer tokens x vocab, with
+    or without a teacher: chunk_size bounds the logits independently of the KD settings."""
     lm_head = torch.nn.Linear(H, 4096, bias=False)
     student_answers = torch.randn(64, H, requires_grad=True)
     targets = torch.randint(0, 4096, (64,))
@@ -109,14 +112,22 @@ def test_only_one_chunk_of_logits_is_saved_for_backward():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        answer_token_loss(student_answers, targets, lm_head, KDSettings(chunk_size=8), teacher_hidden=torch.randn(64, H))
-    assert max(saved_numel) < 64 * 4096
+        answer_token_loss(student_answers, targets, lm_head, settings, teacher_hidden=torch.randn(64, H), chunk_size=8)
+    assert max(saved_numel) <= 8 * 4096
 
 
 def test_chunk_bounds_fixed_count_allows_empty_chunks():
     assert chunk_bounds(10, 4) == [(0, 3), (3, 7), (7, 10)]  # ceil(10/4) = 3 near-equal chunks
     assert chunk_bounds(2, 4, num_chunks=3) == [(0, 1), (1, 1), (1, 2)]
     assert chunk_bounds(0, 4) == [(0, 0)]
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_bounds(3, 0)
+
+
+def test_answer_chunks_for_uses_chunk_size():
+    assert answer_chunks_for(0, 1024) == 1
+    assert answer_chunks_for(10, 4) == 3
+    assert answer_chunks_for(2048, 1024) == 2 and answer_chunks_for(2049, 1024) == 3
 
 
 def test_teacher_token_count_mismatch_is_loud():

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from trainer.distill.loss import KDSettings
-from trainer.models.omni import build_tiny, load_omni, save_omni, set_trainable
+from trainer.models.omni import WEIGHTS, LazyWeights, build_tiny, load_omni, load_weights, save_omni, set_trainable
 from trainer.models.synthetic import make_batch
 from trainer.models.tiny import build_tiny_processor
 
-KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl", chunk_size=8)
+KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl")
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,7 @@ def count_teacher_passes(model):
 
 
 def test_forward_backward_grads_only_on_trainable(model, processor):
-    out = model(make_batch(processor, 2), kd=KD, normalizer=7.0)
+    out = model(make_batch(processor, 2), kd=KD, normalizer=7.0, chunk_size=8)
     assert set(out) == {"loss", "ce_sum", "kd_sum", "teacher_ce_sum", "agree_count", "n_tokens"}
     assert torch.isfinite(out["loss"]) and out["kd_sum"] > 0 and out["n_tokens"] > 0
     expected = (0.75 * 4.0 * out["kd_sum"] + 0.25 * out["ce_sum"]) / 7.0
@@ -58,6 +58,22 @@ def test_sft_makes_no_teacher_pass(model, processor):
     model(batch, kd=KD, normalizer=1.0)
     assert calls == {"teacher": 1, "student": 3}
     torch.testing.assert_close(sft["loss"].detach(), sft["ce_sum"] / 1.0)
+
+
+@pytest.mark.parametrize("kd", [None, KD], ids=["sft", "kd"])
+def test_chunk_size_sets_lm_head_calls_with_and_without_kd(model, processor, kd):
+    batch = make_batch(processor, 2)
+    n_answers = int(batch["student_labels"][:, 1:].ne(-100).sum())
+    calls = []
+    model.adapter.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    with torch.no_grad():
+        model(batch, kd=kd, normalizer=1.0, chunk_size=3)
+    student_calls = -(-n_answers // 3)
+    assert len(calls) == (2 * student_calls if kd else student_calls) and max(calls) <= 3
+    calls.clear()
+    with torch.no_grad():
+        model(batch, kd=kd, normalizer=1.0, chunk_size=3, answer_chunks=2)
+    assert len(calls) == (4 if kd else 2)
 
 
 def test_loss_falls_on_fixed_batch(model, processor):
@@ -126,8 +142,8 @@ def test_own_weight_teacher_matches_shared_when_weights_equal(model, processor):
             return contextlib.nullcontext()
 
     batch = make_batch(processor, 2)
-    shared = model(batch, kd=KD, normalizer=3.0)
-    swapped = model(batch, kd=KD, normalizer=3.0, teacher_ctx=SameWeights())
+    shared = model(batch, kd=KD, normalizer=3.0, chunk_size=8)
+    swapped = model(batch, kd=KD, normalizer=3.0, teacher_ctx=SameWeights(), chunk_size=8)
     for key in ("loss", "kd_sum", "teacher_ce_sum", "agree_count"):
         torch.testing.assert_close(shared[key], swapped[key])
 
@@ -144,6 +160,27 @@ def test_save_load_gives_identical_outputs(model, processor, tmp_path):
         after = loaded(batch, kd=KD, normalizer=1.0)
     for key in before:
         torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+
+
+def test_lazy_load_reads_each_stored_tensor_once(model, processor, tmp_path):
+    """Name and shape checks come from the safetensors header; values are read one by one."""
+    from safetensors import safe_open
+
+    class CountingWeights(LazyWeights):
+        reads = []
+
+        def __getitem__(self, name):
+            self.reads.append(name)
+            return super().__getitem__(name)
+
+    save_omni(model, processor, str(tmp_path))
+    fresh = build_tiny(processor, attn_impl="sdpa", seed=1)
+    with safe_open(str(tmp_path / WEIGHTS), framework="pt", device="cpu") as weights_file:
+        weights = CountingWeights(weights_file)
+        load_weights(fresh, weights, source=str(tmp_path))
+    assert sorted(CountingWeights.reads) == sorted(weights)
+    for name, param in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], param), name
 
 
 def naive_greedy(model, batch, role, max_new_tokens):

@@ -33,7 +33,7 @@ def test_ema_follows_reference_and_swaps_back():
         reference = [0.9 * r + 0.1 * p.detach() for r, p in zip(reference, trainable)]
     student = [p.detach().clone() for p in trainable]
     x = torch.randn(3, 4)
-    with teacher():
+    with teacher.context():
         for p, r in zip(trainable, reference):
             torch.testing.assert_close(p.detach(), r)
         teacher_out = model(x)
@@ -52,13 +52,27 @@ def test_frozen_keeps_initial_weights_and_state_roundtrip():
     for _ in range(3):
         sgd_step(model, optimizer)
         teacher.update()
-    with teacher():
+    with teacher.context():
         for p, i in zip([p for p in model.parameters() if p.requires_grad], initial):
             assert torch.equal(p.detach(), i)
     restored = FrozenTeacher(make_model())
     restored.load_state_dict(teacher.state_dict())
     for a, b in zip(restored.copies, teacher.copies):
         assert torch.equal(a, b)
+
+
+def test_loading_another_kinds_state_names_both_kinds():
+    ema, frozen, shared = EMATeacher(make_model(), decay=0.5), FrozenTeacher(make_model()), SharedTeacher()
+    assert ema.state_dict()["kind"] == "ema" and shared.state_dict() == {"kind": "shared"}
+    shared.load_state_dict(SharedTeacher().state_dict())
+    with pytest.raises(ValueError, match="kind 'ema' but this run's teacher is 'shared'"):
+        shared.load_state_dict(ema.state_dict())
+    with pytest.raises(ValueError, match="kind 'shared' but this run's teacher is 'ema'"):
+        ema.load_state_dict(shared.state_dict())
+    with pytest.raises(ValueError, match="kind 'frozen' but this run's teacher is 'ema'"):
+        ema.load_state_dict(frozen.state_dict())
+    with pytest.raises(ValueError, match="no 'kind'"):
+        frozen.load_state_dict({"copies": frozen.copies})
 
 
 def test_shared_and_factory():

@@ -31,7 +31,6 @@ class KDSettings:
     alpha: float = 0.75  # weight of the KD term; 0 = plain SFT (no teacher pass at all)
     temperature: float = 1.0  # applied to teacher and student logits; KD term scaled by T^2
     divergence: str = "fkl"  # fkl | rkl | jsd
-    chunk_size: int = 1024  # answer tokens per LM-head chunk (bounds the live logits)
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -40,8 +39,6 @@ class KDSettings:
             raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"kd divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
-        if self.chunk_size < 1:
-            raise ValueError(f"kd chunk_size must be >= 1, got {self.chunk_size}")
 
     @property
     def uses_teacher(self) -> bool:
@@ -86,6 +83,8 @@ def chunk_bounds(n_tokens: int, chunk_size: int, num_chunks: int | None = None) 
     near-equal (possibly empty) chunks. Under ZeRO-3 every LM-head call is a collective
     gather, so all ranks must make the same number of calls: the trainer passes the same
     `num_chunks` everywhere."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if num_chunks is None:
         num_chunks = max(1, math.ceil(n_tokens / chunk_size))
     if num_chunks < 1:
@@ -103,6 +102,7 @@ def answer_token_loss(
     teacher_hidden: torch.Tensor | None = None,
     teacher_logits: torch.Tensor | None = None,
     num_chunks: int | None = None,
+    chunk_size: int = 1024,
 ) -> dict:
     """Summed answer-token losses.
 
@@ -111,6 +111,8 @@ def answer_token_loss(
     Teacher given as hidden states (N, H) (its logits are recomputed per chunk with the
     same `lm_head`: the teacher shares the head) or as precomputed logits (N, V) (a teacher
     with its own weights, computed inside its context). Neither: SFT.
+    The LM head runs on chunks of at most `chunk_size` answer tokens (bounds the live
+    logits, SFT and KD alike), or on exactly `num_chunks` chunks when given.
     Returns ce_sum, kd_sum (not yet scaled by T^2), teacher_ce_sum, agree_count, n_tokens;
     ce_sum and kd_sum carry grad, the rest are detached.
     """
@@ -126,7 +128,6 @@ def answer_token_loss(
             raise ValueError(f"teacher has {teacher.shape[0]} answer tokens, student {n_tokens}")
     else:
         teacher_hidden = teacher_logits = None
-    chunk_size = settings.chunk_size if settings is not None else 1024
     divergence = settings.divergence if settings is not None else "fkl"
     temperature = settings.temperature if settings is not None else 1.0
 

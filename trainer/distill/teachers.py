@@ -18,6 +18,11 @@ That also covers persistent parameters (`ds_persist`, below the persistence thre
 once released, their partition is authoritative like any other. Without ZeRO-3 (a plain
 module, ZeRO-1/2) the copies are full tensors swapped through `param.data`.
 
+The teacher pass reuses the image features of the student pass (OmniModel.forward runs the
+vision tower once, outside the teacher context), so a trainable vision tower's frozen/EMA
+copies would never be used: with trainable vision a frozen/EMA teacher sees the live
+student's image features (trainer.config refuses that combination).
+
 The EMA is kept in fp32 (a bf16 EMA with decay 0.999 would round most updates away); it
 is averaged from the compute-dtype weights (ZeRO-3's bf16 partitions), not the optimizer's
 fp32 master copy.
@@ -28,7 +33,8 @@ Trainer usage (after `deepspeed.initialize`, and after loading a checkpoint):
     engine.backward(out["loss"]); engine.step()
     if <that step was an optimizer step (gradient accumulation boundary)>: teacher.update()
 Checkpoints: `teacher.state_dict()` holds this rank's copies (save one file per rank) and
-`teacher.load_state_dict(sd)` restores them on the same world size.
+`teacher.load_state_dict(sd)` restores them on the same world size; both carry the teacher's
+`kind`, and loading another kind's state is a ValueError naming both.
 """
 
 import contextlib
@@ -48,25 +54,36 @@ def _local_tensor(param) -> torch.Tensor:
     return param.ds_tensor if _is_zero3(param) else param
 
 
+def _check_kind(state: dict, kind: str) -> None:
+    """A checkpoint's teacher state must come from a teacher of the same kind (resuming an
+    ema run with --teacher shared, or the reverse, would silently change the teacher)."""
+    saved = state.get("kind")
+    if saved is None:
+        raise ValueError(f"the checkpoint's teacher state has no 'kind' (keys {sorted(state)}); this run's teacher is {kind}")
+    if saved != kind:
+        raise ValueError(
+            f"the checkpoint holds the state of a teacher of kind {saved!r} but this run's teacher is {kind!r}: "
+            f"resume with --teacher {saved} or start a new run"
+        )
+
+
 class SharedTeacher:
     """The live weights: the teacher pass is the model itself under no_grad."""
 
     swaps_weights = False
+    kind = "shared"
 
     def context(self):
         return contextlib.nullcontext()
-
-    __call__ = context
 
     def update(self) -> None:
         """Nothing to follow: the shared teacher is the student."""
 
     def state_dict(self) -> dict:
-        return {}
+        return {"kind": self.kind}
 
     def load_state_dict(self, state: dict) -> None:
-        if state:
-            raise ValueError(f"the shared teacher has no state, got keys {sorted(state)}")
+        _check_kind(state, self.kind)
 
 
 class SnapshotTeacher:
@@ -123,12 +140,11 @@ class SnapshotTeacher:
         """The teacher pass runs inside this: teacher weights swapped in, then back."""
         return self._swapped_in()
 
-    __call__ = context
-
     def state_dict(self) -> dict:
-        return {"copies": [c.clone() for c in self.copies]}
+        return {"kind": self.kind, "copies": [c.clone() for c in self.copies]}
 
     def load_state_dict(self, state: dict) -> None:
+        _check_kind(state, self.kind)
         copies = state["copies"]
         if len(copies) != len(self.copies) or any(a.shape != b.shape for a, b in zip(copies, self.copies)):
             raise ValueError("teacher state does not match this model / world size (partition shapes differ)")
@@ -140,12 +156,16 @@ class SnapshotTeacher:
 class FrozenTeacher(SnapshotTeacher):
     """The weights at construction time, never updated."""
 
+    kind = "frozen"
+
     def update(self) -> None:
         """A frozen teacher keeps its starting weights."""
 
 
 class EMATeacher(SnapshotTeacher):
     """fp32 exponential moving average of the trainable weights."""
+
+    kind = "ema"
 
     def __init__(self, model: nn.Module, *, decay: float, release=None):
         if not 0.0 < decay < 1.0:

@@ -12,6 +12,9 @@ One training call (`OmniModel.forward`) runs, in this order on every rank:
   question, image features reused) -> student pass (spoken question) -> chunked LM head
   over answer positions only. Every rank calls the same modules the same number of times,
   which ZeRO-3 needs (each module call gathers its parameters collectively).
+The image features come from the live (student) vision tower, before `teacher_ctx()` is
+entered: with a trainable vision tower a frozen / EMA teacher would therefore see the
+student's image features, not its own (trainer.config refuses that combination).
 
 Build functions (see `build_model` for the dispatch the trainer uses):
   build_tiny(processor, ...)        random-init real classes from tiny configs
@@ -28,6 +31,7 @@ import importlib.util
 import json
 import math
 import os
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +44,7 @@ from trainer.models.adapters import adapter_for
 from trainer.models.processing import OmniProcessor
 
 OMNI_CONFIG = "omni_config.json"
+OMNI_SPEC = "omni_spec.json"  # omni_spec(model) in every trainer checkpoint: what export_hf builds
 WEIGHTS = "model.safetensors"
 PROJECTORS = ("mlp", "linear")
 TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
@@ -222,10 +227,13 @@ class OmniModel(nn.Module):
         normalizer: float,
         teacher_ctx=contextlib.nullcontext,
         answer_chunks: int | None = None,
+        chunk_size: int = 1024,
     ) -> dict:
-        """Loss of one micro-batch; see the contract. `answer_chunks`: number of LM-head
-        chunks; under ZeRO-3 pass the same value on every rank (e.g. ceil(max over ranks of
-        answer tokens / kd.chunk_size)), since every LM-head call is a collective gather."""
+        """Loss of one micro-batch; see the contract. The LM head runs on chunks of at most
+        `chunk_size` answer tokens (SFT and KD alike), or on exactly `answer_chunks` chunks
+        when given; under ZeRO-3 pass the same `answer_chunks` on every rank
+        (`answer_chunks_for(max over ranks of answer tokens, chunk_size)`), since every
+        LM-head call is a collective gather."""
         keys = batch["keys"]
         device = self.adapter.input_embeddings().weight.device
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
@@ -248,7 +256,7 @@ class OmniModel(nn.Module):
                 if own_weights:
                     n_teacher = teacher_answers.shape[0]
                     teacher_logits = torch.cat(
-                        [self.adapter.lm_head(teacher_answers[a:b]) for a, b in chunk_bounds(n_teacher, kd.chunk_size, answer_chunks)]
+                        [self.adapter.lm_head(teacher_answers[a:b]) for a, b in chunk_bounds(n_teacher, chunk_size, answer_chunks)]
                     )  # N, H -> N, V (answer positions only)
                     teacher_answers = None
 
@@ -265,6 +273,7 @@ class OmniModel(nn.Module):
             teacher_hidden=teacher_answers,
             teacher_logits=teacher_logits,
             num_chunks=answer_chunks,
+            chunk_size=chunk_size,
         )
         loss = combine(sums, kd, normalizer) + vision_zero + audio_zero
         return dict(
@@ -480,6 +489,8 @@ def compose(vlm_path: str, audio_encoder_path: str, processor: OmniProcessor, *,
 
 
 def omni_spec(model: OmniModel) -> dict:
+    """The architecture as JSON (no weights): omni_config.json of an export, and
+    omni_spec.json (OMNI_SPEC) of a trainer checkpoint; `build_from_spec` rebuilds it."""
     return dict(
         vlm_config=model.vlm.config.to_dict(),
         whisper_config=model.audio_encoder.config.to_dict(),
@@ -519,11 +530,25 @@ def configs_from_spec(spec: dict):
     return vlm_config, WhisperConfig(**whisper_dict)
 
 
+def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
+                    init_ctx=contextlib.nullcontext) -> OmniModel:
+    """Random-init model of the architecture `omni_spec` recorded (weights loaded by the caller)."""
+    if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
+        raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
+    vlm_config, whisper_config = configs_from_spec(spec)
+    return build_from_configs(
+        vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
+        init_ctx=init_ctx,
+    )
+
+
 def load_omni(model_dir: str, *, dtype=torch.float32, attn_impl="auto", init_ctx=contextlib.nullcontext):
     """-> (model, processor) from a directory written by save_omni / tools/export_hf.py.
-    Under ZeRO-3 (init_ctx = zero.Init) the weights are copied in module by module under
-    GatheredParameters(modifier_rank=0), so only one module is ever whole at a time."""
-    from safetensors.torch import load_file
+    The weights file is read lazily, one tensor at a time. Under ZeRO-3 (init_ctx =
+    zero.Init) they are copied in module by module under GatheredParameters(modifier_rank=0):
+    only rank 0 reads them (the others receive its values when the module is re-partitioned),
+    and only one module is ever whole at a time."""
+    from safetensors import safe_open
 
     config_path = os.path.join(model_dir, OMNI_CONFIG)
     if not os.path.isfile(config_path):
@@ -531,45 +556,77 @@ def load_omni(model_dir: str, *, dtype=torch.float32, attn_impl="auto", init_ctx
     with open(config_path) as f:
         spec = json.load(f)
     processor = OmniProcessor.from_pretrained(model_dir)
-    vlm_config, whisper_config = configs_from_spec(spec)
-    model = build_from_configs(
-        vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
-        init_ctx=init_ctx,
-    )
-    state_dict = load_file(os.path.join(model_dir, WEIGHTS))
-    load_weights(model, state_dict, source=model_dir)
+    model = build_from_spec(spec, processor, dtype=dtype, attn_impl=attn_impl, init_ctx=init_ctx)
+    with safe_open(os.path.join(model_dir, WEIGHTS), framework="pt", device="cpu") as weights_file:
+        load_weights(model, LazyWeights(weights_file), source=model_dir)
     return model, processor
 
 
-def load_weights(model: OmniModel, state_dict: dict, source: str) -> None:
-    """Copy `state_dict` into `model` (plain or ZeRO-3 partitioned). Keys missing from the
-    file must be tied to a stored one; unexpected keys are an error."""
+class LazyWeights(Mapping):
+    """Read-only mapping over an open safetensors file: names and shapes come from its
+    header, a tensor is read from disk only when indexed."""
+
+    def __init__(self, weights_file):
+        self.weights_file = weights_file
+        self.names = set(weights_file.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.names:
+            raise KeyError(name)
+        return self.weights_file.get_tensor(name)
+
+    def __contains__(self, name) -> bool:  # Mapping's default would read the tensor
+        return name in self.names
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self.weights_file.get_slice(name).get_shape())
+
+
+def _stored_shape(state_dict, name: str) -> tuple:
+    return state_dict.shape(name) if isinstance(state_dict, LazyWeights) else tuple(state_dict[name].shape)
+
+
+def load_weights(model: OmniModel, state_dict, source: str) -> None:
+    """Copy `state_dict` (a dict of tensors or LazyWeights) into `model` (plain or ZeRO-3
+    partitioned). Keys missing from the file must be tied to a stored one; unexpected keys
+    are an error. Names and shapes are checked on every rank before any gather, so a bad
+    file fails everywhere at once; under ZeRO-3 only rank 0 reads parameter values."""
     params = dict(model.named_parameters())  # deduplicated: tied weights appear once
     buffers = dict(model.named_buffers())
     unexpected = sorted(set(state_dict) - set(model.state_dict()))
     missing = sorted(set(params) - set(state_dict))
     if unexpected or missing:
         raise ValueError(f"{source}: weights do not match the architecture: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    for name, tensor in {**params, **buffers}.items():
+        if name in state_dict:
+            expected = tuple(getattr(tensor, "ds_shape", tensor.shape))  # ZeRO-3: the whole shape
+            if _stored_shape(state_dict, name) != expected:
+                raise ValueError(f"{source}: {name} has shape {_stored_shape(state_dict, name)}, model {expected}")
     zero3 = any(hasattr(p, "ds_id") for p in params.values())
+    if zero3:
+        import deepspeed
+    # Under ZeRO-3 rank 0 is the modifier_rank: its values are broadcast when a module is released.
+    reads_params = not zero3 or deepspeed.comm.get_rank() == 0
     with torch.no_grad():
         for module_name, module in model.named_modules():
             prefix = f"{module_name}." if module_name else ""
             own = [(n, p) for n, p in module.named_parameters(recurse=False)]
             if not own:
                 continue
-            gather = contextlib.nullcontext()
-            if zero3:
-                import deepspeed
-
-                gather = deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0)
+            gather = (
+                deepspeed.zero.GatheredParameters([p for _, p in own], modifier_rank=0) if zero3 else contextlib.nullcontext()
+            )
             with gather:
                 for name, param in own:
                     key = prefix + name
-                    if key in state_dict:
-                        value = state_dict[key]
-                        if value.shape != param.shape:
-                            raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, model {tuple(param.shape)}")
-                        param.copy_(value.to(param.dtype))
+                    if reads_params and key in state_dict:
+                        param.copy_(state_dict[key].to(param.dtype))
         for name, buffer in buffers.items():
             if name in state_dict:
                 buffer.copy_(state_dict[name].to(buffer.dtype))
@@ -615,8 +672,9 @@ def _hf_zero3_config(init_ctx, ds_config):
     return HfDeepSpeedConfig(ds_config)
 
 
-def answer_chunks_for(max_answer_tokens: int, kd: KDSettings | None) -> int:
+def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
     """Chunk count for `forward(answer_chunks=...)` given the max answer-token count over
-    ranks (the trainer all-reduces it with the normaliser)."""
-    chunk_size = kd.chunk_size if kd is not None else 1024
+    ranks (the trainer all-reduces it with the normaliser), SFT and KD alike."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return max(1, math.ceil(max_answer_tokens / chunk_size))
