@@ -25,7 +25,7 @@ if [ -n "${SLURM_JOB_NODELIST:-}" ] && [ -z "$HOSTFILE" ]; then
 fi
 NUM_NODES=${NUM_NODES:-1}
 MASTER_PORT=${MASTER_PORT:-29500}
-DS_CONFIG=${DS_CONFIG:-ds_configs/zero3.json}
+DS_CONFIG=${DS_CONFIG:-}             # set to override the run's --ds_config (else: YAML, then zero3.json)
 DRY_RUN=${DRY_RUN:-0}
 
 if [ "$NUM_NODES" -gt 1 ] && [ -z "$HOSTFILE" ]; then
@@ -36,7 +36,9 @@ fi
 cmd=(deepspeed --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 [ -n "$HOSTFILE" ] && cmd+=(--hostfile "$HOSTFILE")
 [ -n "$MASTER_ADDR" ] && cmd+=(--master_addr "$MASTER_ADDR")
-cmd+=(trainer/main.py --ds_config "$DS_CONFIG" "$@")
+cmd+=(trainer/main.py)
+[ -n "$DS_CONFIG" ] && cmd+=(--ds_config "$DS_CONFIG")
+cmd+=("$@")
 
 if [ "$DRY_RUN" = "1" ]; then
   if [ -n "$HOSTFILE" ] && [ -f "$HOSTFILE" ]; then

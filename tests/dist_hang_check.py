@@ -21,7 +21,10 @@ def stuck_elsewhere() -> None:
 
 def main() -> None:
     dist.init(timeout_s=3600)  # the collective itself would wait an hour
-    watchdog = dist.HangWatchdog(timeout_s=3)
+    watchdog = dist.HangWatchdog(timeout_s=5)
+    # As in the trainer (re-armed after each step's closing all-reduce), both ranks arm their
+    # watchdogs at the same moment, so both dump before the launcher tears the job down.
+    dist.barrier()
     watchdog.kick()
     if dist.rank() == 0:
         dist.all_reduce_sum(torch.ones(1))

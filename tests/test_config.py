@@ -142,3 +142,39 @@ def test_shard_spec_lists_split_outside_braces():
 
     assert expand_shard_spec("a-{0..1}.tar,b-{x,y}.tar") == ["a-0.tar", "a-1.tar", "b-x.tar", "b-y.tar"]
     assert expand_shard_spec("pipe:curl -s http://host/a,b.tar") == ["pipe:curl -s http://host/a,b.tar"]
+
+
+def test_flag_owned_ds_values_must_be_auto_or_equal(tmp_path, shards):
+    ds = json.load(open(os.path.join(DS_DIR, "zero3.json")))
+    ds["optimizer"]["params"]["lr"] = 1e-4
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match=r"--lr 2e-05 contradicts .*lr = 0.0001"):
+        load_config(base(shards, "--ds_config", str(path)))
+    assert load_config(base(shards, "--ds_config", str(path), "--lr", "1e-4")).optim.lr == 1e-4
+    del ds["scheduler"]
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="no scheduler section"):
+        load_config(base(shards, "--ds_config", str(path), "--lr", "1e-4"))
+
+
+def test_teacher_combinations_that_would_lie_are_refused(shards):
+    with pytest.raises(ConfigError, match="NVMe parameter offload"):
+        load_config(base(shards, "--ds_config", os.path.join(DS_DIR, "zero3_nvme.json"), "--teacher", "ema"))
+    with pytest.raises(ConfigError, match="trainable vision tower"):
+        load_config(base(shards, "--teacher", "frozen", "--trainable", "llm,vision"))
+    assert load_config(base(shards, "--teacher", "shared", "--trainable", "llm,vision")).model.trainable == ("llm", "vision")
+
+
+def test_yaml_list_of_shard_specs(tmp_path, shards):
+    first = shards.replace("{000000..000001}", "000000")
+    second = shards.replace("{000000..000001}", "000001")
+    args = ["--model", "tiny", "--ds_config", os.path.join(DS_DIR, "zero3.json")]
+    c = load_config(args + ["--config", write_yaml(tmp_path, {"train_shards": [first, second]})])
+    assert c.data.train_shards == f"{first},{second}"
+
+
+def test_first_warmup_step_has_a_learning_rate(shards):
+    c = load_config(base(shards, "--warmup_steps", "4"))
+    filled = fill_ds_config(json.load(open(os.path.join(DS_DIR, "zero3.json"))), c.optim, world_size=1, on_gpu=False)
+    assert filled["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(0.2)

@@ -39,7 +39,7 @@ def test_slurm_dry_run_4_nodes(tmp_path):
         ranks.append(int(opts["--node_rank"]))
         masters.add((opts["--master_addr"], opts["--master_port"]))
         assert opts["--num_nodes"] == "4" and opts["--num_gpus"] == "8"
-        assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+        assert trainer_args == ARGS, "the recipe's own ds_config must not be overridden"
     assert ranks == [0, 1, 2, 3]
     assert masters == {("gpu-007", str(29500 + 4242 % 1000))}
     hosts = (tmp_path / "hostfile").read_text().split("\n")
@@ -51,7 +51,10 @@ def test_train_sh_dry_run_multi_node(tmp_path):
     out = run("launch_scripts/train.sh", env, *ARGS).strip()
     launcher, opts, trainer_args = parse_launch(out)
     assert opts == {"--num_nodes": "4", "--num_gpus": "8", "--master_port": "29600", "--hostfile": "hostfile", "--master_addr": "gpu-007"}
-    assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+    assert trainer_args == ARGS
+    env["DS_CONFIG"] = "ds_configs/zero3_offload.json"
+    _, _, trainer_args = parse_launch(run("launch_scripts/train.sh", env, *ARGS).strip())
+    assert trainer_args == ["--ds_config", "ds_configs/zero3_offload.json", *ARGS]
 
 
 def test_train_sh_dry_run_inside_4_node_slurm_allocation(tmp_path):
@@ -60,7 +63,7 @@ def test_train_sh_dry_run_inside_4_node_slurm_allocation(tmp_path):
     assert lines[:4] == ["node 0: gpu-007", "node 1: gpu-008", "node 2: gpu-009", "node 3: gpu-012"]
     launcher, opts, trainer_args = parse_launch(lines[4])
     assert opts["--num_nodes"] == "4" and opts["--master_addr"] == "gpu-007" and opts["--hostfile"] == "logs/hostfile-4243"
-    assert trainer_args == ["--ds_config", "ds_configs/zero3.json", *ARGS]
+    assert trainer_args == ARGS
     hostfile = os.path.join(ROOT, "logs", "hostfile-4243")
     assert open(hostfile).read().split("\n")[:4] == ["gpu-007 slots=8", "gpu-008 slots=8", "gpu-009 slots=8", "gpu-012 slots=8"]
     os.remove(hostfile)

@@ -3,7 +3,8 @@
 Layout of one checkpoint, `SAVE_DIR/step_00001000/`:
   DeepSpeed's partitioned engine state (model, optimizer, scheduler), one file per rank
   trainer_state_rank{R}.pt   loop state, this rank's data-loader position, RNG states
-  run_config.json            the resolved config (what export_hf and --model DIR need)
+  run_config.json            the resolved config
+  omni_spec.json             the model's architecture (what tools/export_hf.py builds from)
   processor/                 tokenizer, image processor, Whisper feature extractor
   COMPLETE                   written last, by rank 0, after every rank has finished
 
@@ -77,7 +78,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(engine, save_dir: str, step: int, trainer_state: dict, run_config: dict, processor, keep_last: int) -> str:
+def save(engine, save_dir: str, step: int, trainer_state: dict, run_config: dict, model_spec: dict, processor,
+         keep_last: int) -> str:
     """Save on every rank (collective); returns the checkpoint directory."""
     tag = tag_for(step)
     path = os.path.join(save_dir, tag)
@@ -89,6 +91,8 @@ def save(engine, save_dir: str, step: int, trainer_state: dict, run_config: dict
     if dist.is_main():
         with open(os.path.join(path, "run_config.json"), "w") as f:
             json.dump(run_config, f, indent=2)
+        with open(os.path.join(path, "omni_spec.json"), "w") as f:
+            json.dump(model_spec, f, indent=2)
         processor.save_pretrained(os.path.join(path, "processor"))
     dist.barrier()
     if dist.is_main():

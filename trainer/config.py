@@ -198,6 +198,8 @@ def _coerce(name: str, f, value: Any) -> Any:
             return int(value)
         if isinstance(default, float):
             return float(value)
+        if isinstance(value, (list, tuple)) and name.endswith("_shards"):
+            return ",".join(str(v) for v in value)  # a YAML list of shard specs
         return str(value)
     except (TypeError, ValueError):
         kind = "true/false" if isinstance(default, bool) else type(default).__name__
@@ -338,10 +340,15 @@ def validate(c: Config) -> None:
         raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")
     if k.kd_chunk_size < 1:
         raise ConfigError(f"--kd_chunk_size: must be >= 1, got {k.kd_chunk_size}")
+    if k.teacher != "shared" and "vision" in m.trainable:
+        raise ConfigError(
+            f"--teacher {k.teacher} with a trainable vision tower: the teacher pass reuses the student's (live) "
+            "vision features, so it would not be the snapshot it claims; freeze vision or use --teacher shared"
+        )
     if d.stage == "align" and k.kd_alpha > 0:
         raise ConfigError("--stage align trains on ASR shards (no typed question, no teacher): set --kd_alpha 0")
 
-    _check_ds_config(o)
+    _check_ds_config(o, k)
     for flag in ("micro_batch_size", "grad_accum", "max_steps"):
         if getattr(o, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1, got {getattr(o, flag)}")
@@ -372,18 +379,36 @@ def read_ds_config(path: str) -> dict:
             raise ConfigError(f"--ds_config: {path} is not valid JSON: {e}") from None
 
 
-def _check_ds_config(o: OptimConfig) -> None:
+def _check_ds_config(o: OptimConfig, k: DistillConfig) -> None:
+    """Values the flags own must be "auto" in the DeepSpeed config, or equal to the flag."""
     ds = read_ds_config(o.ds_config)
-    for key, flag in (("train_micro_batch_size_per_gpu", "micro_batch_size"), ("gradient_accumulation_steps", "grad_accum")):
-        fixed = ds.get(key, "auto")
+    owned = [
+        (ds, "train_micro_batch_size_per_gpu", "micro_batch_size"),
+        (ds, "gradient_accumulation_steps", "grad_accum"),
+        (ds, "gradient_clipping", "max_grad_norm"),
+        (ds.get("optimizer", {}).get("params", {}), "lr", "lr"),
+        (ds.get("optimizer", {}).get("params", {}), "weight_decay", "weight_decay"),
+        (ds.get("scheduler", {}).get("params", {}), "total_num_steps", "max_steps"),
+        (ds.get("scheduler", {}).get("params", {}), "cos_min_ratio", "min_lr_ratio"),
+    ]
+    for section, key, flag in owned:
+        fixed = section.get(key, "auto")
         if fixed != "auto" and fixed != getattr(o, flag):
             raise ConfigError(
                 f"--{flag} {getattr(o, flag)} contradicts {o.ds_config}: {key} = {fixed} "
                 f"(set it to \"auto\" there, or pass --{flag} {fixed})"
             )
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if "scheduler" not in ds:
+        raise ConfigError(f"{o.ds_config} has no scheduler section: --lr/--warmup_steps/--max_steps would be ignored")
+    zero = ds.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"{o.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
+    if k.teacher != "shared" and zero.get("offload_param", {}).get("device") == "nvme":
+        raise ConfigError(
+            f"--teacher {k.teacher} keeps copies of each rank's parameter partitions, which NVMe parameter "
+            f"offload ({o.ds_config}) swaps out from under it; use --teacher shared or CPU offload"
+        )
 
 
 def fill_ds_config(ds: dict, o: OptimConfig, world_size: int, on_gpu: bool) -> dict:
@@ -413,6 +438,9 @@ def fill_ds_config(ds: dict, o: OptimConfig, world_size: int, on_gpu: bool) -> d
     sched_fills = {
         "total_num_steps": o.max_steps,
         "warmup_num_steps": max(1, o.warmup_steps),
+        # DeepSpeed's linear warmup starts at this ratio: 1/(w+1) makes the first step use
+        # lr/(w+1) instead of 0, and --warmup_steps 0 mean no warmup at all.
+        "warmup_min_ratio": 1.0 / (o.warmup_steps + 1),
         "cos_min_ratio": o.min_lr_ratio,
     }
     for key, value in sched_fills.items():

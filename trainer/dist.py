@@ -126,14 +126,6 @@ def all_gather_object(obj) -> list:
     return out
 
 
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
 class HangWatchdog:
     """Dumps every thread's stack and exits non-zero when a step overruns `timeout_s`.
 

@@ -27,7 +27,7 @@ from trainer.config import Config, fill_ds_config, read_ds_config, write_resolve
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.distill.loss import KDSettings
 from trainer.distill.teachers import make_teacher
-from trainer.models.omni import answer_chunks_for, build_model
+from trainer.models.omni import answer_chunks_for, build_model, omni_spec
 
 # Dense bf16 tensor-core peaks, for MFU. Unknown devices report no MFU rather than a guess.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
@@ -78,6 +78,7 @@ class Trainer:
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
         self.model = self.engine.module
+        self.watchdog.kick()
         self.teacher = make_teacher(
             c.distill.teacher, self.model, c.distill.ema_decay, zero_stage=self.zero_stage, release=self.engine.empty_partition_cache
         )
@@ -87,9 +88,11 @@ class Trainer:
                 alpha=c.distill.kd_alpha,
                 temperature=c.distill.kd_temperature,
                 divergence=c.distill.kd_divergence,
-                chunk_size=c.distill.kd_chunk_size,
             )
-        self.num_params = sum(getattr(p, "ds_numel", p.numel()) for p in self.model.parameters())
+        self.chunk_size = c.distill.kd_chunk_size
+        # MFU counts the LLM's FLOPs (6 N per trained token); the encoders' are left out.
+        llm_modules = (self.model.adapter.language_model, self.model.adapter.lm_head)
+        self.num_llm_params = sum(getattr(p, "ds_numel", p.numel()) for m in llm_modules for p in m.parameters())
         self.peak_flops = _peak_flops()
 
         self.step = 0
@@ -97,6 +100,7 @@ class Trainer:
         self.tokens_seen = 0
         resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
         state = checkpoint.load(self.engine, resume_from) if resume_from else None
+        self.watchdog.kick()
         if state is not None:
             if state["world_size"] != dist.world_size():
                 raise RuntimeError(
@@ -146,7 +150,12 @@ class Trainer:
 
     def forward_backward_step(self, batch: dict, normalizer: float, answer_chunks: int) -> dict:
         out = self.engine(
-            self._to_device(batch), kd=self.kd, normalizer=normalizer, teacher_ctx=self.teacher.context, answer_chunks=answer_chunks
+            self._to_device(batch),
+            kd=self.kd,
+            normalizer=normalizer,
+            teacher_ctx=self.teacher.context,
+            answer_chunks=answer_chunks,
+            chunk_size=self.chunk_size,
         )
         self.engine.backward(out["loss"])
         self.engine.step()
@@ -176,7 +185,7 @@ class Trainer:
         # Every LM-head chunk is a ZeRO-3 gather, so all ranks must run the same number of
         # chunks in each micro-batch: size them by the largest micro-batch over ranks.
         per_micro = torch.tensor([float((b["student_labels"] != -100).sum()) for b in batches])
-        answer_chunks = [answer_chunks_for(int(n), self.kd) for n in dist.all_reduce_max(per_micro).tolist()]
+        answer_chunks = [answer_chunks_for(int(n), self.chunk_size) for n in dist.all_reduce_max(per_micro).tolist()]
         if answer_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
         # DeepSpeed divides the gradient by grad_accum and averages it over ranks; undo both
@@ -216,10 +225,10 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             # 6 N per student token (forward + backward) plus 2 N per teacher token (forward).
-            flops = self.num_params * (6 * student_tokens + 2 * teacher_tokens)
+            flops = self.num_llm_params * (6 * student_tokens + 2 * teacher_tokens)
             metrics["perf/mfu"] = flops / step_time / (self.peak_flops * dist.world_size())
-        for reason, count in self.loader.skip_counts().items():
-            metrics[f"data/skipped/{reason}"] = count
+        metrics["progress/samples_seen"] = self.samples_seen
+        metrics["progress/tokens_seen"] = self.tokens_seen
         if not math.isfinite(metrics["train/loss"]):
             raise FloatingPointError(f"step {self.step}: loss is {metrics['train/loss']}; stopping before it spreads")
         return metrics
@@ -233,6 +242,7 @@ class Trainer:
             self.watchdog.kick()
             progress.update(1)
             if self.step % c.logging.log_every == 0 or self.step == c.optim.max_steps:
+                metrics.update(self._skip_metrics())
                 self._log(metrics, progress)
             if c.logging.eval_every and c.data.eval_shards and self.step % c.logging.eval_every == 0:
                 self.evaluate()
@@ -242,6 +252,14 @@ class Trainer:
         progress.close()
         if c.data.eval_shards and not (c.logging.eval_every and self.step % c.logging.eval_every == 0):
             self.evaluate()
+
+    def _skip_metrics(self) -> dict:
+        """Broken samples so far, summed over ranks (a collective: every rank calls it)."""
+        totals = {}
+        for counts in dist.all_gather_object(self.loader.skip_counts()):
+            for reason, count in counts.items():
+                totals[reason] = totals.get(reason, 0) + count
+        return {f"data/skipped/{reason}": count for reason, count in sorted(totals.items())}
 
     def _log(self, metrics: dict, progress) -> None:
         if not dist.is_main():
@@ -274,11 +292,12 @@ class Trainer:
             max_seq_len=c.data.max_seq_len,
             rank=dist.rank(),
             world_size=dist.world_size(),
+            max_bad_fraction=c.data.max_bad_fraction,
         )
-        was_training = self.model.training
-        self.model.eval()
-        report, _ = evaluate(self.model, self.processor, loader, modes=("text", "audio"), max_new_tokens=c.logging.eval_max_new_tokens, device=self.device, dtype=self.dtype)
-        self.model.train(was_training)
+        report, _ = evaluate(
+            self.model, self.processor, loader, modes=("text", "audio"), max_new_tokens=c.logging.eval_max_new_tokens,
+            device=self.device, dtype=self.dtype, on_batch=self.watchdog.kick,
+        )
         self.watchdog.kick()
         if dist.is_main():
             scalars = {"eval/vl_score": report["vl_score"], "eval/va_score": report["va_score"], "eval/gap": report["gap"]}
@@ -307,9 +326,13 @@ class Trainer:
 
     def save(self) -> str:
         c = self.config
-        return checkpoint.save(
-            self.engine, c.checkpoint.save_dir, self.step, self.state_dict(), c.to_flat_dict(), self.processor, c.checkpoint.keep_last
+        self.watchdog.kick()
+        path = checkpoint.save(
+            self.engine, c.checkpoint.save_dir, self.step, self.state_dict(), c.to_flat_dict(), omni_spec(self.model),
+            self.processor, c.checkpoint.keep_last,
         )
+        self.watchdog.kick()
+        return path
 
     def close(self) -> None:
         self.watchdog.stop()

@@ -81,7 +81,7 @@ def _sample_meta(batch: dict, i: int) -> dict:
 
 @torch.no_grad()
 def evaluate(model, processor, loader, *, modes=MODES, max_new_tokens: int = 32, device=None, dtype=None,
-             max_batches: int | None = None) -> tuple[dict, list[dict]]:
+             max_batches: int | None = None, on_batch=None) -> tuple[dict, list[dict]]:
     """Answer every eval batch of `loader` in each mode with `model.generate(batch, mode,
     max_new_tokens, synced_gpus=...)` (greedy), score and aggregate.
 
@@ -95,7 +95,8 @@ def evaluate(model, processor, loader, *, modes=MODES, max_new_tokens: int = 32,
     and mode, {"id", "mode", "task", "question", "answer", ["choices", "answers",
     "source"], "prediction", "parsed", "score"}, gathered from all ranks, sorted by id.
     The model is put in eval mode and restored afterwards. `max_batches` caps the steps
-    per rank (the trainer's quick periodic eval).
+    per rank (the trainer's quick periodic eval). `on_batch()` is called after every batch
+    (the trainer re-arms its hang watchdog there).
     """
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
@@ -124,6 +125,8 @@ def evaluate(model, processor, loader, *, modes=MODES, max_new_tokens: int = 32,
                     meta = _sample_meta(batch, i)
                     records.append({**meta, "mode": mode, "prediction": prediction,
                                     "parsed": parsed_answer(prediction, meta), "score": score(prediction, meta)})
+            if on_batch is not None:
+                on_batch()
     finally:
         model.train(was_training)
     all_records = [r for rank_records in dist.all_gather_object(records) for r in rank_records]
