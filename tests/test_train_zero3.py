@@ -167,3 +167,18 @@ def test_align_stage_trains_on_asr_shards(tmp_path, shards):
                                     "--micro_batch_size", "2", "--num_workers", "1")
     assert sorted(metrics) == [1, 2, 3] and "train/kd_loss" not in metrics[3]
     assert metrics[3]["train/loss"] == pytest.approx(metrics[3]["train/ce_loss"])
+
+
+def test_gradient_is_the_global_token_mean(tmp_path, shards):
+    """2 ranks x grad_accum 2 under ZeRO-3 give the gradient norm of (sum of token losses) /
+    (all answer tokens of the step), computed in one process on the same micro-batches."""
+    out = tmp_path / "norms.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(next(_port)),
+         "tests/dist_normalizer_check.py", "--shards", shards["train_shards"], "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    norms = json.loads(out.read_text())
+    assert norms["engine"] == pytest.approx(norms["reference"], rel=1e-4)
