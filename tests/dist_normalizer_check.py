@@ -17,7 +17,6 @@ import sys
 sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import deepspeed  # noqa: E402
-import torch  # noqa: E402
 
 
 def main() -> None:

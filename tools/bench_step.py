@@ -36,10 +36,8 @@ from trainer.distill.loss import KDSettings  # noqa: E402
 from trainer.models.omni import build_from_configs, build_tiny, enable_gradient_checkpointing  # noqa: E402
 from trainer.models.processing import OmniProcessor  # noqa: E402
 from trainer.models.synthetic import make_batch  # noqa: E402
+from trainer.perf import peak_bf16_flops  # noqa: E402
 from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
-
-# bf16 dense peak FLOP/s by device name fragment.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
 
 
 def synthetic_15b(attn_impl: str, dtype: torch.dtype):
@@ -159,7 +157,7 @@ def main(argv=None):
     teacher_tokens = statistics.mean(float(b["teacher_attention_mask"].sum()) for b in timed)
     sft_s, kd_s = statistics.median(sft_times), statistics.median(kd_times)
     llm_params = sum(p.numel() for p in model.adapter.language_model.parameters())
-    peak = next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda" and k in torch.cuda.get_device_name(device)), None)
+    peak = peak_bf16_flops(device)
     # LLM FLOPs only (6N per trained token, 2N per teacher token; encoders and attention ignored).
     kd_flops = llm_params * (6 * student_tokens + 2 * teacher_tokens)
     result = dict(

@@ -80,7 +80,8 @@ class DistillConfig:
     ema_decay: float = 0.999
     """EMA teacher decay per optimizer step."""
     kd_chunk_size: int = 1024
-    """Answer tokens per LM-head chunk; bounds the logits memory to chunk x vocab."""
+    """Answer tokens per LM-head chunk: bounds the student's logits memory to chunk x vocab (a frozen/EMA
+    teacher keeps all its answer-token logits until the backward pass)."""
 
 
 @dataclass(frozen=True)

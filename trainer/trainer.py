@@ -23,25 +23,13 @@ import torch
 from tqdm import tqdm
 
 from trainer import checkpoint, dist
+from trainer.perf import peak_bf16_flops
 from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.distill.loss import KDSettings
+from trainer.eval.harness import move_batch
 from trainer.distill.teachers import make_teacher
 from trainer.models.omni import answer_chunks_for, build_model, omni_spec
-
-# Dense bf16 tensor-core peaks, for MFU. Unknown devices report no MFU rather than a guess.
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
-
-
-def _peak_flops() -> float:
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name()
-    for key, flops in PEAK_BF16_FLOPS.items():
-        if key in name:
-            return flops
-    return None
-
 
 def _peak_mem_gib() -> float:
     if torch.cuda.is_available():
@@ -93,7 +81,7 @@ class Trainer:
         # MFU counts the LLM's FLOPs (6 N per trained token); the encoders' are left out.
         llm_modules = (self.model.adapter.language_model, self.model.adapter.lm_head)
         self.num_llm_params = sum(getattr(p, "ds_numel", p.numel()) for m in llm_modules for p in m.parameters())
-        self.peak_flops = _peak_flops()
+        self.peak_flops = peak_bf16_flops()
 
         self.step = 0
         self.samples_seen = 0
@@ -138,19 +126,9 @@ class Trainer:
             self.metrics_file = open(os.path.join(c.logging.log_dir, "metrics.jsonl"), "a")
 
     # --- one micro-batch / one optimizer step ---------------------------------------
-    def _to_device(self, batch: dict) -> dict:
-        moved = {}
-        for key, value in batch.items():
-            if isinstance(value, torch.Tensor):
-                value = value.to(self.device, non_blocking=True)
-                if value.is_floating_point():
-                    value = value.to(self.dtype)
-            moved[key] = value
-        return moved
-
     def forward_backward_step(self, batch: dict, normalizer: float, answer_chunks: int) -> dict:
         out = self.engine(
-            self._to_device(batch),
+            move_batch(batch, self.device, self.dtype),
             kd=self.kd,
             normalizer=normalizer,
             teacher_ctx=self.teacher.context,
