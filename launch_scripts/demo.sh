@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The whole pipeline on embedded defaults, on any machine (CPU-only is fine):
+# The paper's story at toy scale, on any machine (CPU-only is fine):
 #   1. set up .venv and install requirements.txt,
 #   2. render a small demo set (coloured shapes, grounded questions spoken by eSpeak NG,
 #      a held-out split) and write it as WebDataset shards,
-#   3. train the tiny omni model with Self-KD under ZeRO-3 on 2 CPU ranks (or all GPUs),
-#   4. export the checkpoint, 5. score typed (VL) vs spoken (VA) questions on the held-out split.
+#   3. give the random-init tiny model a typed-question (vision-text) skill: --stage vl,
+#   4. measure its typed (VL) vs spoken (VA) gap on the held-out split,
+#   5. Self-KD under ZeRO-3 (typed path teaches the spoken path; 2 CPU ranks, or all GPUs),
+#   6. export and measure VL vs VA again.
 #
 #   bash launch_scripts/demo.sh                    # everything under demo_out/
-#   OUT=/tmp/demo MAX_STEPS=50 bash launch_scripts/demo.sh
+#   OUT=/tmp/demo VL_STEPS=100 KD_STEPS=100 bash launch_scripts/demo.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch_scripts/setup_env.sh
@@ -15,47 +17,55 @@ source launch_scripts/setup_env.sh
 OUT=${OUT:-demo_out}
 TRAIN_SAMPLES=${TRAIN_SAMPLES:-800}
 HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-120}
-MAX_STEPS=${MAX_STEPS:-300}
+VL_STEPS=${VL_STEPS:-300}
+KD_STEPS=${KD_STEPS:-450}
 if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
 else
   NUM_GPUS=${NUM_GPUS:-2}   # CPU ranks over gloo
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+PORT=${MASTER_PORT:-29511}
 
-echo "== [1/4] demo data -> $OUT/data"
+echo "== [1/5] demo data -> $OUT/data"
 mkdir -p "$OUT"
 python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 --workers 2 \
   | tee "$OUT/data.json"
 spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }
 TRAIN_SHARDS=$(spec train_shards)
 HELDOUT_SHARDS=$(spec heldout_shards)
+COMMON=(--ds_config ds_configs/zero3.json --train_shards "$TRAIN_SHARDS" --micro_batch_size 8 --grad_accum 1
+        --warmup_steps 20 --num_workers 1 --max_seq_len 512 --log_every 10)
 
-echo "== [2/4] Self-KD training, ZeRO-3, $NUM_GPUS ranks"
-deepspeed --num_gpus "$NUM_GPUS" --master_port "${MASTER_PORT:-29511}" trainer/main.py \
-  --ds_config ds_configs/zero3.json \
-  --model tiny \
-  --train_shards "$TRAIN_SHARDS" \
-  --eval_shards "$HELDOUT_SHARDS" \
-  --eval_every 100 \
-  --kd_alpha 0.75 --teacher shared \
-  --micro_batch_size 8 --grad_accum 1 --lr 2e-3 --warmup_steps 20 --max_steps "$MAX_STEPS" \
-  --num_workers 1 --max_seq_len 512 \
-  --save_dir "$OUT/checkpoints" --save_every 100 --keep_last 2 --resume auto \
-  --log_dir "$OUT/tensorboard"
+echo "== [2/5] typed-question training of the random tiny model (--stage vl), $NUM_GPUS ranks"
+deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" trainer/main.py "${COMMON[@]}" \
+  --model tiny --stage vl --kd_alpha 0 --lr 3e-3 --max_steps "$VL_STEPS" \
+  --save_dir "$OUT/checkpoints_vl" --save_every "$VL_STEPS" --log_dir "$OUT/tensorboard/vl"
+python tools/export_hf.py --checkpoint "$(python -c "from trainer.checkpoint import complete_checkpoints as c; print(c('$OUT/checkpoints_vl')[-1])")" \
+  --out "$OUT/export_vl"
 
-echo "== [3/4] export"
+echo "== [3/5] before Self-KD: typed (VL) vs spoken (VA)"
+python tools/evaluate.py --model "$OUT/export_vl" --shards "$HELDOUT_SHARDS" --out "$OUT/eval_before/report.json"
+
+echo "== [4/5] Self-KD, ZeRO-3, $NUM_GPUS ranks: the typed path teaches the spoken path (projector + Whisper trained)"
+deepspeed --num_gpus "$NUM_GPUS" --master_port "$((PORT + 1))" trainer/main.py "${COMMON[@]}" \
+  --model "$OUT/export_vl" --stage selfkd --kd_alpha 0.75 --teacher shared --trainable projector,audio --lr 2e-3 \
+  --max_steps "$KD_STEPS" --eval_shards "$HELDOUT_SHARDS" --eval_every 150 \
+  --save_dir "$OUT/checkpoints" --save_every 150 --keep_last 2 --resume auto --log_dir "$OUT/tensorboard/selfkd"
 CKPT=$(python -c "from trainer.checkpoint import complete_checkpoints as c; print(c('$OUT/checkpoints')[-1])")
 python tools/export_hf.py --checkpoint "$CKPT" --out "$OUT/export"
 
-echo "== [4/4] evaluation: typed (VL) vs spoken (VA) on the held-out split"
+echo "== [5/5] after Self-KD: typed (VL) vs spoken (VA)"
 python tools/evaluate.py --model "$OUT/export" --shards "$HELDOUT_SHARDS" --out "$OUT/eval/report.json"
 
+score() { python -c "import json; r=json.load(open('$1')); print(f\"VL {r['vl_score']:.1f}  VA {r['va_score']:.1f}  gap {r['gap']:.1f}  (n={r['n']})\")"; }
 cat <<DONE
 
 Demo finished.
+  before Self-KD   : $(score "$OUT/eval_before/report.json")
+  after Self-KD    : $(score "$OUT/eval/report.json")
   TensorBoard logs : $OUT/tensorboard      (tensorboard --logdir $OUT/tensorboard)
   checkpoint       : $CKPT
   exported model   : $OUT/export
-  evaluation       : $OUT/eval/report.json (+ report.predictions.jsonl, report.png)
+  evaluation       : $OUT/eval/report.json (+ report.predictions.jsonl, report.png; before: $OUT/eval_before/)
 DONE

@@ -57,6 +57,7 @@ def test_config_is_frozen(shards):
         (["--ds_config", "nope.json"], "--ds_config: nope.json does not exist"),
         (["--bogus", "1"], "unknown flag(s): --bogus 1"),
         (["--stage", "align"], "--stage align trains on ASR shards"),
+        (["--stage", "vl"], "--stage vl trains the typed-question path itself"),
         (["--resume", "auto"], "--resume auto needs --save_dir"),
     ],
 )

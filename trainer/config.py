@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import yaml
 
-STAGES = ("selfkd", "align")
+STAGES = ("selfkd", "align", "vl")
 TEACHERS = ("shared", "frozen", "ema")
 DIVERGENCES = ("fkl", "rkl", "jsd")
 ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -58,7 +58,8 @@ class DataConfig:
     eval_shards: Optional[str] = None
     """Held-out shards scored typed vs spoken every --eval_every steps."""
     stage: str = "selfkd"
-    """`selfkd`: vision-audio Self-KD on image+question shards; `align`: ASR, CE only."""
+    """`selfkd`: vision-audio Self-KD on image+question shards; `align`: ASR, CE only; `vl`: typed-question
+    SFT on the same shards (CE only; real VLMs come with it, the demo's random model needs it)."""
     max_seq_len: int = 2048
     """Samples whose teacher or student sequence is longer are skipped (counted as too_long)."""
     num_workers: int = 2
@@ -348,6 +349,8 @@ def validate(c: Config) -> None:
         )
     if d.stage == "align" and k.kd_alpha > 0:
         raise ConfigError("--stage align trains on ASR shards (no typed question, no teacher): set --kd_alpha 0")
+    if d.stage == "vl" and k.kd_alpha > 0:
+        raise ConfigError("--stage vl trains the typed-question path itself (no teacher): set --kd_alpha 0")
 
     _check_ds_config(o, k)
     for flag in ("micro_batch_size", "grad_accum", "max_steps"):

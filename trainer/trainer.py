@@ -26,6 +26,7 @@ from trainer import checkpoint, dist
 from trainer.perf import peak_bf16_flops
 from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
+from trainer.data.collate import typed_question_batch
 from trainer.distill.loss import KDSettings
 from trainer.eval.harness import move_batch
 from trainer.distill.teachers import make_teacher
@@ -100,7 +101,7 @@ class Trainer:
         self.loader = build_train_loader(
             c.data.train_shards,
             self.processor,
-            stage=c.data.stage,
+            stage="selfkd" if c.data.stage == "vl" else c.data.stage,
             micro_batch_size=c.optim.micro_batch_size,
             max_seq_len=c.data.max_seq_len,
             rank=dist.rank(),
@@ -146,7 +147,8 @@ class Trainer:
         batches = []
         for _ in range(gas):
             t = time.perf_counter()
-            batches.append(next(self.data_iter))
+            batch = next(self.data_iter)
+            batches.append(typed_question_batch(batch) if self.config.data.stage == "vl" else batch)
             wait += time.perf_counter() - t
 
         local = torch.tensor(

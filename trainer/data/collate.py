@@ -124,6 +124,19 @@ class SampleEncoder:
         return expanded
 
 
+def typed_question_batch(batch: dict) -> dict:
+    """A Self-KD micro-batch as a typed-question SFT batch (trainer stage "vl"): the teacher's
+    sequences (image + typed question + answer) become the trained ones, with no audio."""
+    return {
+        "keys": batch["keys"],
+        "student_input_ids": batch["teacher_input_ids"],
+        "student_attention_mask": batch["teacher_attention_mask"],
+        "student_labels": batch["teacher_labels"],
+        "pixel_values": batch["pixel_values"],
+        "image_grid_thw": batch["image_grid_thw"],
+    }
+
+
 def _pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     out = torch.full((len(sequences), width), value, dtype=torch.long)
