@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from trainer import dist  # noqa: E402
 from trainer.data import build_eval_loader  # noqa: E402
 from trainer.eval.attention import SHARE_PAIRS, mean_shares, sample_attention_shares  # noqa: E402
-from trainer.eval.harness import move_batch  # noqa: E402
+from trainer.data.collate import move_batch  # noqa: E402
 from trainer.eval.plots import plot_attention  # noqa: E402
 from trainer.models.omni import load_omni  # noqa: E402
 

@@ -32,6 +32,7 @@ import torch  # noqa: E402
 from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
 
+from trainer.data.collate import move_batch  # noqa: E402
 from trainer.distill.loss import KDSettings  # noqa: E402
 from trainer.models.omni import build_from_configs, build_tiny, enable_gradient_checkpointing  # noqa: E402
 from trainer.models.processing import OmniProcessor  # noqa: E402
@@ -77,13 +78,6 @@ def peak_memory_gib(device) -> float | None:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return None
-
-
-def move(batch, device, dtype):
-    return {
-        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
-        for k, v in batch.items()
-    }
 
 
 def run_mode(model, initial_state, batches, kd, chunk_size, warmup, device):
@@ -140,7 +134,7 @@ def main(argv=None):
     # On the CPU: a GPU copy would sit in both modes' peak memory and pull mem_ratio towards 1.
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     batches = [
-        move(make_batch(processor, args.batch_size, seed=i, **batch_kwargs), device, dtype)
+        move_batch(make_batch(processor, args.batch_size, seed=i, **batch_kwargs), device, dtype)
         for i in range(args.warmup + args.steps)
     ]
 

@@ -26,9 +26,8 @@ from trainer import checkpoint, dist
 from trainer.perf import peak_bf16_flops
 from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
-from trainer.data.collate import typed_question_batch
+from trainer.data.collate import move_batch, typed_question_batch
 from trainer.distill.loss import KDSettings
-from trainer.eval.harness import move_batch
 from trainer.distill.teachers import make_teacher
 from trainer.models.omni import answer_chunks_for, build_model, omni_spec
 

@@ -124,6 +124,19 @@ class SampleEncoder:
         return expanded
 
 
+def move_batch(batch: dict, device, dtype) -> dict:
+    """Tensors to `device`, floating ones (pixels, mel features) to `dtype` (as in training)."""
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            if device is not None:
+                value = value.to(device, non_blocking=True)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+        moved[key] = value
+    return moved
+
+
 def typed_question_batch(batch: dict) -> dict:
     """A Self-KD micro-batch as a typed-question SFT batch (trainer stage "vl"): the teacher's
     sequences (image + typed question + answer) become the trained ones, with no audio."""

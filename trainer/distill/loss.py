@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCES = ("fkl", "rkl", "jsd")
+from trainer.config import DIVERGENCES
 
 
 @dataclass(frozen=True)

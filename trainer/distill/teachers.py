@@ -42,7 +42,7 @@ import contextlib
 import torch
 from torch import nn
 
-TEACHERS = ("shared", "frozen", "ema")
+from trainer.config import TEACHERS
 
 
 def _is_zero3(param) -> bool:

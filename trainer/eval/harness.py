@@ -15,6 +15,7 @@ waiting forever.
 import torch
 
 from trainer import dist
+from trainer.data.collate import move_batch
 from trainer.eval.scoring import MODES, aggregate, parsed_answer, score
 
 # Batch keys the eval loader adds for scoring (contract: build_eval_loader).
@@ -41,19 +42,6 @@ def _lockstep(loader, max_batches: int | None):
                                "some; use an eval set with at least one batch per rank")
         yield (batch, True) if batch is not None else (last_batch, False)
         steps += 1
-
-
-def move_batch(batch: dict, device, dtype) -> dict:
-    """Tensors to `device`, floating ones (pixels, mel features) to `dtype` (as in training)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            if device is not None:
-                value = value.to(device, non_blocking=True)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
 
 
 def _sample_meta(batch: dict, i: int) -> dict:

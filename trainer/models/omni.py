@@ -39,6 +39,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from trainer.config import PROJECTORS, TRAINABLE_PARTS
 from trainer.distill.loss import KDSettings, answer_token_loss, chunk_bounds, combine
 from trainer.models.adapters import adapter_for
 from trainer.models.processing import OmniProcessor
@@ -46,8 +47,6 @@ from trainer.models.processing import OmniProcessor
 OMNI_CONFIG = "omni_config.json"
 OMNI_SPEC = "omni_spec.json"  # omni_spec(model) in every trainer checkpoint: what export_hf builds
 WEIGHTS = "model.safetensors"
-PROJECTORS = ("mlp", "linear")
-TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
 
 
 def resolve_attn_impl(attn_impl: str) -> str:
