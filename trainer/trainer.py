@@ -150,9 +150,10 @@ class Trainer:
             batches.append(typed_question_batch(batch) if self.config.data.stage == "vl" else batch)
             wait += time.perf_counter() - t
 
+        per_micro = torch.tensor([float((b["student_labels"] != -100).sum()) for b in batches])  # answer tokens
         local = torch.tensor(
             [
-                sum(int((b["student_labels"] != -100).sum()) for b in batches),
+                float(per_micro.sum()),
                 sum(len(b["keys"]) for b in batches),
                 sum(int(b["student_attention_mask"].sum()) for b in batches),
                 sum(int(b["teacher_attention_mask"].sum()) for b in batches) if self.kd else 0,
@@ -163,7 +164,6 @@ class Trainer:
         tokens = student_tokens + teacher_tokens
         # Every LM-head chunk is a ZeRO-3 gather, so all ranks must run the same number of
         # chunks in each micro-batch: size them by the largest micro-batch over ranks.
-        per_micro = torch.tensor([float((b["student_labels"] != -100).sum()) for b in batches])
         answer_chunks = [answer_chunks_for(int(n), self.chunk_size) for n in dist.all_reduce_max(per_micro).tolist()]
         if answer_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
@@ -179,7 +179,7 @@ class Trainer:
             ).detach().double().cpu()
         self.teacher.update()
         ce_sum, kd_sum, teacher_ce_sum, agree, n = dist.all_reduce_sum(sums).tolist()
-        step_time = dist.all_reduce_max(torch.tensor([time.perf_counter() - t_start])).item()
+        step_time, peak_gib = dist.all_reduce_max(torch.tensor([time.perf_counter() - t_start, _peak_mem_gib()])).tolist()
 
         self.step += 1
         self.samples_seen += int(samples)
@@ -193,7 +193,7 @@ class Trainer:
             "perf/tokens_per_s": tokens / step_time,
             "perf/data_wait_frac": wait / step_time,
             "perf/step_s": step_time,
-            "mem/peak_gib": dist.all_reduce_max(torch.tensor([_peak_mem_gib()])).item(),
+            "mem/peak_gib": peak_gib,
         }
         if self.kd:
             metrics["train/kd_loss"] = kd_sum / n
