@@ -219,6 +219,14 @@ def field_docs(cls) -> dict:
     return docs
 
 
+def _metavar(default) -> str:
+    if isinstance(default, bool):
+        return "BOOL"
+    if isinstance(default, tuple):
+        return "A,B"
+    return {int: "INT", float: "FLOAT"}.get(type(default), "STR")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trainer/main.py",
@@ -233,7 +241,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         docs = field_docs(cls)
         for f in fields(cls):
             help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-            group.add_argument(f"--{f.name}", default=None, metavar=type(f.default).__name__.upper(), help=help_text)
+            group.add_argument(f"--{f.name}", default=None, metavar=_metavar(f.default), help=help_text)
     return parser
 
 
