@@ -159,10 +159,10 @@ def test_image_conversions():
     rgba = Image.new("RGBA", (10, 10), (255, 0, 0, 0))  # fully transparent red -> white
     buffer = io.BytesIO()
     rgba.save(buffer, format="PNG")
-    image = decode_image(buffer.getvalue(), max_pixels=10_000)
-    assert image.mode == "RGB" and image.getpixel((5, 5)) == (255, 255, 255)
-    big = decode_image(image_bytes(size=(4000, 3000), quality=30), max_pixels=112 * 112)
-    assert big.mode == "RGB" and big.width * big.height <= 112 * 112 * 1.05
+    image, padded = decode_image(buffer.getvalue(), max_pixels=10_000)  # 10 px < 28 px: padded with white
+    assert padded and image.mode == "RGB" and image.size == (28, 28) and image.getpixel((14, 14)) == (255, 255, 255)
+    big, padded = decode_image(image_bytes(size=(4000, 3000), quality=30), max_pixels=112 * 112)
+    assert not padded and big.mode == "RGB" and big.width * big.height <= 112 * 112 * 1.05
     assert abs(big.width / big.height - 4 / 3) < 0.05
 
 
@@ -350,3 +350,128 @@ def test_data_quality_error_reaches_the_trainer_from_workers(tmp_path, processor
     with pytest.raises(DataQualityError, match="bad_json=1"):
         for _ in loader:
             pass
+
+
+class FailingOn:
+    """Wraps a processor part; raises `error` when `trigger(args)` is true, else delegates."""
+
+    def __init__(self, inner, trigger, error):
+        self.inner, self.trigger, self.error = inner, trigger, error
+
+    def __call__(self, *args, **kwargs):
+        if self.trigger(args, kwargs):
+            raise self.error
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_every_bad_sample_class_is_a_counted_skip(tmp_path, caplog):
+    """Whatever one sample makes a decoder, the image processor or the tokenizer raise is a
+    skip counted by reason, logged with shard, key and field; adjusted-but-usable samples
+    are kept and noted."""
+    processor = build_tiny_processor()
+    processor.image_processor = FailingOn(
+        processor.image_processor, lambda a, k: k["images"][0].size == (77, 77), ValueError("processor says no"))
+    processor.tokenizer = FailingOn(
+        processor.tokenizer, lambda a, k: bool(a) and "BOOM" in str(a[0]), RuntimeError("tokenizer crashed"))
+    nested = "[" * 200_000 + "]" * 200_000
+    samples = [
+        good("deep_json", json=nested.encode()),
+        good("deep_field", json=('{"question": ' + "[" * 50 + "]" * 50 + ', "answer": "x"}').encode()),
+        good("huge_json", json=meta(question="x" * (2 << 20))),
+        good("processor_error", jpg=image_bytes(size=(77, 77))),
+        good("tokenizer_error", json=meta(question="BOOM")),
+        good("rate_too_low", wav=audio_bytes(rate=4001)),
+        good("too_many_channels", wav=audio_bytes(seconds=0.1, channels=100)),
+        good("thin_image", jpg=b"", png=image_bytes(size=(3000, 1), fmt="PNG")),
+        good("tall_image", jpg=image_bytes(size=(20, 4000))),
+        good("one_pixel", jpg=b"", png=image_bytes(size=(1, 1), fmt="PNG")),
+        good("odd_rate", wav=audio_bytes(rate=44101)),
+        good("fine"),
+    ]
+    spec = write_tar(tmp_path / "hostile.tar", drop_empty(samples))
+    with caplog.at_level(logging.WARNING, logger="trainer.data"):
+        loader, batches = run_epoch(spec, processor, shuffle=False, micro_batch_size=1)
+    assert [b["keys"][0] for b in batches] == ["thin_image", "tall_image", "one_pixel", "odd_rate", "fine"]
+    assert loader.skip_counts() == {"bad_json": 3, "bad_image": 1, "bad_text": 1, "bad_audio": 2,
+                                    "image_padded": 3, "audio_rate_snapped": 1}
+    for key, field in [("deep_json", "json"), ("deep_field", "json"), ("processor_error", "image"),
+                       ("tokenizer_error", "text"), ("rate_too_low", "audio")]:
+        line = next(r.getMessage() for r in caplog.records if f"key {key} " in r.getMessage())
+        assert spec in line and f"field {field}" in line, line
+    assert any("processor says no" in r.getMessage() for r in caplog.records)
+    for batch in batches:
+        assert torch.isfinite(batch["pixel_values"]).all()
+
+
+def test_padding_keeps_the_image_centred():
+    from trainer.data.decode import MAX_ASPECT_RATIO, MIN_IMAGE_SIDE, pad_to_shape_limits
+
+    strip = Image.new("RGB", (1000, 2), (255, 0, 0))
+    padded, changed = pad_to_shape_limits(strip)
+    assert changed and padded.size == (1000, max(MIN_IMAGE_SIDE, 1000 // MAX_ASPECT_RATIO))
+    middle = padded.size[1] // 2
+    assert padded.getpixel((500, middle - 1)) == (255, 0, 0) and padded.getpixel((500, 0)) == (255, 255, 255)
+    square = Image.new("RGB", (40, 40))
+    assert pad_to_shape_limits(square) == (square, False)
+
+
+def test_json_depth_ignores_brackets_in_strings():
+    from trainer.data.decode import json_depth
+
+    assert json_depth('{"a": "[[[[{{{{", "b": [1, [2]]}') == 3
+    assert json_depth('{"a": "quote \\" [[[", "b": 1}') == 1
+    assert json_depth("[]") == 1 and json_depth('"x"') == 0
+
+
+MEMORY_PROBE = r"""
+import io, json, resource, sys
+import numpy as np, soundfile as sf
+from trainer.data.decode import decode_audio, SampleError
+
+def silent(seconds, rate, channels, fmt, subtype="PCM_16"):
+    buffer = io.BytesIO()
+    with sf.SoundFile(buffer, "w", samplerate=rate, channels=channels, format=fmt, subtype=subtype) as f:
+        block = np.zeros((rate * 10, channels), dtype=np.int16)
+        for _ in range(int(seconds // 10)):
+            f.write(block)
+    return buffer.getvalue()
+
+kind = sys.argv[1]
+data = {"two_hour_flac": lambda: silent(7200, 16000, 1, "FLAC"),
+        "twenty_minute_stereo_48k": lambda: silent(1200, 48000, 2, "FLAC"),
+        "odd_rate_wav": lambda: silent(10, 8001, 1, "WAV"),
+        "odd_rate_wav_44101": lambda: silent(10, 44101, 1, "WAV")}[kind]()
+decode_audio(silent(10, 22050, 2, "FLAC"), 16000, 30.0)  # first resampling call's set-up, outside the measure
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+audio, notes = decode_audio(data, 16000, 30.0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps({"bytes": len(data), "samples": len(audio), "notes": sorted(notes), "grown_mib": (after - before) / 1024}))
+"""
+
+
+@pytest.mark.parametrize("kind,notes", [("two_hour_flac", ["audio_clipped"]),
+                                        ("twenty_minute_stereo_48k", ["audio_clipped"]),
+                                        ("odd_rate_wav", ["audio_rate_snapped"]),
+                                        ("odd_rate_wav_44101", ["audio_rate_snapped"])])
+def test_audio_memory_is_bounded_by_the_window(kind, notes):
+    """Peak memory of decoding one long or odd-rate file is bounded by the 30 s window (the
+    largest buffer is the resampling convolution's, ~45 MiB for 48 kHz), whatever the file's
+    length, channels or rate. Decoding whole files cost +549 MiB, +1.7 GiB and +2 GiB here."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind], cwd=root, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    assert probe["notes"] == notes
+    if notes == ["audio_clipped"]:
+        assert probe["samples"] == 16000 * 30 and probe["bytes"] < 2_000_000  # a small file holding hours
+    else:  # 10 s read as the nearest multiple of 100 Hz: under 0.7% longer or shorter
+        assert abs(probe["samples"] - 160000) < 0.007 * 160000
+    assert probe["grown_mib"] < 128, f"{kind}: decoding grew the peak RSS by {probe['grown_mib']:.0f} MiB"

@@ -396,3 +396,58 @@ def test_make_shards_cli_with_tts_command(tmp_path):
         from trainer.data.normalize import normalize_for_tts
 
         assert len(audio) == 160 * len(normalize_for_tts(question))
+
+
+def test_data_workers_outlive_a_sigterm_until_their_rank_lets_them_go(llava_shards, processor):
+    """SLURM signals every process of a job step: a data worker must not die of SIGTERM or
+    SIGUSR1 while its rank finishes the step, and must still go when its rank is done."""
+    import signal
+    import time
+
+    import psutil
+
+    me = psutil.Process()
+    before = {p.pid for p in me.children()}
+    loader = build_train_loader(llava_shards["spec"], processor, stage="selfkd", micro_batch_size=2,
+                                max_seq_len=1024, rank=0, world_size=1, num_workers=2, seed=1)
+    stream = iter(loader)
+    next(stream)
+    workers = [p for p in me.children() if p.pid not in before and "resource_tracker" not in " ".join(p.cmdline())]
+    assert len(workers) == 2
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        worker.send_signal(signal.SIGUSR1)
+    time.sleep(1.0)
+    assert all(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
+    for _ in range(6):
+        next(stream)  # both workers still serve batches
+    stream.close()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive
+
+
+ABANDONED_ITERATOR = """
+import sys
+from trainer.data import build_train_loader
+from trainer.models.tiny import build_tiny_processor
+loader = build_train_loader(sys.argv[1], build_tiny_processor(), stage="selfkd", micro_batch_size=2, max_seq_len=1024,
+                            rank=0, world_size=1, num_workers=2, seed=1)
+stream = iter(loader)
+next(stream)
+print("exiting with live workers", flush=True)
+"""
+
+
+def test_a_rank_exiting_with_live_workers_does_not_hang(llava_shards):
+    """At exit multiprocessing terminates leftover workers with SIGTERM: the rank's exit lets
+    them go first, so they obey it (they ignore it while the rank runs)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess_run([sys.executable, "-c", ABANDONED_ITERATOR, llava_shards["spec"]], root)
+    assert out.returncode == 0 and "exiting with live workers" in out.stdout, out.stderr[-3000:]
+
+
+def subprocess_run(cmd, root):
+    import subprocess
+
+    return subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=120)

@@ -182,3 +182,46 @@ def test_gradient_is_the_global_token_mean(tmp_path, shards):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     norms = json.loads(out.read_text())
     assert norms["engine"] == pytest.approx(norms["reference"], rel=1e-4)
+
+
+def _repack(source: str, dest, keys: list) -> None:
+    """A shard holding the samples `keys` of tar `source`, members in their original order."""
+    import tarfile
+
+    with tarfile.open(source) as src, tarfile.open(dest, "w") as out:
+        for member in src.getmembers():
+            if member.name.split(".", 1)[0] in keys:
+                out.addfile(member, src.extractfile(member))
+
+
+def test_resume_with_fewer_shards_than_readers(tmp_path, shards):
+    """3 shards (6, 6 and 6 cut to 4 samples) read by 2 ranks x 2 workers: 4 readers, so each
+    reads every shard and keeps its 4 samples an epoch, one micro-batch: every checkpoint
+    lies at an epoch boundary of every reader. A resume from the step-6 checkpoint continues
+    the uninterrupted run exactly (it used to die with 'epoch 0 produced no samples')."""
+    import tarfile
+
+    source = shards["train_shards"].split("{")[0] + "000000.tar"
+    with tarfile.open(source) as tar:
+        keys = list(dict.fromkeys(m.name.split(".", 1)[0] for m in tar.getmembers()))
+    small = tmp_path / "small"
+    small.mkdir()
+    for i in range(3):
+        _repack(source, small / f"shard-{i}.tar", keys[6 * i % 12: 6 * i % 12 + 6])
+    with tarfile.open(small / "shard-2.tar") as tar:
+        cut = next(m for m in tar.getmembers() if m.name.startswith(keys[4] + "."))  # keeps samples 0-3
+    data = (small / "shard-2.tar").read_bytes()
+    (small / "shard-2.tar").write_bytes(data[: cut.offset_data + cut.size // 2])
+    spec = {**shards, "train_shards": str(small / "shard-{0..2}.tar")}
+    common = ("--max_steps", "10", "--save_every", "6", "--max_bad_fraction", "0.9", "--num_workers", "2")
+    _, full, _ = deepspeed_train(tmp_path, spec, *common, "--save_dir", str(tmp_path / "ckpt_full"), name="full")
+    resumed_ckpt = tmp_path / "ckpt_resumed"
+    resumed_ckpt.mkdir()
+    shutil.copytree(tmp_path / "ckpt_full" / "step_00000006", resumed_ckpt / "step_00000006")
+    _, resumed, stdout = deepspeed_train(tmp_path, spec, *common, "--save_dir", str(resumed_ckpt), "--resume", "auto",
+                                         name="resumed")
+    assert "resumed from" in stdout and sorted(resumed) == [7, 8, 9, 10]
+    for step in range(7, 11):
+        for key in ("train/loss", "train/ce_loss", "train/kd_loss"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+        assert resumed[step]["data/skipped/truncated_tar"] == full[step]["data/skipped/truncated_tar"] > 0

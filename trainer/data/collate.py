@@ -6,12 +6,19 @@ max_seq_len is dropped and counted as "too_long"; answers are never truncated, b
 cut answer would teach the model to stop mid-sentence. Audio longer than the encoder
 window is cut to the window and counted as "audio_clipped" (the sample is kept).
 
+Failure rule: whatever goes wrong while one sample is encoded (a decoder, the image
+processor, the tokenizer or a chat template raising anything) is a SampleError naming the
+field being worked on ("json", "audio", "image", "text"), so the stream skips and counts
+that one sample instead of the job dying on it.
+
 Text-only rule (selfkd and eval): a sample without an image member is a text-only sample
 (both prompts without the image slot, no pixel_values / image_grid_thw); the collator
 concatenates the patches of the samples that have images, in sample order, so a batch may
 mix both kinds. An image member that is present but undecodable is still a bad sample.
 JSON and audio are required in every stage ("missing_key").
 """
+
+import contextlib
 
 import torch
 
@@ -36,6 +43,17 @@ def image_max_pixels(image_processor) -> int:
     return 12_845_056  # Qwen2-VL's documented default max_pixels
 
 
+@contextlib.contextmanager
+def failures_as(reason: str, field: str):
+    """Turn any exception but SampleError raised inside into SampleError(reason, field)."""
+    try:
+        yield
+    except SampleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - one sample's failure, whatever its type, is a counted skip
+        raise SampleError(reason, field, f"{type(exc).__name__}: {exc}") from None
+
+
 class SampleEncoder:
     """Raw shard sample -> encoded sample dict (tensors and id lists), or SampleError.
 
@@ -55,48 +73,58 @@ class SampleEncoder:
         self.max_pixels = image_max_pixels(processor.image_processor)
         self.im_end = "<|im_end|>"
 
-    def __call__(self, raw: dict) -> tuple[dict, bool]:
-        """Returns (encoded sample, audio_was_clipped)."""
-        meta = decode_json(raw)
-        if self.stage == "align":
-            answer_field = "transcript" if "transcript" in meta else "question"
-            answer = require_text(meta, answer_field, "empty_answer")
-            question = None
-        else:
-            question = require_text(meta, "question", "empty_question")
-            answer = require_text(meta, "answer", "empty_answer") if self.stage == "selfkd" else \
-                str(meta.get("answer", ""))
-        _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
-        audio = decode_audio(audio_bytes, self.processor.sampling_rate)
-        clipped = len(audio) > self.processor.max_audio_samples
-        audio = audio[: self.processor.max_audio_samples]
-        sample = {
-            "key": raw["__key__"],
-            "input_features": self.log_mel(audio),  # n_mels, window_frames
-            "audio_token_count": self.processor.audio_token_count(len(audio)),
-            "audio_seconds": len(audio) / self.processor.sampling_rate,
-        }
-        audio_text = AUDIO_START + AUDIO_PAD + AUDIO_END
+    def __call__(self, raw: dict) -> tuple[dict, set]:
+        """Returns (encoded sample, notes): notes name what was adjusted and kept
+        ("audio_clipped", "audio_rate_snapped", "image_padded")."""
+        with failures_as("bad_json", "json"):
+            meta = decode_json(raw)
+            if self.stage == "align":
+                answer_field = "transcript" if "transcript" in meta else "question"
+                answer = require_text(meta, answer_field, "empty_answer")
+                question = None
+            else:
+                question = require_text(meta, "question", "empty_question")
+                answer = require_text(meta, "answer", "empty_answer") if self.stage == "selfkd" else \
+                    str(meta.get("answer", ""))
+        with failures_as("bad_audio", "audio"):
+            _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
+            rate = self.processor.sampling_rate
+            audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
+            sample = {
+                "key": raw["__key__"],
+                "input_features": self.log_mel(audio),  # n_mels, window_frames
+                "audio_token_count": self.processor.audio_token_count(len(audio)),
+                "audio_seconds": len(audio) / rate,
+            }
         num_image_tokens = 0
-        if self.stage == "align":
-            student_content = [{"type": "text", "text": audio_text + ASR_INSTRUCTION}]
-        else:
-            image_slot = []
-            image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-            if image_bytes is not None:
-                image = decode_image(image_bytes, self.max_pixels)
+        image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
+        if self.stage != "align" and image_bytes is not None:
+            with failures_as("bad_image", "image"):
+                image, padded = decode_image(image_bytes, self.max_pixels)
+                if padded:
+                    notes.add("image_padded")
                 vision = self.processor.image_processor(images=[image], return_tensors="pt")
                 sample["pixel_values"] = vision["pixel_values"]  # patches, patch_dim
                 sample["image_grid_thw"] = vision["image_grid_thw"]  # 1, 3
                 num_image_tokens = self.processor.image_token_count(vision["image_grid_thw"][0])
-                image_slot = [{"type": "image"}]
+        with failures_as("bad_text", "text"):
+            self._encode_text(sample, meta, question, answer, num_image_tokens)
+        return sample, notes
+
+    def _encode_text(self, sample: dict, meta: dict, question: str | None, answer: str, num_image_tokens: int) -> None:
+        """Prompt ids (teacher and student), answer ids and, for eval, the scoring metadata."""
+        audio_text = AUDIO_START + AUDIO_PAD + AUDIO_END
+        if self.stage == "align":
+            student_content = [{"type": "text", "text": audio_text + ASR_INSTRUCTION}]
+        else:
+            image_slot = [{"type": "image"}] if "pixel_values" in sample else []
             student_content = image_slot + [{"type": "text", "text": audio_text}]
             teacher_content = image_slot + [{"type": "text", "text": question}]
             sample["teacher_prompt_ids"] = self._prompt_ids(teacher_content, num_image_tokens, 0)
         sample["student_prompt_ids"] = self._prompt_ids(student_content, num_image_tokens, sample["audio_token_count"])
         if self.stage == "eval":
             sample.update(question=question, answer=answer, task=meta.get("task"), choices=meta.get("choices"),
-                          source=meta.get("source"), id=meta.get("id", raw["__key__"]),
+                          source=meta.get("source"), id=meta.get("id", sample["key"]),
                           answers=meta.get("answers") or ([answer] if answer else []))
             longest = max(len(sample["student_prompt_ids"]), len(sample["teacher_prompt_ids"]))
         else:
@@ -106,7 +134,6 @@ class SampleEncoder:
                 longest = max(longest, len(sample["teacher_prompt_ids"]) + len(sample["answer_ids"]))
         if longest > self.max_seq_len:
             raise SampleError("too_long", "tokens", f"{longest} tokens > max_seq_len {self.max_seq_len}")
-        return sample, clipped
 
     def _prompt_ids(self, content: list, num_image_tokens: int, num_audio_tokens: int) -> list[int]:
         """Chat-template prompt with the single image/audio pad expanded to its token count."""

@@ -15,7 +15,12 @@ of that shard already consumed, base = raw samples in earlier shards of the epoc
 stream re-reads the current shard's raw bytes and starts at the cursor: skipped samples are
 never decoded.
 
-Bad-data policy: a broken sample is skipped, counted by reason and logged as one WARNING.
+Position also carries `epoch_seen`, the samples (ok + bad) this slot has met in the current
+epoch, so a resumed slot knows the epoch was not empty even when it resumes at its very end.
+
+Bad-data policy: a broken sample is skipped, counted by reason and logged as one WARNING
+naming shard, key, field and reason; any exception raised while one sample is encoded
+counts as a broken sample (collate.py names the field), never as the job's death.
 A missing/unreadable shard counts as the samples it should have held, a truncated one as the
 samples lost at the cut: the shard's count from the index.json beside it (make_shards writes
 one), else the mean of the shards this worker read whole so far (at least 1). In sample-split
@@ -24,10 +29,13 @@ When bad / (ok + bad) > max_bad_fraction, checked once MIN_QUALITY_COUNT samples
 at the end of every epoch (whichever comes first), DataQualityError lists the counts.
 """
 
+import atexit
 import json
 import logging
 import math
+import multiprocessing
 import os
+import signal
 
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -39,8 +47,8 @@ from trainer.data.shards import expand_shard_spec, read_shard
 log = logging.getLogger(__name__)
 
 MIN_QUALITY_COUNT = 100
-# Counted for visibility, but not bad samples.
-NOT_BAD_REASONS = frozenset({"ok", "audio_clipped", "ignored_member"})
+# Counted for visibility, but not bad samples: a kept sample that was adjusted, a dropped member.
+NOT_BAD_REASONS = frozenset({"ok", "audio_clipped", "audio_rate_snapped", "image_padded", "ignored_member"})
 STATE_FORMAT = 1
 
 
@@ -138,6 +146,7 @@ class ShardStream(IterableDataset):
         slot = self.rank * self.num_roles + role
         where = f"rank {self.rank} worker role {role}"
         position = dict(self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0})
+        position.setdefault("epoch_seen", 0)
         counts = dict(self.counts.get(str(role)) or {})
         pending = []
         whole_shards, whole_samples = 0, 0  # shards this worker read without error, this run
@@ -154,7 +163,7 @@ class ShardStream(IterableDataset):
         while self.epochs is None or position["epoch"] < self.epochs:
             epoch = position["epoch"]
             shards = self.epoch_shards(epoch, slot)
-            seen_before = samples_seen(counts)
+            seen_before = samples_seen(counts) - position["epoch_seen"]  # samples_seen at the epoch's start
             while position["shard_pos"] < len(shards):
                 shard_pos = position["shard_pos"]
                 shard_index = shards[shard_pos]
@@ -188,7 +197,7 @@ class ShardStream(IterableDataset):
                         continue
                     raw = raw_samples[order[j]]
                     try:
-                        sample, clipped = self.encoder(raw)
+                        sample, notes = self.encoder(raw)
                     except SampleError as exc:
                         log.warning("skipping sample: shard %s key %s field %s: %s: %s", url, raw["__key__"],
                                     exc.field, exc.reason, exc.detail)
@@ -196,18 +205,20 @@ class ShardStream(IterableDataset):
                         check_quality(counts, self.max_bad_fraction, False, where)
                         continue
                     count("ok")
-                    if clipped:
-                        count("audio_clipped")
+                    for note in sorted(notes):
+                        count(note)
                     pending.append(sample)
                     if len(pending) == self.micro_batch_size:
+                        position["epoch_seen"] = samples_seen(counts) - seen_before
                         yield self._emit(pending, role, position, counts)
                         pending = []
-                position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples))
+                position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples),
+                                epoch_seen=samples_seen(counts) - seen_before)
             check_quality(counts, self.max_bad_fraction, True, where)
             if samples_seen(counts) == seen_before and self.epochs is None:
                 raise ValueError(f"{where}: epoch {epoch} produced no samples (shards: {len(self.urls)}, "
                                  f"slots: {self.num_slots}); the data set is smaller than the number of readers")
-            position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0)
+            position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0, epoch_seen=0)
         if pending:
             yield self._emit(pending, role, position, counts)
 
@@ -218,6 +229,42 @@ class ShardStream(IterableDataset):
 
 def _keep_as_is(item):
     return item
+
+
+class WorkerSignals:
+    """worker_init_fn that keeps data workers alive through the job's stop signals.
+
+    SLURM signals every process of a job step, data workers included; a worker killed by
+    SIGTERM would crash its rank before the rank could finish its step and save. So workers
+    ignore SIGUSR1 and defer SIGTERM: it ends a worker only once its rank has let the
+    workers go (`release`, set at the rank's exit, when the DataLoader's own shutdown and
+    multiprocessing's at-exit clean-up terminate leftover workers) or has died.
+    """
+
+    def __init__(self):
+        self.release = multiprocessing.get_context("fork").Event()
+        atexit.register(self.release.set)  # runs before multiprocessing's own at-exit clean-up (LIFO)
+
+    def __call__(self, _worker_id: int) -> None:
+        release, parent = self.release, os.getppid()
+
+        def on_sigterm(signum, frame):
+            if release.is_set() or os.getppid() != parent:
+                os._exit(128 + signum)
+
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, on_sigterm)
+
+
+_worker_signals: WorkerSignals | None = None
+
+
+def worker_signals() -> WorkerSignals:
+    """The process's one WorkerSignals (one at-exit hook, however many loaders)."""
+    global _worker_signals
+    if _worker_signals is None:
+        _worker_signals = WorkerSignals()
+    return _worker_signals
 
 
 class StreamingLoader:
@@ -258,7 +305,7 @@ class StreamingLoader:
             source = iter(stream)
         else:
             source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                     collate_fn=_keep_as_is))
+                                     collate_fn=_keep_as_is, worker_init_fn=worker_signals()))
         num_roles = max(1, self.num_workers)
         for batch, tag in source:
             role = str(tag["role"])
