@@ -9,8 +9,14 @@
 #
 # Every argument is passed to trainer/main.py unchanged. On a SLURM cluster use
 # launch_scripts/slurm_train.sbatch instead (no ssh between nodes needed).
+#
+# The launch runs under trainer.supervise: SIGUSR1 or SIGTERM to this script's process makes
+# every rank finish its step, save and exit 75 (resume with --resume auto); no rank outlives
+# the launch; the exit code is the ranks' (0 finished, 75 stopped and saved, other: failed;
+# README "Failure and recovery"). The environment is .venv (or $VENV) when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source launch_scripts/find_env.sh
 
 NUM_GPUS=${NUM_GPUS:-8}              # per node
 HOSTFILE=${HOSTFILE:-}
@@ -33,7 +39,7 @@ if [ "$NUM_NODES" -gt 1 ] && [ -z "$HOSTFILE" ]; then
   exit 2
 fi
 
-cmd=(deepspeed --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
+cmd=(python -m trainer.supervise -- deepspeed --num_nodes "$NUM_NODES" --num_gpus "$NUM_GPUS" --master_port "$MASTER_PORT")
 [ -n "$HOSTFILE" ] && cmd+=(--hostfile "$HOSTFILE")
 [ -n "$MASTER_ADDR" ] && cmd+=(--master_addr "$MASTER_ADDR")
 cmd+=(trainer/main.py)

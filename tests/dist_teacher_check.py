@@ -14,7 +14,6 @@ both ranks must hold the saved values.
 Prints "DIST_TEACHER_CHECK_OK" on rank 0 when everything holds.
 """
 
-import json
 import os
 import sys
 
@@ -26,7 +25,8 @@ import torch  # noqa: E402
 from trainer.distill.loss import KDSettings  # noqa: E402
 from trainer.distill.teachers import make_teacher  # noqa: E402
 from trainer.config import ModelConfig  # noqa: E402
-from trainer.models.omni import OMNI_SPEC, build_model, load_omni, omni_spec, save_omni  # noqa: E402
+from trainer import checkpoint  # noqa: E402
+from trainer.models.omni import build_model, load_omni, omni_spec, save_omni  # noqa: E402
 from trainer.models.synthetic import make_batch  # noqa: E402
 
 DECAY = 0.5  # large steps so a wrong average cannot hide under the tolerance
@@ -108,14 +108,12 @@ def main():
     # Checkpoint for tools/export_hf.py, which the pytest wrapper runs afterwards in a fresh
     # process and compares against the gathered weights saved here.
     save_dir = os.environ.get("DIST_CHECK_DIR", "/tmp/dist_teacher_check")
-    engine.save_checkpoint(save_dir, tag="step_00000003")
+    # The trainer's own save (engine partitions, spec, processor, fsync, COMPLETE manifest).
+    checkpoint.save(engine, save_dir, 3, {"step": 3}, {"note": "dist_teacher_check"}, omni_spec(engine.module),
+                    processor, keep_last=1)
     named = list(engine.module.named_parameters())
     full = dict(zip([n for n, _ in named], gathered([p for _, p in named])))
     if rank == 0:
-        checkpoint_dir = os.path.join(save_dir, "step_00000003")
-        with open(os.path.join(checkpoint_dir, OMNI_SPEC), "w") as f:
-            json.dump(omni_spec(engine.module), f)
-        processor.save_pretrained(os.path.join(checkpoint_dir, "processor"))
         torch.save(full, os.path.join(save_dir, "gathered_weights.pt"))
         save_omni(engine.module, processor, os.path.join(save_dir, "saved"), state_dict=full)
     deepspeed.comm.barrier()

@@ -1,8 +1,10 @@
-"""DRY_RUN output of the launch scripts for a made-up 4-node SLURM allocation."""
+"""DRY_RUN output of the launch scripts for a made-up 4-node SLURM allocation, the requeued
+start's --resume auto, and the launch scripts finding the project's environment."""
 
 import os
 import shlex
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARGS = ["--config", "launch_scripts/recipes/selfkd_qwen2vl7b.yaml", "--train_shards", "/data/a b/{000..009}.tar", "--lr", "1e-5"]
@@ -17,6 +19,8 @@ def run(script, env, *args):
 
 def parse_launch(command):
     argv = shlex.split(command)
+    assert argv[:4] == ["python", "-m", "trainer.supervise", "--"], "every launch runs under the supervisor"
+    argv = argv[4:]
     assert argv[0] == "deepspeed"
     main = argv.index("trainer/main.py")
     launcher = argv[1:main]
@@ -44,6 +48,34 @@ def test_slurm_dry_run_4_nodes(tmp_path):
     assert masters == {("gpu-007", str(29500 + 4242 % 1000))}
     hosts = (tmp_path / "hostfile").read_text().split("\n")
     assert hosts[:4] == ["gpu-007 slots=8", "gpu-008 slots=8", "gpu-009 slots=8", "gpu-012 slots=8"]
+
+
+def test_a_requeued_slurm_job_resumes(tmp_path):
+    env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu-001", "SLURM_JOB_ID": "4244",
+           "SLURM_RESTART_COUNT": "2", "HOSTFILE": str(tmp_path / "hostfile")}
+    line = next(line for line in run("launch_scripts/slurm_train.sbatch", env, *ARGS).splitlines()
+                if line.startswith("node 0"))
+    _, _, trainer_args = parse_launch(line.split(": ", 1)[1])
+    assert trainer_args == [*ARGS, "--resume", "auto"], "the last --resume wins: a requeued start continues"
+
+
+def test_launch_scripts_use_the_project_environment(tmp_path):
+    """Submitted from a shell without the environment activated, the scripts find .venv
+    themselves; without any environment they say how to make one."""
+    bare_path = "/usr/bin:/bin"
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "deepspeed").write_text("#!/bin/sh\necho fake-deepspeed \"$@\"\n")
+    (venv / "bin" / "deepspeed").chmod(0o755)
+    real_venv = os.path.dirname(os.path.dirname(sys.executable))  # the test's own environment, for python
+    (venv / "bin" / "activate").write_text(f'source "{real_venv}/bin/activate"\nexport PATH="{venv}/bin:$PATH"\n')
+    env = {"PATH": bare_path, "HOME": str(tmp_path), "VENV": str(venv), "NUM_GPUS": "1"}
+    out = subprocess.run(["bash", "launch_scripts/train.sh", "--max_steps", "1"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)
+    assert "fake-deepspeed --num_nodes 1 --num_gpus 1" in out.stdout, out.stdout + out.stderr
+    out = subprocess.run(["bash", "launch_scripts/train.sh"], cwd=ROOT, capture_output=True, text=True,
+                         env={"PATH": bare_path, "HOME": str(tmp_path), "VENV": str(tmp_path / "none")})
+    assert out.returncode == 127 and "deepspeed not found" in out.stderr and "VENV=" in out.stderr
 
 
 def test_train_sh_dry_run_multi_node(tmp_path):
@@ -83,3 +115,21 @@ def test_srun_environment_is_translated():
     env = {"SLURM_PROCID": "13", "SLURM_NTASKS": "32", "SLURM_LOCALID": "5", "SLURM_JOB_NODELIST": "n[10-13]", "SLURM_JOB_ID": "77"}
     assert env_from_slurm(env) == {"RANK": "13", "WORLD_SIZE": "32", "LOCAL_RANK": "5", "MASTER_ADDR": "n10", "MASTER_PORT": "29577"}
     assert env_from_slurm({**env, "RANK": "13"}) == {}, "launcher-provided variables win"
+
+
+def test_supervisor_outcome_reports_killed_runs_as_failed():
+    """The supervisor's exit code from the ranks' status records and the launcher's code."""
+    from trainer.supervise import outcome
+
+    def rank(r, state="exited", code=0):
+        return {"rank": r, "state": state, "exit_code": code}
+
+    assert outcome([rank(0), rank(1)], 0)[0] == 0
+    assert outcome([rank(0, code=75), rank(1, code=75)], 0)[0] == 75, "deepspeed said 0: its launcher was killed"
+    assert outcome([rank(0, code=75), rank(1, code=75)], 75)[0] == 75
+    assert outcome([rank(0), rank(1, state="running")], 0)[0] == 1, "a rank killed before reporting"
+    assert outcome([rank(0), rank(1, state="running")], 247)[0] == 247
+    assert outcome([rank(0, code=3), rank(1, code=3)], 3)[0] == 3
+    assert outcome([rank(0, code=75), rank(1, code=1)], 1)[0] == 1
+    assert outcome([rank(0), rank(1)], 137)[0] == 137, "every rank finished but the launcher was killed"
+    assert outcome([], 0)[0] == 0 and outcome([], 2)[0] == 2

@@ -1,10 +1,15 @@
 """Export a training checkpoint (ZeRO partitions) as a self-contained omni model directory.
 
     python tools/export_hf.py --checkpoint runs/demo/ckpt/step_00001000 --out exported/demo
+    python tools/export_hf.py --checkpoint runs/demo/ckpt --out exported/demo   # newest checkpoint that verifies
     python trainer/main.py --model exported/demo ...        # train on from it
     (single process, CPU is enough: it only reads files)
 
-`--checkpoint` is one checkpoint directory written by the trainer (trainer/checkpoint.py):
+`--checkpoint` is one checkpoint directory written by the trainer (trainer/checkpoint.py), or
+the save directory holding them: then the newest one whose files match its COMPLETE manifest
+(as `--resume auto` picks it; a corrupt newer one is skipped with a warning naming the file).
+Every .pt file is unpickled with the weights-only loader first; a file holding anything but
+tensors and plain data is refused, naming it, and nothing from it runs. A checkpoint directory:
 `SAVE_DIR/TAG/` holding DeepSpeed's per-rank partition files from
 `engine.save_checkpoint(SAVE_DIR, tag=TAG)`, plus `omni_spec.json` (the architecture,
 `trainer.models.omni.omni_spec` of the trained model) and `processor/`
@@ -25,14 +30,34 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+from trainer import checkpoint  # noqa: E402
 from trainer.models.omni import OMNI_SPEC, build_from_spec, load_weights, save_omni  # noqa: E402
 from trainer.models.processing import OmniProcessor  # noqa: E402
+
+
+def pick_checkpoint(path: str) -> str:
+    """A checkpoint directory as given (verified), or the newest verified one in a save directory."""
+    path = os.path.normpath(path)
+    if os.path.isfile(os.path.join(path, checkpoint.COMPLETE)):
+        problem = checkpoint.verify(path)
+        if problem:
+            raise checkpoint.CheckpointError(f"{path}: {problem}")
+        return path
+    found = checkpoint.complete_checkpoints(path)
+    if not found:
+        raise FileNotFoundError(f"{path} is neither a complete checkpoint nor a save directory holding one")
+    for candidate in reversed(found):
+        problem = checkpoint.verify(candidate)
+        if problem is None:
+            return candidate
+        print(f"WARNING: skipping {candidate}: {problem}; trying the previous complete checkpoint", file=sys.stderr)
+    raise checkpoint.CheckpointError(f"no checkpoint in {path} matches its manifest")
 
 
 def export(checkpoint_dir: str, out_dir: str) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    checkpoint_dir = os.path.normpath(checkpoint_dir)
+    checkpoint_dir = pick_checkpoint(checkpoint_dir)
     spec_path = os.path.join(checkpoint_dir, OMNI_SPEC)
     processor_dir = os.path.join(checkpoint_dir, "processor")
     for needed in (spec_path, processor_dir):
@@ -45,7 +70,9 @@ def export(checkpoint_dir: str, out_dir: str) -> None:
         spec = json.load(f)
     processor = OmniProcessor.from_pretrained(processor_dir)
     save_dir, tag = os.path.split(checkpoint_dir)
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+    checkpoint.check_safe(checkpoint.torch_files(checkpoint_dir))
+    with checkpoint.safe_loading():  # zero_to_fp32 itself asks for weights_only=False
+        state_dict = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
     model = build_from_spec(spec, processor, attn_impl="eager").float()
     load_weights(model, state_dict, source=checkpoint_dir)
     save_omni(model, processor, out_dir)
@@ -54,11 +81,15 @@ def export(checkpoint_dir: str, out_dir: str) -> None:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint directory SAVE_DIR/TAG written by the trainer")
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint directory SAVE_DIR/TAG written by the trainer, or SAVE_DIR (newest that verifies)")
     parser.add_argument("--out", required=True, help="directory to write the exported model into")
     args = parser.parse_args(argv)
-    with torch.no_grad():
-        export(args.checkpoint, args.out)
+    try:
+        with torch.no_grad():
+            export(args.checkpoint, args.out)
+    except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+        sys.exit(f"export_hf: {exc}")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional
@@ -105,6 +106,9 @@ class OptimConfig:
     """Gradient clipping norm."""
     max_steps: int = 1000
     """Optimizer steps to run; the data stream repeats epochs as needed."""
+    max_nonfinite_steps: int = 3
+    """Stop the run (exit code 3) after this many steps in a row with a non-finite loss or gradient norm or a
+    skipped optimizer step; no checkpoint is written after such a step."""
     seed: int = 42
     """Seeds model init, data order and every RNG."""
 
@@ -199,10 +203,15 @@ def _coerce(name: str, f, value: Any) -> Any:
                 raise ValueError(value)
             return int(value)
         if isinstance(default, float):
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise OverflowError(value)
+            return number
         if isinstance(value, (list, tuple)) and name.endswith("_shards"):
             return ",".join(str(v) for v in value)  # a YAML list of shard specs
         return str(value)
+    except OverflowError:
+        raise ConfigError(f"{name}: must be a finite number, got {value!r}") from None
     except (TypeError, ValueError):
         kind = "true/false" if isinstance(default, bool) else type(default).__name__
         raise ConfigError(f"{name}: expected {kind}, got {value!r}") from None
@@ -361,7 +370,7 @@ def validate(c: Config) -> None:
         raise ConfigError("--stage vl trains the typed-question path itself (no teacher): set --kd_alpha 0")
 
     _check_ds_config(o, k)
-    for flag in ("micro_batch_size", "grad_accum", "max_steps"):
+    for flag in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps"):
         if getattr(o, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1, got {getattr(o, flag)}")
     if o.lr <= 0:

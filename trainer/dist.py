@@ -9,7 +9,6 @@ the torch ones from them (master = first host of SLURM_JOB_NODELIST).
 import datetime
 import faulthandler
 import os
-import signal
 import socket
 import sys
 
@@ -131,13 +130,12 @@ class HangWatchdog:
 
     Every rank arms its own watchdog, so a collective that never completes (a rank died,
     a rank took another code path) ends with all ranks' stacks in the logs instead of an
-    allocation burning until the job's time limit. `kick()` re-arms it each step.
+    allocation burning until the job's time limit. `kick()` re-arms it each step. (SIGUSR2
+    asks a live run for its stacks: trainer/preemption.py.)
     """
 
     def __init__(self, timeout_s: int):
         self.timeout_s = timeout_s
-        # SIGUSR1 lets an operator ask a live run for its stacks without stopping it.
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def kick(self) -> None:
         faulthandler.cancel_dump_traceback_later()

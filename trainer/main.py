@@ -9,6 +9,8 @@
     # torchrun and srun work too: rank and world size come from their environment variables.
 
 Every flag is also a key of the --config YAML file; flags win over the file.
+Exit codes (0 finished, 75 stopped and saved: resume with --resume auto, ...): trainer/preemption.py.
+SIGUSR1 or SIGTERM: finish the step, save, exit 75. SIGUSR2: print every thread's stack.
 """
 
 import os
@@ -21,6 +23,7 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from trainer import dist  # noqa: E402
 from trainer.config import ConfigError, load_config  # noqa: E402
+from trainer.preemption import EXIT_BAD_DATA, EXIT_CONFIG, EXIT_CRASH, EXIT_DIVERGED, write_status  # noqa: E402
 
 
 # DeepSpeed 0.19 calls collectives that torch 2.1x deprecates: one warning per call, every step.
@@ -32,16 +35,31 @@ def main(argv=None) -> int:
         config = load_config(argv)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return 2
-    from trainer.trainer import Trainer
+        write_status("exited", exit_code=EXIT_CONFIG, message=str(e))
+        return EXIT_CONFIG
+    write_status("running")
+    from trainer.data import DataQualityError
+    from trainer.trainer import Diverged, Trainer
 
-    trainer = Trainer(config)
+    trainer, code, message = None, EXIT_CRASH, None
     try:
-        trainer.train()
+        trainer = Trainer(config)
+        code = trainer.train()
+    except Diverged as e:  # the same verdict on every rank: said once
+        code, message = EXIT_DIVERGED, str(e) if dist.is_main() else None
+    except DataQualityError as e:
+        code, message = EXIT_BAD_DATA, str(e).strip().splitlines()[-1]
     finally:
-        trainer.close()
+        # Written before the teardown, which a launcher may cut short once another rank has exited.
+        write_status("exited", exit_code=code, message=message, step=getattr(trainer, "step", None),
+                     resumed_step=getattr(trainer, "resumed_step", None),
+                     checkpoint=getattr(trainer, "last_checkpoint", None))
+        if trainer is not None:
+            trainer.close()
         dist.shutdown()
-    return 0
+    if message:
+        print(f"[rank {dist.rank()}] error: {message}", file=sys.stderr, flush=True)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """The training loop: one Trainer object with a few named steps.
 
     trainer = Trainer(config)     # process group, model under zero.Init, engine, teacher, data
-    trainer.train()               # train_step() until --max_steps, checkpoints, evaluation
+    code = trainer.train()        # train_step() until --max_steps or a stop request; an exit code
     trainer.close()
 
 One optimizer step = `grad_accum` micro-batches. Before the first micro-batch the answer
 tokens of all of them are counted and summed over ranks, so the loss of every micro-batch
 is normalised by the global answer-token count: every answer token weighs the same, however
 answers are spread over samples, micro-batches and ranks.
+
+Stops and divergence: a stop request (SIGUSR1, SIGTERM, launcher death; trainer/preemption.py)
+is agreed on in the step's closing reduction, so all ranks stop after the same step, save and
+return EXIT_STOPPED. A step whose loss or gradient norm is not finite, or whose optimizer
+step DeepSpeed skipped, is counted (train/nonfinite_steps, train/skipped_steps); no
+checkpoint is written right after one, and --max_nonfinite_steps of them in a row raise
+Diverged before any save could replace good weights.
 """
 
 import contextlib
@@ -23,6 +30,7 @@ import torch
 from tqdm import tqdm
 
 from trainer import checkpoint, dist
+from trainer.preemption import EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED, StopRequest
 from trainer.perf import peak_bf16_flops
 from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
@@ -45,10 +53,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class Diverged(RuntimeError):
+    """Too many non-finite steps in a row; the message says which and what was kept."""
+
+
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
         c = config
+        self.stop = StopRequest()
+        self.stop.install()
         dist.init(c.logging.dist_timeout_s)
         self.watchdog = dist.HangWatchdog(c.logging.dist_timeout_s)
         self.watchdog.kick()
@@ -86,6 +100,10 @@ class Trainer:
         self.step = 0
         self.samples_seen = 0
         self.tokens_seen = 0
+        self.nonfinite_steps = 0  # in the whole run
+        self.nonfinite_streak = 0  # in a row, up to the current step
+        self.last_checkpoint = None
+        self.stop_agreed = False
         resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
         state = checkpoint.load(self.engine, resume_from) if resume_from else None
         self.watchdog.kick()
@@ -96,7 +114,10 @@ class Trainer:
                     "exact resume needs the same world size"
                 )
             self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
+            self.nonfinite_steps = state.get("nonfinite_steps", 0)
             self.teacher.load_state_dict(state["teacher"])
+            self.last_checkpoint = resume_from
+        self.resumed_step = self.step
         self.loader = build_train_loader(
             c.data.train_shards,
             self.processor,
@@ -142,6 +163,7 @@ class Trainer:
     def train_step(self) -> dict:
         gas = self.config.optim.grad_accum
         t_start = time.perf_counter()
+        skipped_before = self.engine.skipped_steps
         wait = 0.0
         batches = []
         for _ in range(gas):
@@ -179,7 +201,11 @@ class Trainer:
             ).detach().double().cpu()
         self.teacher.update()
         ce_sum, kd_sum, teacher_ce_sum, agree, n = dist.all_reduce_sum(sums).tolist()
-        step_time, peak_gib = dist.all_reduce_max(torch.tensor([time.perf_counter() - t_start, _peak_mem_gib()])).tolist()
+        # One reduction carries the step time, the peak memory and the stop request of every rank.
+        step_time, peak_gib, stop = dist.all_reduce_max(
+            torch.tensor([time.perf_counter() - t_start, _peak_mem_gib(), float(self.stop.requested)])).tolist()
+        self.stop_agreed = stop > 0
+        self.stop.announce()
 
         self.step += 1
         self.samples_seen += int(samples)
@@ -208,29 +234,79 @@ class Trainer:
             metrics["perf/mfu"] = flops / step_time / (self.peak_flops * dist.world_size())
         metrics["progress/samples_seen"] = self.samples_seen
         metrics["progress/tokens_seen"] = self.tokens_seen
-        if not math.isfinite(metrics["train/loss"]):
-            raise FloatingPointError(f"step {self.step}: loss is {metrics['train/loss']}; stopping before it spreads")
+        self._check_finite(metrics, skipped_before)
         return metrics
 
+    def _check_finite(self, metrics: dict, skipped_before: int) -> None:
+        """Count a step whose loss or gradient norm is not finite, or whose optimizer step
+        DeepSpeed skipped; raise Diverged after --max_nonfinite_steps of them in a row. Every
+        value here is already reduced over ranks, so every rank reaches the same verdict."""
+        skipped = self.engine.skipped_steps - skipped_before
+        loss, grad_norm = metrics["train/loss"], metrics.get("train/grad_norm", 0.0)
+        finite = math.isfinite(loss) and math.isfinite(grad_norm) and skipped == 0
+        self.nonfinite_streak = 0 if finite else self.nonfinite_streak + 1
+        self.nonfinite_steps += 0 if finite else 1
+        metrics["train/nonfinite_steps"] = self.nonfinite_steps
+        metrics["train/skipped_steps"] = self.engine.skipped_steps
+        if finite:
+            return
+        limit = self.config.optim.max_nonfinite_steps
+        dist.print0(f"WARNING: step {self.step}: loss {loss}, gradient norm {grad_norm}, optimizer step "
+                    f"{'skipped' if skipped else 'taken'} ({self.nonfinite_streak} non-finite step(s) in a row of "
+                    f"at most {limit}); no checkpoint is written after a non-finite step")
+        if self.nonfinite_streak >= limit:
+            kept = f"the last checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written"
+            raise Diverged(f"step {self.step}: {self.nonfinite_streak} non-finite steps in a row "
+                           f"(--max_nonfinite_steps {limit}); stopping before a save could replace good weights; "
+                           f"{kept}. Lower --lr or raise --warmup_steps, and check the data.")
+
     # --- loop ---------------------------------------------------------------------------
-    def train(self) -> None:
+    def train(self) -> int:
+        """Run until --max_steps or an agreed stop request; returns the process exit code."""
         c = self.config
         progress = tqdm(total=c.optim.max_steps, initial=self.step, disable=not dist.is_main(), dynamic_ncols=True, desc="train")
-        while self.step < c.optim.max_steps:
+        self.stop_agreed = False
+        while self.step < c.optim.max_steps and not self.stop_agreed:
             metrics = self.train_step()
             self.watchdog.kick()
             progress.update(1)
-            if self.step % c.logging.log_every == 0 or self.step == c.optim.max_steps:
+            if self.step % c.logging.log_every == 0 or self.step == c.optim.max_steps or self.stop_agreed:
                 metrics.update(self._skip_metrics())
                 self._log(metrics, progress)
-            if c.logging.eval_every and c.data.eval_shards and self.step % c.logging.eval_every == 0:
+            if c.logging.eval_every and c.data.eval_shards and self.step % c.logging.eval_every == 0 \
+                    and not self.stop_agreed:
                 self.evaluate()
             if c.checkpoint.save_dir and (self.step % c.checkpoint.save_every == 0 or self.step == c.optim.max_steps):
-                path = self.save()
-                dist.print0(f"saved {path}")
+                self._save_if_finite()
         progress.close()
-        if c.data.eval_shards and not (c.logging.eval_every and self.step % c.logging.eval_every == 0):
-            self.evaluate()
+        if self.stop_agreed and self.step < c.optim.max_steps:
+            return self._stop()
+        if c.data.eval_shards and not self.stop_agreed \
+                and not (c.logging.eval_every and self.step % c.logging.eval_every == 0):
+            self.evaluate()  # skipped when a stop was asked for at the last step: the deadline may be near
+        return EXIT_OK
+
+    def _save_if_finite(self) -> str | None:
+        if self.nonfinite_streak:
+            dist.print0(f"WARNING: step {self.step} was non-finite: not saving over {self.last_checkpoint}")
+            return None
+        if self.last_checkpoint != os.path.join(self.config.checkpoint.save_dir, checkpoint.tag_for(self.step)):
+            self.last_checkpoint = self.save()
+            dist.print0(f"saved {self.last_checkpoint}")
+        return self.last_checkpoint
+
+    def _stop(self) -> int:
+        """Every rank agreed to stop after this step: save (collective) and say how to go on."""
+        c = self.config
+        saved = self._save_if_finite() if c.checkpoint.save_dir else None
+        if saved:
+            dist.print0(f"stopped at step {self.step} ({self.stop.reason or 'another rank was asked to stop'}); "
+                        f"checkpoint {saved} is complete: run again with --resume auto to continue")
+            return EXIT_STOPPED
+        why = "no --save_dir" if not c.checkpoint.save_dir else "the last step was non-finite"
+        dist.print0(f"stopped at step {self.step} ({self.stop.reason or 'another rank was asked to stop'}); "
+                    f"nothing saved ({why})")
+        return EXIT_STOPPED_UNSAVED
 
     def _skip_metrics(self) -> dict:
         """Broken samples so far, summed over ranks (a collective: every rank calls it)."""
@@ -298,6 +374,7 @@ class Trainer:
             "samples_seen": self.samples_seen,
             "tokens_seen": self.tokens_seen,
             "world_size": dist.world_size(),
+            "nonfinite_steps": self.nonfinite_steps,
             "data": self.loader.state_dict(),
             "teacher": self.teacher.state_dict(),
             "rng": checkpoint.rng_state(),
