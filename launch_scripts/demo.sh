@@ -41,8 +41,7 @@ echo "== [2/5] typed-question training of the random tiny model (--stage vl), $N
 deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" trainer/main.py "${COMMON[@]}" \
   --model tiny --stage vl --kd_alpha 0 --lr 3e-3 --max_steps "$VL_STEPS" \
   --save_dir "$OUT/checkpoints_vl" --save_every "$VL_STEPS" --log_dir "$OUT/tensorboard/vl"
-python tools/export_hf.py --checkpoint "$(python -c "from trainer.checkpoint import complete_checkpoints as c; print(c('$OUT/checkpoints_vl')[-1])")" \
-  --out "$OUT/export_vl"
+python tools/export_hf.py --checkpoint "$OUT/checkpoints_vl" --out "$OUT/export_vl"   # the newest complete checkpoint
 
 echo "== [3/5] before Self-KD: typed (VL) vs spoken (VA)"
 python tools/evaluate.py --model "$OUT/export_vl" --shards "$HELDOUT_SHARDS" --out "$OUT/eval_before/report.json"
@@ -52,8 +51,7 @@ deepspeed --num_gpus "$NUM_GPUS" --master_port "$((PORT + 1))" trainer/main.py "
   --model "$OUT/export_vl" --stage selfkd --kd_alpha 0.75 --teacher shared --trainable projector,audio --lr 2e-3 \
   --max_steps "$KD_STEPS" --eval_shards "$HELDOUT_SHARDS" --eval_every 150 \
   --save_dir "$OUT/checkpoints" --save_every 150 --keep_last 2 --resume auto --log_dir "$OUT/tensorboard/selfkd"
-CKPT=$(python -c "from trainer.checkpoint import complete_checkpoints as c; print(c('$OUT/checkpoints')[-1])")
-python tools/export_hf.py --checkpoint "$CKPT" --out "$OUT/export"
+python tools/export_hf.py --checkpoint "$OUT/checkpoints" --out "$OUT/export"
 
 echo "== [5/5] after Self-KD: typed (VL) vs spoken (VA)"
 python tools/evaluate.py --model "$OUT/export" --shards "$HELDOUT_SHARDS" --out "$OUT/eval/report.json"
@@ -65,7 +63,7 @@ Demo finished.
   before Self-KD   : $(score "$OUT/eval_before/report.json")
   after Self-KD    : $(score "$OUT/eval/report.json")
   TensorBoard logs : $OUT/tensorboard      (tensorboard --logdir $OUT/tensorboard)
-  checkpoint       : $CKPT
+  checkpoints      : $OUT/checkpoints
   exported model   : $OUT/export
   evaluation       : $OUT/eval/report.json (+ report.predictions.jsonl, report.png; before: $OUT/eval_before/)
 DONE

@@ -1,6 +1,7 @@
-# Sourced by demo.sh and tests/run.sh: creates .venv at the repo root on first use and
-# installs requirements.txt into it; later calls reuse it (re-installing only when
-# requirements.txt changed). Set VENV=/path to use another location.
+# Sourced by demo.sh and tests/run.sh: creates .venv at the repo root on first use, installs
+# the pinned requirements.txt into it and the project itself (`pip install -e .`: the trainer
+# and datagen packages); later calls reuse it (re-installing only when requirements.txt or
+# pyproject.toml changed). Set VENV=/path to use another location.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-$REPO_ROOT/.venv}"
@@ -11,11 +12,11 @@ fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 STAMP="$VENV/.requirements.sha256"
-WANT="$(sha256sum "$REPO_ROOT/requirements.txt" | cut -d' ' -f1)"
+WANT="$(cat "$REPO_ROOT/requirements.txt" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "[setup] installing requirements.txt into $VENV (first run: a few minutes)"
   python -m pip install -q --upgrade pip
   python -m pip install -q -r "$REPO_ROOT/requirements.txt"
+  python -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT"
   echo "$WANT" > "$STAMP"
 fi
-export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"

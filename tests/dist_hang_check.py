@@ -4,15 +4,11 @@ elsewhere). Both ranks' watchdogs must dump their stacks and exit non-zero.
     deepspeed --num_gpus 2 tests/dist_hang_check.py
 """
 
-import os
-import sys
 import time
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import torch
 
-import torch  # noqa: E402
-
-from trainer import dist  # noqa: E402
+from trainer import dist
 
 
 def stuck_elsewhere() -> None:

@@ -7,23 +7,21 @@ tests/test_train_zero3.py::test_export_reloads_to_the_same_logits).
 import argparse
 import json
 import os
-import sys
 
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[0] = ROOT
 
 
 @torch.no_grad()
 def answer_logits(model, batch) -> torch.Tensor:
     """Student logits at the answer positions: N, V."""
     device = next(model.parameters()).device
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = batch.to(device)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens, _ = model.encode_audio(batch)
     hidden = model.hidden_states(batch, "student", image_tokens, audio_tokens)
-    answers, _, _ = model.answer_positions(hidden, batch["student_labels"])
+    answers, _, _ = model.answer_positions(hidden, batch.student_labels)
     return model.adapter.lm_head(answers).float().cpu()
 
 
@@ -38,7 +36,7 @@ def main() -> None:
     from trainer import dist
     from trainer.config import load_config
     from trainer.data import build_train_loader
-    from trainer.trainer import Trainer
+    from trainer.loop import Trainer
 
     with open(os.path.join(args.checkpoint, "run_config.json")) as f:
         run = json.load(f)

@@ -11,12 +11,8 @@ or per-rank mean would weigh tokens unequally and give another gradient.
 import argparse
 import json
 import math
-import os
-import sys
 
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-import deepspeed  # noqa: E402
+import deepspeed
 
 
 def main() -> None:
@@ -29,10 +25,11 @@ def main() -> None:
     from trainer import dist
     from trainer.config import load_config
     from trainer.distill.loss import KDSettings
-    from trainer.models.omni import build_tiny, set_trainable
+    from trainer.distill.objective import SelfKDObjective
+    from trainer.models.build import build_tiny, set_trainable
     from trainer.models.synthetic import make_batch
     from trainer.models.tiny import build_tiny_processor
-    from trainer.trainer import Trainer
+    from trainer.loop import Trainer
 
     # The reference is a plain single-process model, so it is built before the Trainer makes
     # Hugging Face build everything partitioned.
@@ -53,9 +50,10 @@ def main() -> None:
     if dist.is_main():
         reference.load_state_dict(initial)
         set_trainable(reference, {"llm", "projector"})
-        tokens = sum(int((b["student_labels"] != -100).sum()) for b in batches.values())
+        tokens = sum(b.answer_tokens() for b in batches.values())
+        objective = SelfKDObjective(reference, KDSettings(alpha=0.75))
         for batch in batches.values():
-            reference(batch, kd=KDSettings(alpha=0.75), normalizer=float(tokens))["loss"].backward()
+            objective(batch, float(tokens)).loss.backward()
         reference_norm = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in reference.parameters() if p.grad is not None))
         with open(args.out, "w") as f:
             json.dump({"engine": engine_norm, "reference": reference_norm, "tokens": tokens}, f)

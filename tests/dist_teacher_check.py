@@ -15,19 +15,18 @@ Prints "DIST_TEACHER_CHECK_OK" on rank 0 when everything holds.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import deepspeed
+import torch
 
-import deepspeed  # noqa: E402
-import torch  # noqa: E402
-
-from trainer.distill.loss import KDSettings  # noqa: E402
-from trainer.distill.teachers import make_teacher  # noqa: E402
-from trainer.config import ModelConfig  # noqa: E402
-from trainer import checkpoint  # noqa: E402
-from trainer.models.omni import build_model, load_omni, omni_spec, save_omni  # noqa: E402
-from trainer.models.synthetic import make_batch  # noqa: E402
+from trainer import checkpoint
+from trainer.config import ModelConfig
+from trainer.distill.loss import KDSettings
+from trainer.distill.objective import SelfKDObjective
+from trainer.distill.teachers import SharedTeacher, make_teacher
+from trainer.models.build import build_model
+from trainer.models.serialize import load_omni, omni_spec, save_omni
+from trainer.models.synthetic import make_batch
 
 DECAY = 0.5  # large steps so a wrong average cannot hide under the tolerance
 STEPS = 3
@@ -65,26 +64,28 @@ def main():
     )
     assert all(p.ds_tensor.numel() < p.ds_numel for p in model.parameters() if p.ds_numel > 1000), "not partitioned"
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=DS_CONFIG)
+    objective = SelfKDObjective(model, KDSettings(alpha=0.75, temperature=2.0))
+    engine, *_ = deepspeed.initialize(model=objective, optimizer=optimizer, config=DS_CONFIG)
+    model = engine.module.model
 
-    trainable = [p for p in engine.module.parameters() if p.requires_grad]
+    trainable = [p for p in model.parameters() if p.requires_grad]
     assert any(p.ds_persist for p in trainable) and not all(p.ds_persist for p in trainable), "want both kinds"
-    frozen = make_teacher("frozen", engine.module, zero_stage=3, release=engine.empty_partition_cache)
-    ema = make_teacher("ema", engine.module, DECAY, zero_stage=3, release=engine.empty_partition_cache)
+    frozen = make_teacher("frozen", model, zero_stage=3, release=engine.empty_partition_cache)
+    ema = make_teacher("ema", model, DECAY, zero_stage=3, release=engine.empty_partition_cache)
     initial = gathered(trainable)
     reference_ema = [t.clone() for t in initial]
 
-    kd = KDSettings(alpha=0.75, temperature=2.0)
+    engine.module.teacher = ema
     for step in range(STEPS):
         # Ranks see different batches (different lengths and answer counts); a fixed chunk
         # count keeps their LM-head calls, hence ZeRO-3 gathers, in lockstep.
         batch = make_batch(processor, 1, seed=100 * rank + step)
-        out = engine(batch, kd=kd, normalizer=1.0, teacher_ctx=ema.context, answer_chunks=3)
-        engine.backward(out["loss"])
+        out = engine(batch, 1.0, 3)
+        engine.backward(out.loss)
         engine.step()
         ema.update()
         reference_ema = [DECAY * r + (1 - DECAY) * w for r, w in zip(reference_ema, gathered(trainable))]
-        assert torch.isfinite(out["loss"]), out
+        assert torch.isfinite(out.loss), out
 
     student = gathered(trainable)
     assert any(not torch.equal(a, b) for a, b in zip(student, initial)), "training did not change the weights"
@@ -100,22 +101,24 @@ def main():
     # teacher gives the teacher CE of the initial model, which differs from the student's.
     batch = make_batch(processor, 1, seed=7)
     with torch.no_grad():
-        out_frozen = engine(batch, kd=kd, normalizer=1.0, teacher_ctx=frozen.context, answer_chunks=3)
-        out_shared = engine(batch, kd=kd, normalizer=1.0, answer_chunks=3)
-    assert torch.allclose(out_frozen["ce_sum"], out_shared["ce_sum"]), "student pass changed by the teacher swap"
-    assert not torch.allclose(out_frozen["teacher_ce_sum"], out_shared["teacher_ce_sum"]), "teacher pass used student weights"
+        engine.module.teacher = frozen
+        out_frozen = engine(batch, 1.0, 3)
+        engine.module.teacher = SharedTeacher()
+        out_shared = engine(batch, 1.0, 3)
+    assert torch.allclose(out_frozen.ce_sum, out_shared.ce_sum), "student pass changed by the teacher swap"
+    assert not torch.allclose(out_frozen.teacher_ce_sum, out_shared.teacher_ce_sum), "teacher pass used student weights"
 
     # Checkpoint for tools/export_hf.py, which the pytest wrapper runs afterwards in a fresh
     # process and compares against the gathered weights saved here.
     save_dir = os.environ.get("DIST_CHECK_DIR", "/tmp/dist_teacher_check")
     # The trainer's own save (engine partitions, spec, processor, fsync, COMPLETE manifest).
-    checkpoint.save(engine, save_dir, 3, {"step": 3}, {"note": "dist_teacher_check"}, omni_spec(engine.module),
+    checkpoint.save(engine, save_dir, 3, {"step": 3}, {"note": "dist_teacher_check"}, omni_spec(model),
                     processor, keep_last=1)
-    named = list(engine.module.named_parameters())
+    named = list(model.named_parameters())
     full = dict(zip([n for n, _ in named], gathered([p for _, p in named])))
     if rank == 0:
         torch.save(full, os.path.join(save_dir, "gathered_weights.pt"))
-        save_omni(engine.module, processor, os.path.join(save_dir, "saved"), state_dict=full)
+        save_omni(model, processor, os.path.join(save_dir, "saved"), state_dict=full)
     deepspeed.comm.barrier()
 
     # load_omni under ZeRO-3: only rank 0 reads the file, every rank must end up with its values.

@@ -28,7 +28,7 @@ COMMON = ("--max_steps", "4", "--save_every", "2", "--keep_last", "3", "--teache
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tools.make_demo_data import make_demo_data
+    from datagen.demo import make_demo_data
 
     return make_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=48, num_heldout=8, seed=1,
                           samples_per_shard=12)
@@ -138,7 +138,7 @@ def test_resume_and_export_refuse_a_payload_without_running_it(shards, full_run,
     rewrite_manifest(ckpt)  # the manifest matches: only the safe loader stands in the way
     with pytest.raises(AssertionError, match=f"refusing to load {target}"):
         deepspeed_train(tmp_path, shards, *COMMON, "--save_dir", str(save_dir), "--resume", "auto", name="resumed")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0 and f"refusing to load {target}" in proc.stderr, proc.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_export_takes_a_save_directory(full_run, tmp_path):
     """--checkpoint SAVE_DIR exports the newest checkpoint that verifies (step 4 is corrupt here)."""
     save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
     (save_dir / "step_00000004" / "trainer_state_rank0.pt").unlink()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(save_dir), "--out",
                            str(tmp_path / "export")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -201,7 +201,7 @@ dist.shutdown()
 
 
 def test_every_file_is_fsynced_before_complete(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", FSYNC_ORDER, str(tmp_path / "ckpt"), "29871"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -213,3 +213,24 @@ def test_every_file_is_fsynced_before_complete(tmp_path):
     assert files and files <= synced_before, f"written but not fsynced before COMPLETE: {files - synced_before}"
     assert path in synced_before, "the directory entries are fsynced too"
     assert ["fsync", path] in events[complete:], "COMPLETE's own directory entry is made durable"
+
+
+def test_a_checkpoint_from_before_the_objective_resumes(shards, full_run, tmp_path):
+    """Engine checkpoints written before the engine wrapped the Self-KD objective name the
+    model's parameters without "model.": they still resume, to the same losses."""
+    save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
+    shutil.rmtree(save_dir / "step_00000004")
+    ckpt = save_dir / "step_00000002"
+    for path in ckpt.glob("zero_pp_rank_*_model_states.pt"):
+        with checkpoint.safe_loading():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("module", "frozen_param_fragments"):
+            if state.get(key):
+                state[key] = {name.removeprefix("model."): value for name, value in state[key].items()}
+        torch.save(state, path)
+    rewrite_manifest(ckpt)
+    _, resumed, stdout = deepspeed_train(tmp_path, shards, *COMMON, "--save_dir", str(save_dir), "--resume", "auto",
+                                         name="resumed")
+    assert f"resumed from {ckpt} at step 2" in stdout
+    for step in (3, 4):
+        assert resumed[step]["train/loss"] == pytest.approx(full_run["metrics"][step]["train/loss"], rel=1e-5)

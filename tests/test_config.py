@@ -1,4 +1,6 @@
-"""Config precedence (CLI > YAML > defaults), validation messages, auto-field filling."""
+"""Config precedence (CLI > YAML > defaults), validation messages, the file checks the trainer
+runs first (`preflight`: shard specs, the DeepSpeed config, model and resume paths), and the
+DeepSpeed config's auto-field filling."""
 
 import json
 import os
@@ -6,7 +8,9 @@ import os
 import pytest
 import yaml
 
-from trainer.config import ConfigError, fill_ds_config, load_config
+from trainer import ds_config
+from trainer.config import ConfigError, load_config
+from trainer.loop import preflight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DS_DIR = os.path.join(ROOT, "ds_configs")
@@ -54,11 +58,14 @@ def test_config_is_frozen(shards):
         (["--teacher", "big"], "--teacher: 'big' is not one of shared, frozen, ema"),
         (["--max_steps", "0"], "--max_steps: must be >= 1, got 0"),
         (["--gradient_checkpointing", "maybe"], "gradient_checkpointing: expected true/false, got 'maybe'"),
-        (["--ds_config", "nope.json"], "--ds_config: nope.json does not exist"),
         (["--bogus", "1"], "unknown flag(s): --bogus 1"),
         (["--stage", "align"], "--stage align trains on ASR shards"),
         (["--stage", "vl"], "--stage vl trains the typed-question path itself"),
         (["--resume", "auto"], "--resume auto needs --save_dir"),
+        (["--lr", "nan"], "lr: must be a finite number, got 'nan'"),
+        (["--kd_temperature", "inf"], "kd_temperature: must be a finite number, got 'inf'"),
+        (["--max_grad_norm", "1e400"], "max_grad_norm: must be a finite number"),
+        (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps: must be >= 1, got 0"),
     ],
 )
 def test_errors_name_the_value(shards, extra, message):
@@ -67,11 +74,34 @@ def test_errors_name_the_value(shards, extra, message):
     assert message in str(err.value)
 
 
+def checked(args):
+    """load_config, then the trainer's file checks, as trainer/main.py runs them."""
+    config = load_config(args)
+    preflight(config)
+    return config
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--ds_config", "nope.json"], "--ds_config: nope.json does not exist"),
+        (["--model", "/no/such/model"], "--model: /no/such/model is neither 'tiny' nor an existing directory"),
+        (["--resume", "/no/such/ckpt"], "--resume: /no/such/ckpt is neither 'auto' nor a checkpoint directory"),
+        (["--eval_shards", "/no/{0..1}.tar"], "--eval_shards: no shard matches"),
+    ],
+)
+def test_file_checks_name_the_flag(shards, extra, message):
+    config = load_config(base(shards, *extra))  # parsing reads no file
+    with pytest.raises(ConfigError) as err:
+        preflight(config)
+    assert message in str(err.value)
+
+
 def test_shard_spec_must_match(tmp_path, shards):
-    with pytest.raises(ConfigError, match="no shard matches"):
-        load_config(base(str(tmp_path / "none-{0..3}.tar")))
+    with pytest.raises(ConfigError, match="--train_shards: no shard matches"):
+        checked(base(str(tmp_path / "none-{0..3}.tar")))
     with pytest.raises(ConfigError, match="1 of 3 shards do not exist"):
-        load_config(base(shards.replace("000001}", "000002}")))
+        checked(base(shards.replace("000001}", "000002}")))
 
 
 def test_unknown_yaml_key_is_named(tmp_path, shards):
@@ -96,8 +126,8 @@ def test_batch_size_contradicting_ds_config(tmp_path, shards):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match=r"--micro_batch_size 2 contradicts .*train_micro_batch_size_per_gpu = 4"):
-        load_config(base(shards, "--ds_config", str(path), "--micro_batch_size", "2"))
-    assert load_config(base(shards, "--ds_config", str(path), "--micro_batch_size", "4")).optim.micro_batch_size == 4
+        checked(base(shards, "--ds_config", str(path), "--micro_batch_size", "2"))
+    assert checked(base(shards, "--ds_config", str(path), "--micro_batch_size", "4")).optim.micro_batch_size == 4
 
 
 def test_deepspeed_launcher_local_rank_is_accepted(shards):
@@ -109,9 +139,9 @@ def test_every_ds_config_fills_and_validates(shards, name):
     """Each shipped DeepSpeed config: every "auto" is filled and DeepSpeed's own parser accepts it."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    c = load_config(base(shards, "--ds_config", os.path.join(DS_DIR, name), "--micro_batch_size", "2", "--grad_accum", "3"))
+    c = checked(base(shards, "--ds_config", os.path.join(DS_DIR, name), "--micro_batch_size", "2", "--grad_accum", "3"))
     raw = json.load(open(os.path.join(DS_DIR, name)))
-    filled = fill_ds_config(raw, c.optim, world_size=1, on_gpu=False)
+    filled = ds_config.resolve(c, world_size=1, on_gpu=False)
     assert "auto" not in json.dumps(filled)
     parsed = DeepSpeedConfig(filled)
     assert parsed.train_micro_batch_size_per_gpu == 2 and parsed.gradient_accumulation_steps == 3
@@ -134,7 +164,7 @@ def test_recipes_load(shards):
 
         with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
             yaml.safe_dump(data, f)
-        c = load_config(["--config", f.name, "--model", "tiny"])
+        c = checked(["--config", f.name, "--model", "tiny"])
         assert c.data.stage == data["stage"]
 
 
@@ -151,17 +181,17 @@ def test_flag_owned_ds_values_must_be_auto_or_equal(tmp_path, shards):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match=r"--lr 2e-05 contradicts .*lr = 0.0001"):
-        load_config(base(shards, "--ds_config", str(path)))
-    assert load_config(base(shards, "--ds_config", str(path), "--lr", "1e-4")).optim.lr == 1e-4
+        checked(base(shards, "--ds_config", str(path)))
+    assert checked(base(shards, "--ds_config", str(path), "--lr", "1e-4")).optim.lr == 1e-4
     del ds["scheduler"]
     path.write_text(json.dumps(ds))
     with pytest.raises(ConfigError, match="no scheduler section"):
-        load_config(base(shards, "--ds_config", str(path), "--lr", "1e-4"))
+        checked(base(shards, "--ds_config", str(path), "--lr", "1e-4"))
 
 
 def test_teacher_combinations_that_would_lie_are_refused(shards):
     with pytest.raises(ConfigError, match="NVMe parameter offload"):
-        load_config(base(shards, "--ds_config", os.path.join(DS_DIR, "zero3_nvme.json"), "--teacher", "ema"))
+        checked(base(shards, "--ds_config", os.path.join(DS_DIR, "zero3_nvme.json"), "--teacher", "ema"))
     with pytest.raises(ConfigError, match="trainable vision tower"):
         load_config(base(shards, "--teacher", "frozen", "--trainable", "llm,vision"))
     assert load_config(base(shards, "--teacher", "shared", "--trainable", "llm,vision")).model.trainable == ("llm", "vision")
@@ -177,5 +207,5 @@ def test_yaml_list_of_shard_specs(tmp_path, shards):
 
 def test_first_warmup_step_has_a_learning_rate(shards):
     c = load_config(base(shards, "--warmup_steps", "4"))
-    filled = fill_ds_config(json.load(open(os.path.join(DS_DIR, "zero3.json"))), c.optim, world_size=1, on_gpu=False)
+    filled = ds_config.resolve(c, world_size=1, on_gpu=False)
     assert filled["scheduler"]["params"]["warmup_min_ratio"] == pytest.approx(0.2)

@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from trainer.data import DataQualityError, build_eval_loader, build_train_loader
-from trainer.data.collate import IGNORE_INDEX
+from trainer.data.batch import IGNORE_INDEX
 from trainer.data.decode import decode_image
 from trainer.data.shards import read_shard
 from trainer.models.tiny import build_tiny_processor
@@ -146,13 +146,13 @@ def test_pickle_payload_is_real(tmp_path):
 def test_odd_inputs_are_converted(tmp_path, processor):
     spec = write_tar(tmp_path / "odd.tar", drop_empty(odd_samples()))
     loader, batches = run_epoch(spec, processor, max_bad_fraction=0.0)
-    keys = [k for b in batches for k in b["keys"]]
+    keys = [k for b in batches for k in b.keys]
     assert sorted(keys) == sorted(k for k, _ in odd_samples())
     assert loader.skip_counts() == {"audio_clipped": 1}
     for batch in batches:
-        assert torch.isfinite(batch["pixel_values"]).all() and torch.isfinite(batch["input_features"]).all()
+        assert torch.isfinite(batch.pixel_values).all() and torch.isfinite(batch.input_features).all()
         # every image fits the processor's cap (112x112 px -> at most 16 image tokens)
-        assert all(processor.image_token_count(g) <= 16 for g in batch["image_grid_thw"])
+        assert all(processor.image_token_count(g) <= 16 for g in batch.image_grid_thw)
 
 
 def test_image_conversions():
@@ -179,7 +179,7 @@ def test_broken_samples_are_skipped_and_counted(tmp_path, processor, caplog):
     (tmp_path / "index.json").write_text(json.dumps({"shard_samples": {"truncated.tar": 6, "missing.tar": 5}}))
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         loader, batches = run_epoch([good_spec, bad_spec, str(truncated), missing], processor, shuffle=False)
-    keys = [k for b in batches for k in b["keys"]]
+    keys = [k for b in batches for k in b.keys]
     assert not marker.exists(), "a pickle member was unpickled"
     assert set(keys) >= {f"ok{i}" for i in range(4)} | {"pickled"}
     assert sorted(k for k in keys if k.startswith("trunc")) == ["trunc0", "trunc1", "trunc2"]
@@ -203,17 +203,17 @@ def test_text_only_samples_have_no_image_inputs(tmp_path, processor):
     spec = write_tar(tmp_path / "text.tar", samples)
     loader, (batch,) = run_epoch(spec, processor, shuffle=False)
     assert loader.skip_counts() == {"bad_image": 1}
-    assert batch["keys"] == ["text0", "text1", "text2"]
-    assert batch["pixel_values"] is None and batch["image_grid_thw"] is None
+    assert batch.keys == ["text0", "text1", "text2"]
+    assert batch.pixel_values is None and batch.image_grid_thw is None
     for row in range(3):
-        teacher = decoded_text(processor, batch["teacher_input_ids"][row], batch["teacher_attention_mask"][row])
-        student = decoded_text(processor, batch["student_input_ids"][row], batch["student_attention_mask"][row])
+        teacher = decoded_text(processor, batch.teacher_input_ids[row], batch.teacher_attention_mask[row])
+        student = decoded_text(processor, batch.student_input_ids[row], batch.student_attention_mask[row])
         for prompt in (teacher, student):
             assert "<|image_pad|>" not in prompt and "<|vision_start|>" not in prompt
         assert f"Say {row} words." in teacher and "<|audio_pad|>" not in teacher
-        assert int((batch["student_input_ids"][row] == processor.audio_pad_id).sum()) == batch["audio_token_counts"][row]
-        teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
-        student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+        assert int((batch.student_input_ids[row] == processor.audio_pad_id).sum()) == batch.audio_token_counts[row]
+        teacher_answer = batch.teacher_labels[row][batch.teacher_labels[row] != IGNORE_INDEX]
+        student_answer = batch.student_labels[row][batch.student_labels[row] != IGNORE_INDEX]
         assert torch.equal(teacher_answer, student_answer)
         assert processor.tokenizer.decode(student_answer) == f"{row} words.<|im_end|>"
 
@@ -228,18 +228,18 @@ def test_mixed_batch_one_image_one_text_only(tmp_path, processor):
     picture = image_bytes(size=(56, 84))
     spec = write_tar(tmp_path / "mixed.tar", drop_empty([good("with_image", jpg=picture), good("text_only", jpg=b"")]))
     _, (batch,) = run_epoch(spec, processor, micro_batch_size=2, shuffle=False, max_bad_fraction=0.0)
-    assert batch["keys"] == ["with_image", "text_only"]
+    assert batch.keys == ["with_image", "text_only"]
     reference = image_patches(processor, picture)
-    assert batch["image_grid_thw"].shape == (1, 3)
-    assert batch["pixel_values"].shape == reference.shape
-    assert int(batch["image_grid_thw"][0].prod()) == reference.shape[0]
-    torch.testing.assert_close(batch["pixel_values"], reference)
-    image_tokens = processor.image_token_count(batch["image_grid_thw"][0])
+    assert batch.image_grid_thw.shape == (1, 3)
+    assert batch.pixel_values.shape == reference.shape
+    assert int(batch.image_grid_thw[0].prod()) == reference.shape[0]
+    torch.testing.assert_close(batch.pixel_values, reference)
+    image_tokens = processor.image_token_count(batch.image_grid_thw[0])
     for side in ("teacher", "student"):
-        assert (batch[f"{side}_input_ids"] == processor.image_pad_id).sum(dim=1).tolist() == [image_tokens, 0]
+        assert (batch.side(side)[0] == processor.image_pad_id).sum(dim=1).tolist() == [image_tokens, 0]
     for row in range(2):
-        teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
-        student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+        teacher_answer = batch.teacher_labels[row][batch.teacher_labels[row] != IGNORE_INDEX]
+        student_answer = batch.student_labels[row][batch.student_labels[row] != IGNORE_INDEX]
         assert torch.equal(teacher_answer, student_answer)
 
 
@@ -247,13 +247,13 @@ def test_mixed_batch_grid_rows_follow_sample_order(tmp_path, processor):
     first, second = image_bytes(size=(112, 28)), image_bytes(size=(28, 56))
     samples = drop_empty([good("first", jpg=first), good("middle", jpg=b""), good("second", jpg=second)])
     _, (batch,) = run_epoch(write_tar(tmp_path / "order.tar", samples), processor, shuffle=False)
-    assert batch["keys"] == ["first", "middle", "second"]
+    assert batch.keys == ["first", "middle", "second"]
     references = [image_patches(processor, first), image_patches(processor, second)]
-    assert batch["image_grid_thw"].prod(dim=1).tolist() == [r.shape[0] for r in references]
-    torch.testing.assert_close(batch["pixel_values"], torch.cat(references))
-    counts = (batch["student_input_ids"] == processor.image_pad_id).sum(dim=1).tolist()
-    assert counts == [processor.image_token_count(batch["image_grid_thw"][0]), 0,
-                      processor.image_token_count(batch["image_grid_thw"][1])]
+    assert batch.image_grid_thw.prod(dim=1).tolist() == [r.shape[0] for r in references]
+    torch.testing.assert_close(batch.pixel_values, torch.cat(references))
+    counts = (batch.student_input_ids == processor.image_pad_id).sum(dim=1).tolist()
+    assert counts == [processor.image_token_count(batch.image_grid_thw[0]), 0,
+                      processor.image_token_count(batch.image_grid_thw[1])]
 
 
 def test_eval_batches_mix_text_only_and_carry_sources(tmp_path, processor):
@@ -261,10 +261,10 @@ def test_eval_batches_mix_text_only_and_carry_sources(tmp_path, processor):
                           good("text_vqa", jpg=b"", json=meta(source="sharegpt"))])
     spec = write_tar(tmp_path / "eval.tar", samples)
     batches = list(build_eval_loader(spec, processor, micro_batch_size=2, max_seq_len=512, rank=0, world_size=1))
-    assert [b["keys"] for b in batches] == [["with_image", "text_only"], ["text_vqa"]]
-    assert [b["sources"] for b in batches] == [["vqa", None], ["sharegpt"]]
-    assert batches[0]["image_grid_thw"].shape == (1, 3) and batches[1]["pixel_values"] is None
-    prompt = decoded_text(processor, batches[1]["teacher_input_ids"][0], batches[1]["teacher_attention_mask"][0])
+    assert [b.keys for b in batches] == [["with_image", "text_only"], ["text_vqa"]]
+    assert [b.sources for b in batches] == [["vqa", None], ["sharegpt"]]
+    assert batches[0].image_grid_thw.shape == (1, 3) and batches[1].pixel_values is None
+    prompt = decoded_text(processor, batches[1].teacher_input_ids[0], batches[1].teacher_attention_mask[0])
     assert "<|image_pad|>" not in prompt and prompt.endswith("<|im_start|>assistant\n")
 
 
@@ -288,7 +288,7 @@ def test_too_many_bad_samples_stop_the_run(tmp_path, processor):
     with pytest.raises(DataQualityError, match=r"3 of \d+ samples bad .*bad_json=3"):
         run_epoch(spec, processor, max_bad_fraction=0.01, shuffle=False)
     loader, batches = run_epoch(spec, processor, max_bad_fraction=0.05, shuffle=False)
-    assert loader.skip_counts() == {"bad_json": 3} and sum(len(b["keys"]) for b in batches) == 117
+    assert loader.skip_counts() == {"bad_json": 3} and sum(len(b.keys) for b in batches) == 117
 
 
 def test_few_samples_are_judged_when_all_are_seen(tmp_path, processor):
@@ -318,7 +318,7 @@ def test_eval_ranks_share_a_lost_shard(tmp_path, processor):
     for rank in range(2):
         loader = build_eval_loader(specs[:1] + [missing] + specs[1:], processor, micro_batch_size=2, max_seq_len=512,
                                    rank=rank, world_size=2, max_bad_fraction=1.0)
-        assert sum(len(b["keys"]) for b in loader) == 3
+        assert sum(len(b.keys) for b in loader) == 3
         lost.append(loader.skip_counts()["shard_unreadable"])
     assert lost == [2, 3]  # lost raw samples 3..7 (after e0's 0..2) go to ranks 1, 0, 1, 0, 1
 
@@ -338,7 +338,7 @@ def test_shard_spec_forms(tmp_path, processor):
     piped = [f"pipe:cat {tmp_path / f'part-{i:02d}.tar'}" for i in range(3)]
     for spec in (brace, listed, piped):
         _, batches = run_epoch(spec, processor, shuffle=False, max_bad_fraction=0.0)
-        assert sorted(k for b in batches for k in b["keys"]) == ["s0", "s1", "s2"]
+        assert sorted(k for b in batches for k in b.keys) == ["s0", "s1", "s2"]
 
 
 @pytest.mark.slow
@@ -394,7 +394,7 @@ def test_every_bad_sample_class_is_a_counted_skip(tmp_path, caplog):
     spec = write_tar(tmp_path / "hostile.tar", drop_empty(samples))
     with caplog.at_level(logging.WARNING, logger="trainer.data"):
         loader, batches = run_epoch(spec, processor, shuffle=False, micro_batch_size=1)
-    assert [b["keys"][0] for b in batches] == ["thin_image", "tall_image", "one_pixel", "odd_rate", "fine"]
+    assert [b.keys[0] for b in batches] == ["thin_image", "tall_image", "one_pixel", "odd_rate", "fine"]
     assert loader.skip_counts() == {"bad_json": 3, "bad_image": 1, "bad_text": 1, "bad_audio": 2,
                                     "image_padded": 3, "audio_rate_snapped": 1}
     for key, field in [("deep_json", "json"), ("deep_field", "json"), ("processor_error", "image"),
@@ -403,7 +403,7 @@ def test_every_bad_sample_class_is_a_counted_skip(tmp_path, caplog):
         assert spec in line and f"field {field}" in line, line
     assert any("processor says no" in r.getMessage() for r in caplog.records)
     for batch in batches:
-        assert torch.isfinite(batch["pixel_values"]).all()
+        assert torch.isfinite(batch.pixel_values).all()
 
 
 def test_padding_keeps_the_image_centred():
@@ -466,7 +466,7 @@ def test_audio_memory_is_bounded_by_the_window(kind, notes):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, kind], cwd=root, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}, timeout=300)
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert out.returncode == 0, out.stderr
     probe = json.loads(out.stdout.strip().splitlines()[-1])
     assert probe["notes"] == notes

@@ -18,8 +18,8 @@ from transformers import WhisperFeatureExtractor
 
 from tools.inspect_shards import main as inspect_main
 from trainer.data import DataQualityError, build_eval_loader, build_train_loader
-from trainer.data.collate import IGNORE_INDEX
-from trainer.data.writer import make_asr_shards, make_llava_shards
+from trainer.data.batch import IGNORE_INDEX
+from datagen.writer import make_asr_shards, make_llava_shards
 from trainer.models.processing import AUDIO_PAD
 from trainer.models.tiny import build_tiny_processor
 
@@ -86,7 +86,7 @@ def shard_samples(out_dir):
 def loader_keys(loader, limit=None):
     keys = []
     for batch in loader:
-        keys.extend(batch["keys"])
+        keys.extend(batch.keys)
         if limit is not None and len(keys) >= limit:
             break
     return keys
@@ -163,37 +163,37 @@ def test_batch_contract(llava_shards, processor):
                                 rank=0, world_size=1, num_workers=0, seed=0, epochs=1)
     seen = []
     for batch in loader:
-        B = len(batch["keys"])
-        seen.extend(batch["keys"])
-        assert batch["student_input_ids"].shape == batch["student_labels"].shape == batch["student_attention_mask"].shape
-        assert batch["teacher_input_ids"].shape[0] == B and batch["input_features"].shape == (B, 80, 1000)
-        image_keys = [k for k in batch["keys"] if "jpg" in raw[k]]
-        assert batch["image_grid_thw"].shape == (len(image_keys), 3)
-        assert batch["pixel_values"].shape[0] == int(batch["image_grid_thw"].prod(dim=1).sum())
-        for row, key in enumerate(batch["keys"]):
+        B = len(batch.keys)
+        seen.extend(batch.keys)
+        assert batch.student_input_ids.shape == batch.student_labels.shape == batch.student_attention_mask.shape
+        assert batch.teacher_input_ids.shape[0] == B and batch.input_features.shape == (B, 80, 1000)
+        image_keys = [k for k in batch.keys if "jpg" in raw[k]]
+        assert batch.image_grid_thw.shape == (len(image_keys), 3)
+        assert batch.pixel_values.shape[0] == int(batch.image_grid_thw.prod(dim=1).sum())
+        for row, key in enumerate(batch.keys):
             meta = json.loads(raw[key]["json"])
-            teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
-            student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+            teacher_answer = batch.teacher_labels[row][batch.teacher_labels[row] != IGNORE_INDEX]
+            student_answer = batch.student_labels[row][batch.student_labels[row] != IGNORE_INDEX]
             assert torch.equal(teacher_answer, student_answer)
             assert processor.tokenizer.decode(student_answer) == meta["answer"] + "<|im_end|>"
-            teacher_text = processor.tokenizer.decode(batch["teacher_input_ids"][row][batch["teacher_attention_mask"][row] == 1])
+            teacher_text = processor.tokenizer.decode(batch.teacher_input_ids[row][batch.teacher_attention_mask[row] == 1])
             assert meta["question"] in teacher_text and AUDIO_PAD not in teacher_text
-            student_ids = batch["student_input_ids"][row]
+            student_ids = batch.student_input_ids[row]
             audio, _ = sf.read(io.BytesIO(raw[key]["flac"]), dtype="float32")
-            assert int((student_ids == processor.audio_pad_id).sum()) == batch["audio_token_counts"][row] \
+            assert int((student_ids == processor.audio_pad_id).sum()) == batch.audio_token_counts[row] \
                 == processor.audio_token_count(len(audio))
             # grid rows follow the samples that have an image, in sample order
-            image_tokens = processor.image_token_count(batch["image_grid_thw"][image_keys.index(key)]) \
+            image_tokens = processor.image_token_count(batch.image_grid_thw[image_keys.index(key)]) \
                 if key in image_keys else 0
             assert int((student_ids == processor.image_pad_id).sum()) == image_tokens
-            assert int((batch["teacher_input_ids"][row] == processor.image_pad_id).sum()) == image_tokens
+            assert int((batch.teacher_input_ids[row] == processor.image_pad_id).sum()) == image_tokens
             reference = WhisperFeatureExtractor(feature_size=80, chunk_length=10)(
                 audio, sampling_rate=16000, return_tensors="np")["input_features"][0]
-            np.testing.assert_allclose(batch["input_features"][row].numpy(), reference, atol=1e-4)
-            length = int(batch["student_attention_mask"][row].sum())
-            assert batch["student_attention_mask"][row][:length].all(), "right padding"
-            assert bool((batch["student_input_ids"][row][length:] == processor.pad_id).all())
-            assert bool((batch["student_labels"][row][length:] == IGNORE_INDEX).all())
+            np.testing.assert_allclose(batch.input_features[row].numpy(), reference, atol=1e-4)
+            length = int(batch.student_attention_mask[row].sum())
+            assert batch.student_attention_mask[row][:length].all(), "right padding"
+            assert bool((batch.student_input_ids[row][length:] == processor.pad_id).all())
+            assert bool((batch.student_labels[row][length:] == IGNORE_INDEX).all())
     assert sorted(seen) == sorted(raw)
 
 
@@ -254,13 +254,13 @@ def test_exact_resume(llava_shards, processor, num_workers, world_size, rank):
     resumed = build_train_loader(llava_shards["spec"], processor, state=state, **args)
     tail = _take(resumed, total - stop)
     got = head + tail
-    assert [b["keys"] for b in got] == [b["keys"] for b in reference]
+    assert [b.keys for b in got] == [b.keys for b in reference]
     for ours, theirs in zip(got, reference):
-        assert torch.equal(ours["student_input_ids"], theirs["student_input_ids"])
-        assert torch.equal(ours["input_features"], theirs["input_features"])
-        assert (ours["pixel_values"] is None and theirs["pixel_values"] is None) \
-            or torch.equal(ours["pixel_values"], theirs["pixel_values"])
-    assert resumed.skip_counts(include_ok=True)["ok"] == sum(len(b["keys"]) for b in got), \
+        assert torch.equal(ours.student_input_ids, theirs.student_input_ids)
+        assert torch.equal(ours.input_features, theirs.input_features)
+        assert (ours.pixel_values is None and theirs.pixel_values is None) \
+            or torch.equal(ours.pixel_values, theirs.pixel_values)
+    assert resumed.skip_counts(include_ok=True)["ok"] == sum(len(b.keys) for b in got), \
         "counts carry over a resume"
 
 
@@ -299,23 +299,23 @@ def test_eval_loader_left_padded_prompts_each_sample_once(llava_shards, processo
         count = 0
         for batch in build_eval_loader(llava_shards["spec"], processor, micro_batch_size=4, max_seq_len=1024,
                                        rank=rank, world_size=2):
-            assert not any(k.endswith("labels") for k in batch)
+            assert batch.student_labels is None and batch.teacher_labels is None
             for side in ("teacher", "student"):
-                mask = batch[f"{side}_attention_mask"]
+                input_ids, mask, _ = batch.side(side)
                 assert bool(mask[:, -1].all()), "left padding: every row ends with a real token"
                 assert bool((mask.cummax(dim=1).values == mask).all()), "padding only on the left"
-                assert bool((batch[f"{side}_input_ids"][mask == 0] == processor.pad_id).all())
+                assert bool((input_ids[mask == 0] == processor.pad_id).all())
             for side in ("teacher", "student"):
-                prompt = processor.tokenizer.decode(batch[f"{side}_input_ids"][0])
+                prompt = processor.tokenizer.decode(batch.side(side)[0][0])
                 assert prompt.endswith("<|im_start|>assistant\n"), "prompt only, ready for generation"
-            for row, key in enumerate(batch["keys"]):
+            for row, key in enumerate(batch.keys):
                 meta = json.loads(raw[key]["json"])
-                assert batch["questions"][row] == meta["question"] and batch["answers"][row] == [meta["answer"]]
-                assert batch["ids"][row] == meta["id"] and batch["tasks"][row] == meta.get("task")
-                assert batch["sources"][row] == meta.get("source")  # None for the text-only record
-                assert batch["choices"][row] is None
-            ids.extend(batch["keys"])
-            count += len(batch["keys"])
+                assert batch.questions[row] == meta["question"] and batch.answers[row] == [meta["answer"]]
+                assert batch.ids[row] == meta["id"] and batch.tasks[row] == meta.get("task")
+                assert batch.sources[row] == meta.get("source")  # None for the text-only record
+                assert batch.choices[row] is None
+            ids.extend(batch.keys)
+            count += len(batch.keys)
         per_rank.append(count)
     assert sorted(ids) == sorted(raw)
     assert abs(per_rank[0] - per_rank[1]) <= 1
@@ -329,10 +329,10 @@ def test_over_long_samples_are_dropped_not_truncated(llava_shards, processor):
                 max_bad_fraction=1.0)
     lengths = {}
     for batch in build_train_loader(llava_shards["spec"], processor, max_seq_len=4096, **args):
-        lengths[batch["keys"][0]] = max(batch["student_input_ids"].shape[1], batch["teacher_input_ids"].shape[1])
+        lengths[batch.keys[0]] = max(batch.student_input_ids.shape[1], batch.teacher_input_ids.shape[1])
     limit = sorted(lengths.values())[len(lengths) // 2]
     loader = build_train_loader(llava_shards["spec"], processor, max_seq_len=limit, **args)
-    kept = [b["keys"][0] for b in loader]
+    kept = [b.keys[0] for b in loader]
     assert sorted(kept) == sorted(k for k, n in lengths.items() if n <= limit)
     assert loader.skip_counts() == {"too_long": sum(n > limit for n in lengths.values())}
     strict = build_train_loader(llava_shards["spec"], processor, max_seq_len=limit,
@@ -357,11 +357,11 @@ def test_align_stage_on_asr_shards(tmp_path, processor):
     loader = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=3, max_seq_len=512,
                                 rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
     (batch,) = list(loader)
-    assert "teacher_input_ids" not in batch and batch["pixel_values"] is None and batch["image_grid_thw"] is None
-    answers = {processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch["student_labels"]}
+    assert not batch.has_teacher and batch.pixel_values is None and batch.image_grid_thw is None
+    answers = {processor.tokenizer.decode(row[row != IGNORE_INDEX]) for row in batch.student_labels}
     assert answers == {t + "<|im_end|>" for t in ("the quick brown fox", "one two", "a long clip")}
     assert loader.skip_counts() == {"audio_clipped": 1}
-    assert max(batch["audio_token_counts"]) == processor.audio_token_count(processor.max_audio_samples)
+    assert max(batch.audio_token_counts) == processor.audio_token_count(processor.max_audio_samples)
 
 
 def test_inspect_shards_json(llava_shards, capsys):
@@ -393,7 +393,7 @@ def test_make_shards_cli_with_tts_command(tmp_path):
     for members in shard_samples(tmp_path / "out").values():
         question = json.loads(members["json"])["question"]
         audio, _ = sf.read(io.BytesIO(members["flac"]))
-        from trainer.data.normalize import normalize_for_tts
+        from datagen.normalize import normalize_for_tts
 
         assert len(audio) == 160 * len(normalize_for_tts(question))
 
@@ -449,5 +449,22 @@ def test_a_rank_exiting_with_live_workers_does_not_hang(llava_shards):
 def subprocess_run(cmd, root):
     import subprocess
 
-    return subprocess.run(cmd, cwd=root, env={**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"},
+    return subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           capture_output=True, text=True, timeout=120)
+
+
+def test_vl_stage_trains_the_typed_question_as_the_student(llava_shards, processor):
+    """--stage vl is a mode of the sample encoder: its student side is the Self-KD teacher
+    side (image + typed question + answer), with no teacher and no audio decoded."""
+    args = dict(micro_batch_size=4, max_seq_len=1024, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False,
+                epochs=1)
+    selfkd = list(build_train_loader(llava_shards["spec"], processor, stage="selfkd", **args))
+    vl = list(build_train_loader(llava_shards["spec"], processor, stage="vl", **args))
+    assert [b.keys for b in vl] == [b.keys for b in selfkd]
+    for typed, kd in zip(vl, selfkd):
+        assert not typed.has_teacher and typed.input_features is None and typed.audio_token_counts is None
+        assert torch.equal(typed.student_input_ids, kd.teacher_input_ids)
+        assert torch.equal(typed.student_attention_mask, kd.teacher_attention_mask)
+        assert torch.equal(typed.student_labels, kd.teacher_labels)
+        assert (typed.pixel_values is None and kd.pixel_values is None) or torch.equal(typed.pixel_values, kd.pixel_values)
+        assert not (typed.student_input_ids == processor.audio_pad_id).any()

@@ -9,8 +9,8 @@ import pytest
 from transformers import WhisperFeatureExtractor
 
 from trainer.data.features import LogMel
-from trainer.data.normalize import normalize_for_tts, number_to_words, ordinal_to_words
-from trainer.data.tts import CommandTTS, EspeakTTS
+from datagen.normalize import normalize_for_tts, number_to_words, ordinal_to_words
+from datagen.tts import CommandTTS, EspeakTTS
 
 # Independent spellings, written out by hand.
 CARDINALS = {0: "zero", 7: "seven", 13: "thirteen", 20: "twenty", 42: "forty-two", 100: "one hundred",

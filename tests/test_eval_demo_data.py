@@ -7,7 +7,7 @@ import re
 import pytest
 from PIL import Image
 
-from tools.make_demo_data import COLOURS, QUESTION_TYPES, make_demo_data, position_name
+from datagen.demo import COLOURS, QUESTION_TYPES, make_demo_data, position_name
 from trainer.eval.scoring import score
 
 

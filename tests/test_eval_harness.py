@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from trainer.data.batch import Batch
 from trainer.eval.harness import evaluate
 
 
@@ -25,23 +26,19 @@ class ScriptedModel(torch.nn.Module):
     def generate(self, batch, mode, max_new_tokens, *, synced_gpus):
         assert not self.training
         assert synced_gpus == (dist.is_initialized() and dist.get_world_size() > 1)
-        self.calls.append((tuple(batch["ids"]), mode))
-        self.pixel_dtypes.append(batch["pixel_values"].dtype)
-        return [(refs or [""])[0] for refs in batch["answers"]] if mode == "text" else ["yes"] * len(batch["ids"])
+        self.calls.append((tuple(batch.ids), mode))
+        self.pixel_dtypes.append(batch.pixel_values.dtype)
+        return [(refs or [""])[0] for refs in batch.answers] if mode == "text" else ["yes"] * len(batch.ids)
 
 
 def _batch(ids, tasks, answers, choices=None):
-    """An eval batch as trainer.data's collate_eval builds it: reference answers as a
-    list per sample."""
-    return {
-        "keys": list(ids),
-        "ids": list(ids),
-        "questions": [f"question {i}" for i in ids],
-        "answers": [a if isinstance(a, list) else [a] for a in answers],
-        "tasks": list(tasks),
-        "choices": choices or [None] * len(ids),
-        "pixel_values": torch.zeros(2, 3),
-    }
+    """An eval Batch with the fields collate_eval fills: reference answers as a list per
+    sample (the prompts are placeholders: the scripted model reads none)."""
+    prompts = torch.zeros(len(ids), 1, dtype=torch.long)
+    return Batch(keys=list(ids), student_input_ids=prompts, student_attention_mask=prompts + 1,
+                 ids=list(ids), questions=[f"question {i}" for i in ids],
+                 answers=[a if isinstance(a, list) else [a] for a in answers], tasks=list(tasks),
+                 choices=choices or [None] * len(ids), pixel_values=torch.zeros(2, 3))
 
 
 def test_evaluate_scores_both_modes():
@@ -76,15 +73,17 @@ def test_evaluate_single_mode_and_cap():
 
 
 def test_evaluate_rejects_bad_batches():
-    with pytest.raises(KeyError, match="lacks"):
-        evaluate(ScriptedModel(), None, [{"keys": ["x"], "ids": ["x"]}])
+    bare = _batch(["x"], ["open"], ["y"])
+    bare.questions = bare.tasks = None
+    with pytest.raises(ValueError, match="lacks"):
+        evaluate(ScriptedModel(), None, [bare])
     with pytest.raises(ValueError, match="'x'.*no reference"):
         evaluate(ScriptedModel(), None, [_batch(["x"], ["open"], [[]])])
 
 
 def test_sources_break_the_report_down():
     batch = _batch(["r", "a"], ["choice", "choice"], ["A", "B"], choices=[["p", "q"], ["p", "q"]])
-    batch["sources"] = ["vg_relation", "vg_attribution"]
+    batch.sources = ["vg_relation", "vg_attribution"]
     report, _ = evaluate(ScriptedModel(), None, [batch])
     assert set(report["by_source"]) == {"vg_relation", "vg_attribution"}
 

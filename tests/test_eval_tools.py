@@ -10,12 +10,13 @@ import sys
 import pytest
 
 from tools import attention_analysis, evaluate
-from tools.make_demo_data import make_split
-from tools.make_shards import make_llava_shards
+from datagen.demo import make_split
+from datagen.writer import make_llava_shards
 from trainer.data import build_eval_loader
 from trainer.eval.attention import sample_attention_shares, token_groups
 from trainer.eval.scoring import aggregate
-from trainer.models.omni import build_tiny, load_omni, save_omni
+from trainer.models.build import build_tiny
+from trainer.models.serialize import load_omni, save_omni
 from trainer.models.tiny import build_tiny_processor
 
 pytestmark = pytest.mark.slow
@@ -57,7 +58,7 @@ def _first_batch(assets, model_dir, attn_impl):
 
 def test_attention_shares_on_tiny_model(assets):
     model, processor, batch = _first_batch(assets, assets["model"], "eager")
-    answer = batch["answers"][0][0]
+    answer = batch.answers[0][0]
     for mode in ("text", "audio"):
         shares = sample_attention_shares(model, batch, mode, answer)
         for query in ("question", "answer"):
@@ -68,11 +69,11 @@ def test_attention_shares_on_tiny_model(assets):
         assert shares["question->answer"] == [0.0] * len(shares["question->answer"])  # causal
         assert all(s > 0 for s in shares["question->image"])
     # The typed question group decodes to the question; the spoken one is the audio tokens.
-    typed_ids = batch["teacher_input_ids"][0]
+    typed_ids = batch.teacher_input_ids[0]
     groups = token_groups(typed_ids, processor, "text", 0)
-    assert processor.tokenizer.decode(typed_ids[groups["question"]]) == batch["questions"][0]
-    spoken = token_groups(batch["student_input_ids"][0], processor, "audio", 0)
-    assert int(spoken["question"].sum()) == int(batch["audio_token_counts"][0])
+    assert processor.tokenizer.decode(typed_ids[groups["question"]]) == batch.questions[0]
+    spoken = token_groups(batch.student_input_ids[0], processor, "audio", 0)
+    assert int(spoken["question"].sum()) == int(batch.audio_token_counts[0])
     # Fused attention keeps no weights: a clear error, not silent zeros.
     sdpa_model, _, _ = _first_batch(assets, assets["model"], "sdpa")
     with pytest.raises(RuntimeError, match="eager"):

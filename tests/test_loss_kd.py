@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.distill.loss import KDSettings, answer_token_loss, chunk_bounds, combine
-from trainer.models.omni import answer_chunks_for
+from trainer.loop import answer_chunks_for
 
 B, T, H, V = 3, 11, 16, 37
 

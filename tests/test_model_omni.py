@@ -1,12 +1,16 @@
-"""Tiny omni model (real Qwen2-VL / Whisper classes, random init) on synthetic batches."""
+"""Tiny omni model (real Qwen2-VL / Whisper classes, random init) and the Self-KD objective
+around it, on synthetic batches made by the trainer's own sample encoder and collator."""
 
 import contextlib
 
 import pytest
 import torch
 
+from trainer.data.batch import IGNORE_INDEX
 from trainer.distill.loss import KDSettings
-from trainer.models.omni import WEIGHTS, LazyWeights, build_tiny, load_omni, load_weights, save_omni, set_trainable
+from trainer.distill.objective import ObjectiveOutput, SelfKDObjective
+from trainer.models.build import build_tiny, set_trainable
+from trainer.models.serialize import WEIGHTS, LazyWeights, load_omni, load_weights, save_omni
 from trainer.models.synthetic import make_batch
 from trainer.models.tiny import build_tiny_processor
 
@@ -23,6 +27,17 @@ def model(processor):
     return build_tiny(processor, attn_impl="sdpa", seed=0)
 
 
+def run(model, batch, kd, normalizer=1.0, *, chunk_size=1024, answer_chunks=None, teacher=None) -> ObjectiveOutput:
+    """One micro-batch through the trainer's objective around `model`."""
+    objective = SelfKDObjective(model, kd, chunk_size=chunk_size)
+    if teacher is not None:
+        objective.teacher = teacher
+    return objective(batch, normalizer, answer_chunks)
+
+
+OUTPUT_FIELDS = ObjectiveOutput._fields
+
+
 def count_teacher_passes(model):
     calls = {"teacher": 0, "student": 0}
     original = model.hidden_states
@@ -36,12 +51,11 @@ def count_teacher_passes(model):
 
 
 def test_forward_backward_grads_only_on_trainable(model, processor):
-    out = model(make_batch(processor, 2), kd=KD, normalizer=7.0, chunk_size=8)
-    assert set(out) == {"loss", "ce_sum", "kd_sum", "teacher_ce_sum", "agree_count", "n_tokens"}
-    assert torch.isfinite(out["loss"]) and out["kd_sum"] > 0 and out["n_tokens"] > 0
-    expected = (0.75 * 4.0 * out["kd_sum"] + 0.25 * out["ce_sum"]) / 7.0
-    torch.testing.assert_close(out["loss"].detach(), expected)
-    out["loss"].backward()
+    out = run(model, make_batch(processor, 2), KD, 7.0, chunk_size=8)
+    assert torch.isfinite(out.loss) and out.kd_sum > 0 and out.n_tokens > 0
+    expected = (0.75 * 4.0 * out.kd_sum + 0.25 * out.ce_sum) / 7.0
+    torch.testing.assert_close(out.loss.detach(), expected)
+    out.loss.backward()
     for name, param in model.named_parameters():
         trains = name.startswith(("vlm.model.language_model", "vlm.lm_head", "projector"))
         assert param.requires_grad == trains, name
@@ -51,28 +65,28 @@ def test_forward_backward_grads_only_on_trainable(model, processor):
 def test_sft_makes_no_teacher_pass(model, processor):
     calls = count_teacher_passes(model)
     batch = make_batch(processor, 2)
-    sft = model(batch, kd=KDSettings(alpha=0.0), normalizer=1.0)
+    sft = run(model, batch, KDSettings(alpha=0.0))
     assert calls == {"teacher": 0, "student": 1}
-    model(batch, kd=None, normalizer=1.0)
+    run(model, batch, None)
     assert calls == {"teacher": 0, "student": 2}
-    model(batch, kd=KD, normalizer=1.0)
+    run(model, batch, KD)
     assert calls == {"teacher": 1, "student": 3}
-    torch.testing.assert_close(sft["loss"].detach(), sft["ce_sum"] / 1.0)
+    torch.testing.assert_close(sft.loss.detach(), sft.ce_sum / 1.0)
 
 
 @pytest.mark.parametrize("kd", [None, KD], ids=["sft", "kd"])
 def test_chunk_size_sets_lm_head_calls_with_and_without_kd(model, processor, kd):
     batch = make_batch(processor, 2)
-    n_answers = int(batch["student_labels"][:, 1:].ne(-100).sum())
+    n_answers = int(batch.student_labels[:, 1:].ne(IGNORE_INDEX).sum())
     calls = []
     model.adapter.lm_head.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
     with torch.no_grad():
-        model(batch, kd=kd, normalizer=1.0, chunk_size=3)
+        run(model, batch, kd, chunk_size=3)
     student_calls = -(-n_answers // 3)
     assert len(calls) == (2 * student_calls if kd else student_calls) and max(calls) <= 3
     calls.clear()
     with torch.no_grad():
-        model(batch, kd=kd, normalizer=1.0, chunk_size=3, answer_chunks=2)
+        run(model, batch, kd, chunk_size=3, answer_chunks=2)
     assert len(calls) == (4 if kd else 2)
 
 
@@ -81,24 +95,26 @@ def test_loss_falls_on_fixed_batch(model, processor):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     losses = []
     for _ in range(15):
-        out = model(batch, kd=KD, normalizer=float(batch["student_labels"].ne(-100).sum()))
+        out = run(model, batch, KD, float(batch.answer_tokens()))
         optimizer.zero_grad()
-        out["loss"].backward()
+        out.loss.backward()
         optimizer.step()
-        losses.append(out["loss"].item())
+        losses.append(out.loss.item())
     assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_missing_modalities_run_dummy_encoders_and_grads_flow(model, processor):
+    """No image (Self-KD on text-only samples) and no audio (the VL stage): both encoders
+    still run, on dummy inputs, and every trainable part gets a finite gradient."""
     set_trainable(model, {"llm", "projector", "vision", "audio"})
-    for batch in (make_batch(processor, 2, with_image=False), make_batch(processor, 2, with_audio=False)):
+    for batch, kd in ((make_batch(processor, 2, with_image=False), KD), (make_batch(processor, 2, stage="vl"), None)):
         model.zero_grad(set_to_none=True)
         vision_calls = []
         handle = model.adapter.vision_tower.register_forward_hook(lambda *a: vision_calls.append(1))
         audio_calls = []
         handle2 = model.audio_encoder.register_forward_hook(lambda *a: audio_calls.append(1))
-        out = model(batch, kd=KD, normalizer=1.0)
-        out["loss"].backward()
+        out = run(model, batch, kd)
+        out.loss.backward()
         handle.remove()
         handle2.remove()
         assert vision_calls and audio_calls
@@ -119,16 +135,18 @@ def test_frozen_vision_runs_without_graph(model, processor):
 
 def test_mismatches_are_loud_and_name_the_sample(model, processor):
     batch = make_batch(processor, 2)
-    batch["audio_token_counts"] = batch["audio_token_counts"] + torch.tensor([0, 1])
+    batch.audio_token_counts = batch.audio_token_counts + torch.tensor([0, 1])
     with pytest.raises(ValueError, match="synthetic-0-1"):
-        model(batch, kd=KD, normalizer=1.0)
+        run(model, batch, KD)
     batch = make_batch(processor, 2)
-    labels = batch["teacher_labels"].clone()
-    first_answer = (labels[1] != -100).nonzero()[0, 0]
-    labels[1, first_answer] = -100
-    batch["teacher_labels"] = labels
+    labels = batch.teacher_labels.clone()
+    first_answer = (labels[1] != IGNORE_INDEX).nonzero()[0, 0]
+    labels[1, first_answer] = IGNORE_INDEX
+    batch.teacher_labels = labels
     with pytest.raises(ValueError, match="synthetic-0-1"):
-        model(batch, kd=KD, normalizer=1.0)
+        run(model, batch, KD)
+    with pytest.raises(ValueError, match="teacher"):
+        run(model, make_batch(processor, 2, stage="vl"), KD)  # Self-KD without a typed side
 
 
 def test_own_weight_teacher_matches_shared_when_weights_equal(model, processor):
@@ -138,28 +156,28 @@ def test_own_weight_teacher_matches_shared_when_weights_equal(model, processor):
     class SameWeights:
         swaps_weights = True
 
-        def __call__(self):
+        def context(self):
             return contextlib.nullcontext()
 
     batch = make_batch(processor, 2)
-    shared = model(batch, kd=KD, normalizer=3.0, chunk_size=8)
-    swapped = model(batch, kd=KD, normalizer=3.0, teacher_ctx=SameWeights(), chunk_size=8)
+    shared = run(model, batch, KD, 3.0, chunk_size=8)
+    swapped = run(model, batch, KD, 3.0, chunk_size=8, teacher=SameWeights())
     for key in ("loss", "kd_sum", "teacher_ce_sum", "agree_count"):
-        torch.testing.assert_close(shared[key], swapped[key])
+        torch.testing.assert_close(getattr(shared, key), getattr(swapped, key))
 
 
 def test_save_load_gives_identical_outputs(model, processor, tmp_path):
     batch = make_batch(processor, 2, seed=5)
     with torch.no_grad():
-        before = model(batch, kd=KD, normalizer=1.0)
+        before = run(model, batch, KD)
     save_omni(model, processor, str(tmp_path))
     loaded, loaded_processor = load_omni(str(tmp_path), attn_impl="sdpa")
     assert loaded_processor.audio_stack == processor.audio_stack
     assert len(loaded_processor.tokenizer) == len(processor.tokenizer)
     with torch.no_grad():
-        after = loaded(batch, kd=KD, normalizer=1.0)
-    for key in before:
-        torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+        after = run(loaded, batch, KD)
+    for key in OUTPUT_FIELDS:
+        torch.testing.assert_close(getattr(after, key), getattr(before, key), rtol=0, atol=0)
 
 
 def test_lazy_load_reads_each_stored_tensor_once(model, processor, tmp_path):
@@ -185,15 +203,15 @@ def test_lazy_load_reads_each_stored_tensor_once(model, processor, tmp_path):
 
 def naive_greedy(model, batch, role, max_new_tokens):
     """No cache: re-run the whole sequence for every new token, positions recomputed."""
-    input_ids, attention_mask = batch[f"{role}_input_ids"], batch[f"{role}_attention_mask"]
+    input_ids, attention_mask, _ = batch.side(role)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens, _ = model.encode_audio(batch)
     audio_tokens = audio_tokens if role == "student" else None
     eos = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     outputs = [[] for _ in range(input_ids.shape[0])]
     for _ in range(max_new_tokens):
-        embeds = model.embed(batch["keys"], input_ids, image_tokens, audio_tokens, batch["audio_token_counts"], role)
-        positions = model.adapter.position_ids(input_ids, batch["image_grid_thw"], attention_mask)
+        embeds = model.embed(batch.keys, input_ids, image_tokens, audio_tokens, batch.audio_token_counts, role)
+        positions = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
         hidden, _ = model.adapter.decode(embeds, positions, attention_mask)
         next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
         for row, token in zip(outputs, next_ids.tolist()):
@@ -206,9 +224,9 @@ def naive_greedy(model, batch, role, max_new_tokens):
 
 @pytest.mark.parametrize("mode", ["text", "audio"])
 def test_generate_matches_naive_reference(model, processor, mode):
-    batch = make_batch(processor, 3, seed=1, prompt_only=True)
+    batch = make_batch(processor, 3, seed=1, stage="eval")
     role = "teacher" if mode == "text" else "student"
-    assert batch[f"{role}_attention_mask"][:, 0].eq(0).any(), "want left padding in the batch"
+    assert batch.side(role)[1][:, 0].eq(0).any(), "want left padding in the batch"
     model.eval()
     with torch.no_grad():
         fast = model.generate_ids(batch, mode, 6, synced_gpus=True)
@@ -221,7 +239,7 @@ def test_generate_matches_naive_reference(model, processor, mode):
 def test_tied_embeddings_save_load_and_lm_head_grad(processor, tmp_path):
     """Qwen2-VL-2B ties the LM head to the embeddings: the chunked head must still train
     the shared matrix, and the export stores it once and re-ties it on load."""
-    from trainer.models.omni import build_from_configs
+    from trainer.models.build import build_from_configs
     from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
 
     vlm_config = tiny_vlm_config(len(processor.tokenizer))
@@ -231,15 +249,15 @@ def test_tied_embeddings_save_load_and_lm_head_grad(processor, tmp_path):
     model = build_from_configs(vlm_config, tiny_whisper_config(80, 1000), processor, attn_impl="sdpa")
     assert model.adapter.lm_head.weight is model.adapter.input_embeddings().weight
     batch = make_batch(processor, 2)
-    out = model(batch, kd=KD, normalizer=1.0)
-    out["loss"].backward()
+    out = run(model, batch, KD)
+    out.loss.backward()
     assert model.adapter.lm_head.weight.grad is not None
     save_omni(model, processor, str(tmp_path))
     loaded, _ = load_omni(str(tmp_path), attn_impl="sdpa")
     assert loaded.adapter.lm_head.weight is loaded.adapter.input_embeddings().weight
     with torch.no_grad():
-        before, after = model(batch, kd=KD, normalizer=1.0), loaded(batch, kd=KD, normalizer=1.0)
-    torch.testing.assert_close(after["loss"], before["loss"], rtol=0, atol=0)
+        before, after = run(model, batch, KD), run(loaded, batch, KD)
+    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
 
 
 def tiny_qwen25_vl_config(vocab_size):
@@ -256,17 +274,17 @@ def tiny_qwen25_vl_config(vocab_size):
 
 
 def test_qwen25_vl_adapter_trains_and_generates(processor):
-    from trainer.models.omni import build_from_configs
+    from trainer.models.build import build_from_configs
     from trainer.models.tiny import tiny_whisper_config
 
     torch.manual_seed(0)
     model = build_from_configs(tiny_qwen25_vl_config(len(processor.tokenizer)), tiny_whisper_config(80, 1000), processor,
                                attn_impl="sdpa")
     assert type(model.adapter).__name__ == "Qwen25VLAdapter"
-    out = model(make_batch(processor, 2), kd=KD, normalizer=1.0)
-    out["loss"].backward()
-    assert torch.isfinite(out["loss"]) and model.projector.net[0].weight.grad is not None
-    batch = make_batch(processor, 2, seed=1, prompt_only=True)
+    out = run(model, make_batch(processor, 2), KD)
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and model.projector.net[0].weight.grad is not None
+    batch = make_batch(processor, 2, seed=1, stage="eval")
     with torch.no_grad():
         assert model.generate_ids(batch, "audio", 4, synced_gpus=True) == naive_greedy(model, batch, "student", 4)
 
@@ -274,7 +292,7 @@ def test_qwen25_vl_adapter_trains_and_generates(processor):
 def test_compose_loads_pretrained_vlm_and_whisper_encoder_only(processor, tmp_path):
     from transformers import Qwen2VLForConditionalGeneration, WhisperForConditionalGeneration
 
-    from trainer.models.omni import compose
+    from trainer.models.build import compose
     from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
 
     whisper_config = tiny_whisper_config(80, 1000)
@@ -291,4 +309,4 @@ def test_compose_loads_pretrained_vlm_and_whisper_encoder_only(processor, tmp_pa
         assert torch.equal(model.audio_encoder.state_dict()[name], weight), name
     for name, weight in vlm.state_dict().items():
         assert torch.equal(model.vlm.state_dict()[name], weight), name
-    assert torch.isfinite(model(make_batch(processor, 1), kd=KD, normalizer=1.0)["loss"])
+    assert torch.isfinite(run(model, make_batch(processor, 1), KD).loss)

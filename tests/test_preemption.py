@@ -25,7 +25,7 @@ _port = iter(range(29740, 29800))
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tools.make_demo_data import make_demo_data
+    from datagen.demo import make_demo_data
 
     return make_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=48, num_heldout=4, seed=2,
                           samples_per_shard=12)
@@ -48,7 +48,7 @@ class Run:
         self.run_dir = run_dir
         self.log_dir = log_dir or run_dir / "tb"  # the --log_dir the command writes metrics.jsonl to
         self.log = open(run_dir / "out.log", "w")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self.tree = psutil.Process(self.proc.pid)

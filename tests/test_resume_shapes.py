@@ -42,7 +42,7 @@ def take(loader, n):
     if n == 0:
         return out
     for batch in loader:
-        out.append(batch["keys"])
+        out.append(batch.keys)
         if len(out) == n:
             break
     return out

@@ -27,7 +27,7 @@ def cluster(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tools.make_demo_data import make_demo_data
+    from datagen.demo import make_demo_data
 
     return make_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=32, num_heldout=4, seed=3,
                           samples_per_shard=8)

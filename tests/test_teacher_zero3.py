@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from trainer.models.omni import load_omni
+from trainer.models.serialize import load_omni
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

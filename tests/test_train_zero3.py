@@ -19,7 +19,7 @@ _port = iter(range(29620, 29700))
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from tools.make_demo_data import make_demo_data
+    from datagen.demo import make_demo_data
 
     out = tmp_path_factory.mktemp("demo")
     return make_demo_data(str(out), num_train=48, num_heldout=8, seed=1, samples_per_shard=12)
@@ -34,7 +34,7 @@ def deepspeed_train(tmp_path, shards, *args, ranks=2, name="run"):
         "--train_shards", shards["train_shards"], "--micro_batch_size", "4", "--num_workers", "2",
         "--max_seq_len", "512", "--lr", "3e-3", "--warmup_steps", "2", "--log_dir", str(run_dir / "tb"), *args,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     if proc.returncode != 0:
         raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
@@ -104,7 +104,7 @@ def test_export_reloads_to_the_same_logits(tmp_path, shards):
     )
     ckpt = tmp_path / "ckpt" / "step_00000003"
     export = tmp_path / "export"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(ckpt), "--out", str(export)],
                    cwd=ROOT, env=env, check=True, capture_output=True, text=True, timeout=600)
     engine_logits = tmp_path / "engine_logits.pt"
@@ -118,7 +118,7 @@ def test_export_reloads_to_the_same_logits(tmp_path, shards):
 
     from tests.dist_logits import answer_logits
     from trainer.data import build_train_loader
-    from trainer.models.omni import load_omni
+    from trainer.models.serialize import load_omni
 
     model, processor = load_omni(str(export))
     batch = next(iter(build_train_loader(shards["heldout_shards"], processor, stage="selfkd", micro_batch_size=2,
@@ -132,7 +132,7 @@ def test_ranks_with_different_modality_mixes_finish(tmp_path, shards):
     """One shard of image questions, one of text-only questions, two ranks with one worker
     each: at every step one rank has images and the other none, so the vision tower runs on
     a dummy input there; under ZeRO-3 a rank that skipped it would hang the other."""
-    from trainer.data.writer import make_llava_shards
+    from datagen.writer import make_llava_shards
 
     records = [{"id": f"t{i}", "conversations": [
         {"from": "human", "value": f"What is {i} plus {i}? Answer with a number."},
@@ -150,8 +150,8 @@ def test_align_stage_trains_on_asr_shards(tmp_path, shards):
     """--stage align: audio -> transcript with CE only, from shards built out of an ASR manifest."""
     import soundfile as sf
 
-    from trainer.data.tts import EspeakTTS
-    from trainer.data.writer import make_asr_shards
+    from datagen.tts import EspeakTTS
+    from datagen.writer import make_asr_shards
 
     tts = EspeakTTS()
     lines = []
@@ -173,7 +173,7 @@ def test_gradient_is_the_global_token_mean(tmp_path, shards):
     """2 ranks x grad_accum 2 under ZeRO-3 give the gradient norm of (sum of token losses) /
     (all answer tokens of the step), computed in one process on the same micro-batches."""
     out = tmp_path / "norms.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(next(_port)),
          "tests/dist_normalizer_check.py", "--shards", shards["train_shards"], "--out", str(out)],

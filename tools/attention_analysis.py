@@ -15,18 +15,14 @@ OUT/<query>_to_<key>.png for question->image, answer->image and answer->question
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import dist  # noqa: E402
-from trainer.data import build_eval_loader  # noqa: E402
-from trainer.eval.attention import SHARE_PAIRS, mean_shares, sample_attention_shares  # noqa: E402
-from trainer.data.collate import move_batch  # noqa: E402
-from trainer.eval.plots import plot_attention  # noqa: E402
-from trainer.models.omni import load_omni  # noqa: E402
+from trainer import dist
+from trainer.data import build_eval_loader
+from trainer.eval.attention import SHARE_PAIRS, mean_shares, sample_attention_shares
+from trainer.eval.plots import plot_attention
+from trainer.models.serialize import load_omni
 
 MODE_NAMES = {"text": "typed", "audio": "spoken"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,8 +37,8 @@ def analyse(model_dir: str, shards: str, *, limit: int, max_seq_len: int, dtype:
     for batch in loader:
         if len(per_mode["text"]) >= limit:
             break
-        batch = move_batch(batch, device, dtype)
-        answer = batch["answers"][0][0]
+        batch = batch.to(device, dtype)
+        answer = batch.answers[0][0]
         for mode in MODE_NAMES:
             per_mode[mode].append(sample_attention_shares(model, batch, mode, answer))
     if not per_mode["text"]:

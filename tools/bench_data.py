@@ -13,7 +13,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import tarfile
 import tempfile
 import time
@@ -23,13 +22,11 @@ import soundfile as sf
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.data import build_train_loader  # noqa: E402
-from trainer.data.tts import EspeakTTS  # noqa: E402
-from trainer.data.writer import AUDIO_RATE, flac_bytes  # noqa: E402
-from trainer.models.processing import OmniProcessor  # noqa: E402
-from trainer.models.tiny import build_tiny_processor, build_tiny_tokenizer  # noqa: E402
+from trainer.data import build_train_loader
+from datagen.tts import EspeakTTS
+from datagen.writer import AUDIO_RATE, flac_bytes
+from trainer.models.processing import OmniProcessor
+from trainer.models.tiny import build_tiny_processor, build_tiny_tokenizer
 
 QUESTION = ("Looking carefully at the picture, what colour is the large circle on the left side "
             "of the table, and how many smaller shapes are next to it?")
@@ -74,7 +71,7 @@ def bench(shard: str, processor, samples: int, micro_batch_size: int) -> float:
     started = time.perf_counter()
     seen = 0
     while seen < samples:
-        seen += len(next(batches)["keys"])
+        seen += len(next(batches))
     return seen / (time.perf_counter() - started)
 
 

@@ -13,7 +13,8 @@ tokens per second of the KD step and, on a known GPU, model FLOPs utilisation. N
 downloaded: `tiny` is the test preset; `synthetic-1.5b` is a random-init Qwen2-VL with
 Qwen2-VL-2B's dimensions (Qwen2-1.5B text model, 675M ViT) plus a whisper-small-sized
 encoder (30 s window), with images of 336x336 px (144 tokens) and 4-10 s of audio.
-Batches are built per the batch contract by trainer.models.synthetic (no shards needed).
+Batches come from trainer.models.synthetic: raw samples through the trainer's own sample
+encoder and collator (no shards needed); each step runs the trainer's SelfKDObjective.
 
 Single process, no DeepSpeed: under ZeRO-3 the teacher pass also all-gathers every layer's
 parameters once more (and frozen/EMA teachers swap partitions), which this does not measure.
@@ -21,24 +22,20 @@ parameters once more (and frozen/EMA teachers swap partitions), which this does 
 
 import argparse
 import json
-import os
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-import torch  # noqa: E402
-from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor  # noqa: E402
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor  # noqa: E402
-
-from trainer.data.collate import move_batch  # noqa: E402
-from trainer.distill.loss import KDSettings  # noqa: E402
-from trainer.models.omni import build_from_configs, build_tiny, enable_gradient_checkpointing  # noqa: E402
-from trainer.models.processing import OmniProcessor  # noqa: E402
-from trainer.models.synthetic import make_batch  # noqa: E402
-from trainer.perf import peak_bf16_flops  # noqa: E402
-from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer  # noqa: E402
+from trainer.distill.loss import KDSettings
+from trainer.distill.objective import SelfKDObjective
+from trainer.models.build import build_from_configs, build_tiny, enable_gradient_checkpointing
+from trainer.models.processing import OmniProcessor
+from trainer.models.synthetic import make_batch
+from trainer.perf import peak_bf16_flops
+from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer
 
 
 def synthetic_15b(attn_impl: str, dtype: torch.dtype):
@@ -83,6 +80,7 @@ def peak_memory_gib(device) -> float | None:
 def run_mode(model, initial_state, batches, kd, chunk_size, warmup, device):
     """Timed optimizer steps of one mode from the initial weights -> (step times, peak)."""
     model.load_state_dict(initial_state)
+    objective = SelfKDObjective(model, kd, chunk_size=chunk_size)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -91,9 +89,8 @@ def run_mode(model, initial_state, batches, kd, chunk_size, warmup, device):
     times = []
     for i, batch in enumerate(batches):
         start = time.perf_counter()
-        normalizer = float(batch["student_labels"].ne(-100).sum())
-        out = model(batch, kd=kd, normalizer=normalizer, chunk_size=chunk_size)
-        out["loss"].backward()
+        out = objective(batch, normalizer=float(batch.answer_tokens()))
+        out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -134,7 +131,7 @@ def main(argv=None):
     # On the CPU: a GPU copy would sit in both modes' peak memory and pull mem_ratio towards 1.
     initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     batches = [
-        move_batch(make_batch(processor, args.batch_size, seed=i, **batch_kwargs), device, dtype)
+        make_batch(processor, args.batch_size, seed=i, **batch_kwargs).to(device, dtype)
         for i in range(args.warmup + args.steps)
     ]
 
@@ -147,8 +144,8 @@ def main(argv=None):
         kd_times, kd_peak = run_mode(model, initial_state, batches, kd, args.chunk_size, args.warmup, device)
 
     timed = batches[args.warmup:]
-    student_tokens = statistics.mean(float(b["student_attention_mask"].sum()) for b in timed)
-    teacher_tokens = statistics.mean(float(b["teacher_attention_mask"].sum()) for b in timed)
+    student_tokens = statistics.mean(float(b.student_attention_mask.sum()) for b in timed)
+    teacher_tokens = statistics.mean(float(b.teacher_attention_mask.sum()) for b in timed)
     sft_s, kd_s = statistics.median(sft_times), statistics.median(kd_times)
     llm_params = sum(p.numel() for p in model.adapter.language_model.parameters())
     peak = peak_bf16_flops(device)

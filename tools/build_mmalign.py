@@ -27,11 +27,9 @@ import argparse
 import json
 import os
 import random
-import sys
 
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SOURCES = {"vg_relation": "visual_genome_relation.json", "vg_attribution": "visual_genome_attribution.json"}
 QUESTION = "Which caption describes the image?"
@@ -121,7 +119,7 @@ def build_mmalign(aro_dir: str, out_dir: str, *, seed: int = 0, limit: int | Non
         counts[item["source"]] = counts.get(item["source"], 0) + 1
     index = {"json": json_path, "items": counts, "shard_spec": None, "shard_specs": {}}
     if shards:
-        from tools.make_shards import make_llava_shards
+        from datagen.writer import make_llava_shards
 
         for source in counts:
             source_json = os.path.join(out_dir, f"{source}.json")

@@ -15,18 +15,15 @@ and report.png (VL vs VA per task).
 import argparse
 import json
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer import dist  # noqa: E402
-from trainer.data import build_eval_loader  # noqa: E402
-from trainer.eval.harness import evaluate  # noqa: E402
-from trainer.eval.plots import plot_scores  # noqa: E402
-from trainer.eval.scoring import MODES  # noqa: E402
-from trainer.models.omni import load_omni  # noqa: E402
+from trainer import dist
+from trainer.data import build_eval_loader
+from trainer.eval.harness import evaluate
+from trainer.eval.plots import plot_scores
+from trainer.eval.scoring import MODES
+from trainer.models.serialize import load_omni
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

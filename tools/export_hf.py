@@ -26,13 +26,13 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
 
-import torch  # noqa: E402
-
-from trainer import checkpoint  # noqa: E402
-from trainer.models.omni import OMNI_SPEC, build_from_spec, load_weights, save_omni  # noqa: E402
-from trainer.models.processing import OmniProcessor  # noqa: E402
+from trainer import checkpoint
+from trainer.models.build import build_from_spec
+from trainer.models.serialize import OMNI_SPEC, load_weights, save_omni
+from trainer.distill.objective import MODEL_PREFIX
+from trainer.models.processing import OmniProcessor
 
 
 def pick_checkpoint(path: str) -> str:
@@ -73,6 +73,10 @@ def export(checkpoint_dir: str, out_dir: str) -> None:
     checkpoint.check_safe(checkpoint.torch_files(checkpoint_dir))
     with checkpoint.safe_loading():  # zero_to_fp32 itself asks for weights_only=False
         state_dict = get_fp32_state_dict_from_zero_checkpoint(save_dir, tag=tag)
+    # The engine wraps the Self-KD objective: its parameters are the model's under "model.".
+    # (Checkpoints written before the objective existed hold the model's names as they are.)
+    if all(name.startswith(MODEL_PREFIX) for name in state_dict):
+        state_dict = {name[len(MODEL_PREFIX):]: tensor for name, tensor in state_dict.items()}
     model = build_from_spec(spec, processor, attn_impl="eager").float()
     load_weights(model, state_dict, source=checkpoint_dir)
     save_omni(model, processor, out_dir)

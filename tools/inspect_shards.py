@@ -15,17 +15,14 @@ without an image; always ok in the align stage), "bad": {reason: count}, "counte
 import argparse
 import json
 import logging
-import os
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.config import DataConfig  # noqa: E402
-from trainer.data.collate import SampleEncoder, collate_train  # noqa: E402
-from trainer.data.loader import NOT_BAD_REASONS, StreamingLoader  # noqa: E402
-from trainer.data.shards import expand_shard_spec  # noqa: E402
+from trainer.config import DataConfig
+from trainer.data.batch import TRAINING_STAGES
+from trainer.data.collate import SampleEncoder, collate_train
+from trainer.data.loader import NOT_BAD_REASONS, StreamingLoader
+from trainer.data.shards import expand_shard_spec
 
 PERCENTILES = (50, 90, 99)
 
@@ -58,7 +55,8 @@ def inspect(spec, processor, stage: str = "selfkd", max_seq_len: int = DataConfi
         nonlocal text_only
         for sample in samples:
             text_only += "pixel_values" not in sample
-            seconds.append(sample["audio_seconds"])
+            if "audio_seconds" in sample:  # the vl stage decodes no audio
+                seconds.append(sample["audio_seconds"])
             student_lengths.append(len(sample["student_prompt_ids"]) + len(sample["answer_ids"]))
             if "teacher_prompt_ids" in sample:
                 teacher_lengths.append(len(sample["teacher_prompt_ids"]) + len(sample["answer_ids"]))
@@ -87,7 +85,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="tiny",
                         help="'tiny' (the test tokenizer) or a model directory: give the model you train, so token "
                              "counts and too_long match the run's")
-    parser.add_argument("--stage", default="selfkd", choices=("selfkd", "align"))
+    parser.add_argument("--stage", default="selfkd", choices=TRAINING_STAGES)
     parser.add_argument("--max_seq_len", type=int, default=DataConfig.max_seq_len,
                         help="longer samples count as too_long (default %(default)s, as in the trainer)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")

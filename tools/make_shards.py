@@ -15,12 +15,8 @@ make_llava_shards / make_asr_shards.
 import argparse
 import json
 import logging
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from trainer.data.writer import make_asr_shards, make_llava_shards  # noqa: E402
+from datagen.writer import make_asr_shards, make_llava_shards
 
 __all__ = ["make_asr_shards", "make_llava_shards", "main"]
 

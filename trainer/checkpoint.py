@@ -282,6 +282,31 @@ def save(engine, save_dir: str, step: int, trainer_state: dict, run_config: dict
     return path
 
 
+@contextlib.contextmanager
+def _model_names_prefixed(engine):
+    """Checkpoints written before the engine wrapped the Self-KD objective name the model's
+    parameters without MODEL_PREFIX: add it as DeepSpeed reads them, so those runs resume."""
+    from deepspeed.checkpoint.constants import FROZEN_PARAM_FRAGMENTS
+
+    from trainer.distill.objective import MODEL_PREFIX
+
+    read = engine.checkpoint_engine.load
+
+    def read_renamed(path, map_location=None):
+        state = read(path, map_location=map_location)
+        for key in ("module", FROZEN_PARAM_FRAGMENTS):
+            named = state.get(key) if isinstance(state, dict) else None
+            if isinstance(named, dict) and named and not any(k.startswith(MODEL_PREFIX) for k in named):
+                state[key] = {MODEL_PREFIX + k: v for k, v in named.items()}
+        return state
+
+    engine.checkpoint_engine.load = read_renamed
+    try:
+        yield
+    finally:
+        engine.checkpoint_engine.load = read
+
+
 def load(engine, path: str) -> dict:
     """Load engine state and return this rank's trainer state (collective)."""
     state_file = os.path.join(path, f"trainer_state_rank{dist.rank()}.pt")
@@ -292,7 +317,7 @@ def load(engine, path: str) -> dict:
         )
     check_safe(torch_files(path))
     save_dir, tag = os.path.split(os.path.normpath(path))
-    with safe_loading():
+    with safe_loading(), _model_names_prefixed(engine):
         load_path, _ = engine.load_checkpoint(save_dir, tag=tag, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if load_path is None:

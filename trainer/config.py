@@ -7,7 +7,11 @@ and flags are errors that name them. The resolved config is frozen; `write_resol
 puts a copy beside the logs.
 
 DeepSpeed settings live in `ds_configs/*.json`; this tree only holds the values the
-trainer fills into their "auto" fields (batch sizes, lr, clipping, precision).
+trainer fills into their "auto" fields (batch sizes, lr, clipping, precision): see
+trainer/ds_config.py. Validation here reads no file: the components that open the files
+(shards, the DeepSpeed config, the model directory, checkpoints) check them, and the
+trainer runs those checks first (trainer/loop.py `preflight`). The choice lists come from
+the code that uses them.
 """
 
 import argparse
@@ -15,7 +19,6 @@ import ast
 import dataclasses
 import functools
 import inspect
-import json
 import math
 import os
 from dataclasses import dataclass, field, fields
@@ -23,12 +26,11 @@ from typing import Any, Optional
 
 import yaml
 
-STAGES = ("selfkd", "align", "vl")
-TEACHERS = ("shared", "frozen", "ema")
-DIVERGENCES = ("fkl", "rkl", "jsd")
-ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
-TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
-PROJECTORS = ("mlp", "linear")
+from trainer.data.batch import TRAINING_STAGES
+from trainer.distill.loss import DIVERGENCES
+from trainer.distill.teachers import TEACHERS
+from trainer.models.build import ATTN_IMPLS, DEFAULT_TRAINABLE, TRAINABLE_PARTS
+from trainer.models.omni import PROJECTORS
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class ModelConfig:
     """Whisper frames stacked into one LLM audio token (50 Hz / 4 = 12.5 tokens per second)."""
     projector: str = "mlp"
     """`mlp` (Linear-GELU-Linear after frame stacking) or `linear` (the paper's single layer)."""
-    trainable: tuple = ("llm", "projector")
+    trainable: tuple = DEFAULT_TRAINABLE
     """Parts that receive gradients; the rest are frozen and run under no_grad."""
     attn_impl: str = "auto"
     """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
@@ -299,21 +301,6 @@ def load_config(argv: Optional[list] = None) -> Config:
     return config
 
 
-def _check_shards(flag: str, spec: str) -> None:
-    from trainer.data.shards import expand_shard_spec
-
-    try:
-        urls = expand_shard_spec(spec)
-    except ValueError as e:
-        raise ConfigError(f"--{flag}: {e}") from None
-    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
-    missing = [u for u in local if not os.path.exists(u)]
-    if missing and len(missing) == len(local):
-        raise ConfigError(f"--{flag}: no shard matches {spec!r} (first missing: {missing[0]})")
-    if missing:
-        raise ConfigError(f"--{flag}: {len(missing)} of {len(local)} shards do not exist, e.g. {missing[0]}")
-
-
 def _check_choice(flag: str, value, allowed) -> None:
     if value not in allowed:
         raise ConfigError(f"--{flag}: {value!r} is not one of {', '.join(allowed)}")
@@ -325,8 +312,6 @@ def validate(c: Config) -> None:
         raise ConfigError("give --model tiny|DIR, or both --vlm and --audio_encoder to compose a new model")
     if m.model is not None and (m.vlm or m.audio_encoder):
         raise ConfigError("--model and --vlm/--audio_encoder are exclusive: --model loads a finished composition")
-    if m.model not in (None, "tiny") and not os.path.isdir(m.model):
-        raise ConfigError(f"--model: {m.model} is neither 'tiny' nor an existing directory")
     if m.audio_stack < 1:
         raise ConfigError(f"--audio_stack: must be >= 1, got {m.audio_stack}")
     _check_choice("projector", m.projector, PROJECTORS)
@@ -336,12 +321,9 @@ def validate(c: Config) -> None:
     if not m.trainable:
         raise ConfigError("--trainable: at least one part must be trained")
 
-    _check_choice("stage", d.stage, STAGES)
+    _check_choice("stage", d.stage, TRAINING_STAGES)
     if d.train_shards is None:
         raise ConfigError("--train_shards is required")
-    _check_shards("train_shards", d.train_shards)
-    if d.eval_shards is not None:
-        _check_shards("eval_shards", d.eval_shards)
     if d.max_seq_len < 16:
         raise ConfigError(f"--max_seq_len: must be >= 16, got {d.max_seq_len}")
     if d.num_workers < 0:
@@ -369,7 +351,6 @@ def validate(c: Config) -> None:
     if d.stage == "vl" and k.kd_alpha > 0:
         raise ConfigError("--stage vl trains the typed-question path itself (no teacher): set --kd_alpha 0")
 
-    _check_ds_config(o, k)
     for flag in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps"):
         if getattr(o, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1, got {getattr(o, flag)}")
@@ -382,103 +363,10 @@ def validate(c: Config) -> None:
 
     if ck.save_every < 1 or ck.keep_last < 1:
         raise ConfigError("--save_every and --keep_last must be >= 1")
-    if ck.resume is not None and ck.resume != "auto" and not os.path.isdir(ck.resume):
-        raise ConfigError(f"--resume: {ck.resume} is neither 'auto' nor a checkpoint directory")
     if ck.resume == "auto" and ck.save_dir is None:
         raise ConfigError("--resume auto needs --save_dir to look in")
     if lg.log_every < 1 or lg.eval_every < 0 or lg.dist_timeout_s < 10:
         raise ConfigError("--log_every must be >= 1, --eval_every >= 0, --dist_timeout_s >= 10")
-
-
-def read_ds_config(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise ConfigError(f"--ds_config: {path} does not exist")
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--ds_config: {path} is not valid JSON: {e}") from None
-
-
-def _check_ds_config(o: OptimConfig, k: DistillConfig) -> None:
-    """Values the flags own must be "auto" in the DeepSpeed config, or equal to the flag."""
-    ds = read_ds_config(o.ds_config)
-    owned = [
-        (ds, "train_micro_batch_size_per_gpu", "micro_batch_size"),
-        (ds, "gradient_accumulation_steps", "grad_accum"),
-        (ds, "gradient_clipping", "max_grad_norm"),
-        (ds.get("optimizer", {}).get("params", {}), "lr", "lr"),
-        (ds.get("optimizer", {}).get("params", {}), "weight_decay", "weight_decay"),
-        (ds.get("scheduler", {}).get("params", {}), "total_num_steps", "max_steps"),
-        (ds.get("scheduler", {}).get("params", {}), "cos_min_ratio", "min_lr_ratio"),
-    ]
-    for section, key, flag in owned:
-        fixed = section.get(key, "auto")
-        if fixed != "auto" and fixed != getattr(o, flag):
-            raise ConfigError(
-                f"--{flag} {getattr(o, flag)} contradicts {o.ds_config}: {key} = {fixed} "
-                f"(set it to \"auto\" there, or pass --{flag} {fixed})"
-            )
-    if "scheduler" not in ds:
-        raise ConfigError(f"{o.ds_config} has no scheduler section: --lr/--warmup_steps/--max_steps would be ignored")
-    zero = ds.get("zero_optimization", {})
-    stage = zero.get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"{o.ds_config}: zero_optimization.stage must be 0-3, got {stage}")
-    if k.teacher != "shared" and zero.get("offload_param", {}).get("device") == "nvme":
-        raise ConfigError(
-            f"--teacher {k.teacher} keeps copies of each rank's parameter partitions, which NVMe parameter "
-            f"offload ({o.ds_config}) swaps out from under it; use --teacher shared or CPU offload"
-        )
-
-
-def fill_ds_config(ds: dict, o: OptimConfig, world_size: int, on_gpu: bool) -> dict:
-    """Return a copy of the DeepSpeed config with every "auto" field filled from the flags."""
-    ds = json.loads(json.dumps(ds))
-    fills = {
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
-        "gradient_accumulation_steps": o.grad_accum,
-        "train_batch_size": o.micro_batch_size * o.grad_accum * world_size,
-        "gradient_clipping": o.max_grad_norm,
-    }
-    for key, value in fills.items():
-        if ds.get(key, "auto") == "auto":
-            ds[key] = value
-    # bf16 on a GPU, fp32 on the CPU (the CPU's bf16 matmuls are slow and its tests exact).
-    bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled") == "auto":
-        bf16["enabled"] = on_gpu
-    opt = ds.get("optimizer", {}).get("params", {})
-    for key, value in (("lr", o.lr), ("weight_decay", o.weight_decay)):
-        if opt.get(key) == "auto":
-            opt[key] = value
-    if opt.get("torch_adam") == "auto":
-        # DeepSpeed's FusedAdam is a CUDA kernel; on the CPU torch's AdamW does the job.
-        opt["torch_adam"] = not on_gpu
-    sched = ds.get("scheduler", {}).get("params", {})
-    sched_fills = {
-        "total_num_steps": o.max_steps,
-        "warmup_num_steps": max(1, o.warmup_steps),
-        # DeepSpeed's linear warmup starts at this ratio: 1/(w+1) makes the first step use
-        # lr/(w+1) instead of 0, and --warmup_steps 0 mean no warmup at all.
-        "warmup_min_ratio": 1.0 / (o.warmup_steps + 1),
-        "cos_min_ratio": o.min_lr_ratio,
-    }
-    for key, value in sched_fills.items():
-        if sched.get(key) == "auto":
-            sched[key] = value
-    leftover = [k for k, v in _walk(ds) if v == "auto"]
-    if leftover:
-        raise ConfigError(f"the DeepSpeed config has \"auto\" fields the trainer cannot fill: {', '.join(leftover)}")
-    return ds
-
-
-def _walk(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _walk(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def reference_table() -> str:

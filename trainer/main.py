@@ -13,17 +13,12 @@ Exit codes (0 finished, 75 stopped and saved: resume with --resume auto, ...): t
 SIGUSR1 or SIGTERM: finish the step, save, exit 75. SIGUSR2: print every thread's stack.
 """
 
-import os
 import sys
 import warnings
 
-# Run as a script, Python puts trainer/ itself first on sys.path, where trainer.py would
-# shadow the package; the repository root replaces it.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-from trainer import dist  # noqa: E402
-from trainer.config import ConfigError, load_config  # noqa: E402
-from trainer.preemption import EXIT_BAD_DATA, EXIT_CONFIG, EXIT_CRASH, EXIT_DIVERGED, write_status  # noqa: E402
+from trainer import dist
+from trainer.config import ConfigError, load_config
+from trainer.preemption import EXIT_BAD_DATA, EXIT_CONFIG, EXIT_CRASH, EXIT_DIVERGED, write_status
 
 
 # DeepSpeed 0.19 calls collectives that torch 2.1x deprecates: one warning per call, every step.
@@ -39,12 +34,14 @@ def main(argv=None) -> int:
         return EXIT_CONFIG
     write_status("running")
     from trainer.data import DataQualityError
-    from trainer.trainer import Diverged, Trainer
+    from trainer.loop import Diverged, Trainer
 
     trainer, code, message = None, EXIT_CRASH, None
     try:
         trainer = Trainer(config)
         code = trainer.train()
+    except ConfigError as e:  # a file the flags name failed the trainer's first checks
+        code, message = EXIT_CONFIG, str(e)
     except Diverged as e:  # the same verdict on every rank: said once
         code, message = EXIT_DIVERGED, str(e) if dist.is_main() else None
     except DataQualityError as e:
@@ -58,7 +55,8 @@ def main(argv=None) -> int:
             trainer.close()
         dist.shutdown()
     if message:
-        print(f"[rank {dist.rank()}] error: {message}", file=sys.stderr, flush=True)
+        label = "config error" if code == EXIT_CONFIG else "error"
+        print(f"[rank {dist.rank()}] {label}: {message}", file=sys.stderr, flush=True)
     return code
 
 

@@ -1,5 +1,11 @@
 """Per-sample encoding (image patches, log-mel, prompt and answer token ids) and the
-collators that build the batch contract's micro-batches.
+collators that turn encoded samples into a `Batch` (trainer/data/batch.py).
+
+Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
+  SELFKD  [image] + spoken question -> answer (student), [image] + typed question -> answer (teacher)
+  VL      [image] + typed question -> answer, as the student; no teacher, audio not decoded
+  ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only
+  EVAL    both prompts (no answer tokens) plus the scoring metadata
 
 Over-long rule: a sample whose teacher or student sequence (prompt + answer) exceeds
 max_seq_len is dropped and counted as "too_long"; answers are never truncated, because a
@@ -11,25 +17,24 @@ processor, the tokenizer or a chat template raising anything) is a SampleError n
 field being worked on ("json", "audio", "image", "text"), so the stream skips and counts
 that one sample instead of the job dying on it.
 
-Text-only rule (selfkd and eval): a sample without an image member is a text-only sample
-(both prompts without the image slot, no pixel_values / image_grid_thw); the collator
-concatenates the patches of the samples that have images, in sample order, so a batch may
-mix both kinds. An image member that is present but undecodable is still a bad sample.
-JSON and audio are required in every stage ("missing_key").
+Text-only rule (SELFKD, VL, EVAL): a sample without an image member is a text-only sample
+(prompts without the image slot); the collator concatenates the patches of the samples that
+have images, in sample order, so a batch may mix both kinds. An image member that is present
+but undecodable is still a bad sample. JSON is required in every stage, audio in all but VL
+("missing_key").
 """
 
 import contextlib
 
 import torch
 
+from trainer.data.batch import IGNORE_INDEX, Batch, Stage
 from trainer.data.decode import SampleError, decode_audio, decode_image, decode_json, find_member, require_text
 from trainer.data.features import LogMel
 from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
 from trainer.models.processing import AUDIO_END, AUDIO_PAD, AUDIO_START
 
-IGNORE_INDEX = -100
 ASR_INSTRUCTION = "\nTranscribe the audio."
-STAGES = ("selfkd", "align", "eval")
 
 
 def image_max_pixels(image_processor) -> int:
@@ -55,19 +60,12 @@ def failures_as(reason: str, field: str):
 
 
 class SampleEncoder:
-    """Raw shard sample -> encoded sample dict (tensors and id lists), or SampleError.
+    """Raw shard sample ({"__key__", ext: bytes}) -> encoded sample dict (tensors and id
+    lists) for `stage` (see the module docstring), or SampleError."""
 
-    stage "selfkd": [image] + audio + question + answer -> teacher and student sequences.
-    stage "align":  audio + transcript (falls back to the spoken "question") -> student only.
-    stage "eval":   like selfkd but prompts only (no answer tokens) plus scoring metadata.
-    The image is optional in selfkd/eval: without one the sample is text-only.
-    """
-
-    def __init__(self, processor, stage: str, max_seq_len: int):
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    def __init__(self, processor, stage: Stage | str, max_seq_len: int):
+        self.stage = Stage(stage)
         self.processor = processor
-        self.stage = stage
         self.max_seq_len = int(max_seq_len)
         self.log_mel = LogMel(processor.feature_extractor)
         self.max_pixels = image_max_pixels(processor.image_processor)
@@ -78,27 +76,26 @@ class SampleEncoder:
         ("audio_clipped", "audio_rate_snapped", "image_padded")."""
         with failures_as("bad_json", "json"):
             meta = decode_json(raw)
-            if self.stage == "align":
+            if self.stage == Stage.ALIGN:
                 answer_field = "transcript" if "transcript" in meta else "question"
                 answer = require_text(meta, answer_field, "empty_answer")
                 question = None
             else:
                 question = require_text(meta, "question", "empty_question")
-                answer = require_text(meta, "answer", "empty_answer") if self.stage == "selfkd" else \
-                    str(meta.get("answer", ""))
-        with failures_as("bad_audio", "audio"):
-            _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
-            rate = self.processor.sampling_rate
-            audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
-            sample = {
-                "key": raw["__key__"],
-                "input_features": self.log_mel(audio),  # n_mels, window_frames
-                "audio_token_count": self.processor.audio_token_count(len(audio)),
-                "audio_seconds": len(audio) / rate,
-            }
+                answer = str(meta.get("answer", "")) if self.stage == Stage.EVAL else \
+                    require_text(meta, "answer", "empty_answer")
+        sample, notes = {"key": raw["__key__"]}, set()
+        if self.stage != Stage.VL:
+            with failures_as("bad_audio", "audio"):
+                _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
+                rate = self.processor.sampling_rate
+                audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
+                sample["input_features"] = self.log_mel(audio)  # n_mels, window_frames
+                sample["audio_token_count"] = self.processor.audio_token_count(len(audio))
+                sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-        if self.stage != "align" and image_bytes is not None:
+        if self.stage != Stage.ALIGN and image_bytes is not None:
             with failures_as("bad_image", "image"):
                 image, padded = decode_image(image_bytes, self.max_pixels)
                 if padded:
@@ -112,17 +109,20 @@ class SampleEncoder:
         return sample, notes
 
     def _encode_text(self, sample: dict, meta: dict, question: str | None, answer: str, num_image_tokens: int) -> None:
-        """Prompt ids (teacher and student), answer ids and, for eval, the scoring metadata."""
-        audio_text = AUDIO_START + AUDIO_PAD + AUDIO_END
-        if self.stage == "align":
-            student_content = [{"type": "text", "text": audio_text + ASR_INSTRUCTION}]
+        """Prompt ids (student, and teacher where the stage has one), answer ids and, for
+        EVAL, the scoring metadata."""
+        image_slot = [{"type": "image"}] if "pixel_values" in sample else []
+        typed = image_slot + [{"type": "text", "text": question}]
+        spoken_text = AUDIO_START + AUDIO_PAD + AUDIO_END
+        if self.stage == Stage.ALIGN:
+            student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
+        elif self.stage == Stage.VL:
+            student = typed
         else:
-            image_slot = [{"type": "image"}] if "pixel_values" in sample else []
-            student_content = image_slot + [{"type": "text", "text": audio_text}]
-            teacher_content = image_slot + [{"type": "text", "text": question}]
-            sample["teacher_prompt_ids"] = self._prompt_ids(teacher_content, num_image_tokens, 0)
-        sample["student_prompt_ids"] = self._prompt_ids(student_content, num_image_tokens, sample["audio_token_count"])
-        if self.stage == "eval":
+            student = image_slot + [{"type": "text", "text": spoken_text}]
+            sample["teacher_prompt_ids"] = self._prompt_ids(typed, num_image_tokens, 0)
+        sample["student_prompt_ids"] = self._prompt_ids(student, num_image_tokens, sample.get("audio_token_count", 0))
+        if self.stage == Stage.EVAL:
             sample.update(question=question, answer=answer, task=meta.get("task"), choices=meta.get("choices"),
                           source=meta.get("source"), id=meta.get("id", sample["key"]),
                           answers=meta.get("answers") or ([answer] if answer else []))
@@ -151,32 +151,6 @@ class SampleEncoder:
         return expanded
 
 
-def move_batch(batch: dict, device, dtype) -> dict:
-    """Tensors to `device`, floating ones (pixels, mel features) to `dtype` (as in training)."""
-    moved = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            if device is not None:
-                value = value.to(device, non_blocking=True)
-            if dtype is not None and value.is_floating_point():
-                value = value.to(dtype)
-        moved[key] = value
-    return moved
-
-
-def typed_question_batch(batch: dict) -> dict:
-    """A Self-KD micro-batch as a typed-question SFT batch (trainer stage "vl"): the teacher's
-    sequences (image + typed question + answer) become the trained ones, with no audio."""
-    return {
-        "keys": batch["keys"],
-        "student_input_ids": batch["teacher_input_ids"],
-        "student_attention_mask": batch["teacher_attention_mask"],
-        "student_labels": batch["teacher_labels"],
-        "pixel_values": batch["pixel_values"],
-        "image_grid_thw": batch["image_grid_thw"],
-    }
-
-
 def _pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
     width = max(len(s) for s in sequences)
     out = torch.full((len(sequences), width), value, dtype=torch.long)
@@ -189,18 +163,15 @@ def _pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
 
 
 def _shared_fields(samples: list[dict]) -> dict:
-    batch = {
-        "keys": [s["key"] for s in samples],
-        "input_features": torch.stack([s["input_features"] for s in samples]),  # B, n_mels, window_frames
-        "audio_token_counts": torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long),
-        "pixel_values": None,
-        "image_grid_thw": None,
-    }
+    fields = {"keys": [s["key"] for s in samples]}
+    if "input_features" in samples[0]:
+        fields["input_features"] = torch.stack([s["input_features"] for s in samples])  # B, n_mels, window_frames
+        fields["audio_token_counts"] = torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long)
     with_image = [s for s in samples if "pixel_values" in s]
     if with_image:
-        batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # sum(patches), patch_dim
-        batch["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_image])  # N_img, 3
-    return batch
+        fields["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # sum(patches), patch_dim
+        fields["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_image])  # N_img, 3
+    return fields
 
 
 def _train_side(samples: list[dict], prompt_key: str, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -211,36 +182,31 @@ def _train_side(samples: list[dict], prompt_key: str, pad_id: int) -> tuple[torc
     return input_ids, attention_mask, _pad(labels, IGNORE_INDEX, left=False)
 
 
-def collate_train(samples: list[dict], pad_id: int) -> dict:
-    """Encoded samples -> micro-batch per the batch contract (teacher keys only when the
-    samples carry a typed question, i.e. the selfkd stage)."""
-    batch = _shared_fields(samples)
+def collate_train(samples: list[dict], pad_id: int) -> Batch:
+    """Encoded samples -> right-padded training Batch (teacher fields only when the samples
+    carry a typed question for a teacher, i.e. the SELFKD stage)."""
+    fields = _shared_fields(samples)
     student = _train_side(samples, "student_prompt_ids", pad_id)
-    batch["student_input_ids"], batch["student_attention_mask"], batch["student_labels"] = student
+    fields["student_input_ids"], fields["student_attention_mask"], fields["student_labels"] = student
     if "teacher_prompt_ids" in samples[0]:
         teacher = _train_side(samples, "teacher_prompt_ids", pad_id)
-        batch["teacher_input_ids"], batch["teacher_attention_mask"], batch["teacher_labels"] = teacher
-        for row, key in enumerate(batch["keys"]):
-            teacher_answer = batch["teacher_labels"][row][batch["teacher_labels"][row] != IGNORE_INDEX]
-            student_answer = batch["student_labels"][row][batch["student_labels"][row] != IGNORE_INDEX]
+        fields["teacher_input_ids"], fields["teacher_attention_mask"], fields["teacher_labels"] = teacher
+        for row, key in enumerate(fields["keys"]):
+            teacher_answer = teacher[2][row][teacher[2][row] != IGNORE_INDEX]
+            student_answer = student[2][row][student[2][row] != IGNORE_INDEX]
             if not torch.equal(teacher_answer, student_answer):
                 raise AssertionError(f"sample {key}: teacher and student answer labels differ "
                                      f"({teacher_answer.tolist()} vs {student_answer.tolist()})")
-    return batch
+    return Batch(**fields)
 
 
-def collate_eval(samples: list[dict], pad_id: int) -> dict:
-    """Encoded eval samples -> LEFT-padded prompt-only batch plus scoring metadata
-    (questions, answers, tasks, choices, ids, sources)."""
-    batch = _shared_fields(samples)
+def collate_eval(samples: list[dict], pad_id: int) -> Batch:
+    """Encoded EVAL samples -> LEFT-padded prompt-only Batch plus the scoring metadata."""
+    fields = _shared_fields(samples)
     for side in ("teacher", "student"):
         prompts = [s[f"{side}_prompt_ids"] for s in samples]
-        batch[f"{side}_input_ids"] = _pad(prompts, pad_id, left=True)  # B, T
-        batch[f"{side}_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
-    batch["questions"] = [s["question"] for s in samples]
-    batch["answers"] = [s["answers"] for s in samples]  # reference answers (list per sample)
-    batch["tasks"] = [s["task"] for s in samples]
-    batch["choices"] = [s["choices"] for s in samples]
-    batch["ids"] = [s["id"] for s in samples]
-    batch["sources"] = [s["source"] for s in samples]  # None where the json has no "source"
-    return batch
+        fields[f"{side}_input_ids"] = _pad(prompts, pad_id, left=True)  # B, T
+        fields[f"{side}_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+    return Batch(**fields, questions=[s["question"] for s in samples], answers=[s["answers"] for s in samples],
+                 tasks=[s["task"] for s in samples], choices=[s["choices"] for s in samples],
+                 ids=[s["id"] for s in samples], sources=[s["source"] for s in samples])

@@ -40,6 +40,7 @@ import signal
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from trainer.data.batch import TRAINING_STAGES, Stage
 from trainer.data.collate import SampleEncoder, collate_eval, collate_train
 from trainer.data.decode import SampleError
 from trainer.data.shards import expand_shard_spec, read_shard
@@ -339,14 +340,14 @@ class StreamingLoader:
         self._next_role = int(state["next_role"])
 
 
-def build_train_loader(spec: str | list[str], processor, *, stage: str, micro_batch_size: int, max_seq_len: int,
+def build_train_loader(spec: str | list[str], processor, *, stage: Stage | str, micro_batch_size: int, max_seq_len: int,
                        rank: int, world_size: int, num_workers: int, seed: int, shuffle: bool = True,
                        max_bad_fraction: float = 0.01, state: dict | None = None,
                        epochs: int | None = None) -> StreamingLoader:
-    """Training micro-batches (batch contract) from shards, forever (epochs=None) or for
-    `epochs` passes. stage: "selfkd" (teacher + student) or "align" (ASR, student only)."""
-    if stage not in ("selfkd", "align"):
-        raise ValueError(f"stage must be 'selfkd' or 'align', got {stage!r}")
+    """Training Batches (trainer/data/batch.py) from shards, forever (epochs=None) or for
+    `epochs` passes. stage: one of TRAINING_STAGES (trainer/data/batch.py)."""
+    if Stage(stage).value not in TRAINING_STAGES:
+        raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}")
     return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, stage, max_seq_len), collate_train,
                            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            num_workers=num_workers, seed=seed, shuffle=shuffle, max_bad_fraction=max_bad_fraction,
@@ -358,7 +359,7 @@ def build_eval_loader(spec: str | list[str], processor, *, micro_batch_size: int
     """One ordered pass per iteration (re-iterable): prompt-only, left-padded batches; raw
     sample g goes to rank g % world_size, so each sample is seen once and ranks differ by at
     most one sample (so their batch counts may differ by one)."""
-    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, "eval", max_seq_len), collate_eval,
+    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, Stage.EVAL, max_seq_len), collate_eval,
                            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=0,
                            seed=0, shuffle=False, max_bad_fraction=max_bad_fraction, epochs=1, state=None,
                            split_samples=True, fresh_each_pass=True)

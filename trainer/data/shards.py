@@ -48,6 +48,19 @@ def expand_shard_spec(spec: str | list[str]) -> list[str]:
     return urls
 
 
+def check_shard_spec(spec: str | list[str]) -> list[str]:
+    """The spec's shard URLs, after checking that every local one exists (remote and pipe:
+    URLs are checked when read); FileNotFoundError says how many are missing and names one."""
+    urls = expand_shard_spec(spec)
+    local = [u for u in urls if not u.startswith("pipe:") and "://" not in u]
+    missing = [u for u in local if not os.path.exists(u)]
+    if missing and len(missing) == len(local):
+        raise FileNotFoundError(f"no shard matches {spec!r} (first missing: {missing[0]})")
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(local)} shards do not exist, e.g. {missing[0]}")
+    return urls
+
+
 class ShardReadError(Exception):
     """A shard could not be opened or was cut short; `reason` is the skip reason."""
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from trainer.config import DIVERGENCES
+DIVERGENCES = ("fkl", "rkl", "jsd")
 
 
 @dataclass(frozen=True)
@@ -155,8 +155,9 @@ def answer_token_loss(
     )
 
 
-def combine(sums: dict, settings: KDSettings | None, normalizer: float) -> torch.Tensor:
-    """(alpha * T^2 * kd_sum + (1 - alpha) * ce_sum) / normalizer."""
+def combine(sums: dict, settings: KDSettings | None, normalizer: float):
+    """(alpha * T^2 * kd_sum + (1 - alpha) * ce_sum) / normalizer: the loss, the one place its
+    formula is written. Tensors (the objective) or floats (the loop's logged train/loss)."""
     if settings is None or not settings.uses_teacher:
         return sums["ce_sum"] / normalizer
     kd_weight = settings.alpha * settings.temperature**2

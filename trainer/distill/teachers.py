@@ -18,7 +18,7 @@ That also covers persistent parameters (`ds_persist`, below the persistence thre
 once released, their partition is authoritative like any other. Without ZeRO-3 (a plain
 module, ZeRO-1/2) the copies are full tensors swapped through `param.data`.
 
-The teacher pass reuses the image features of the student pass (OmniModel.forward runs the
+The teacher pass reuses the image features of the student pass (SelfKDObjective runs the
 vision tower once, outside the teacher context), so a trainable vision tower's frozen/EMA
 copies would never be used: with trainable vision a frozen/EMA teacher sees the live
 student's image features (trainer.config refuses that combination).
@@ -28,10 +28,11 @@ is averaged from the compute-dtype weights (ZeRO-3's bf16 partitions), not the o
 fp32 master copy.
 
 Trainer usage (after `deepspeed.initialize`, and after loading a checkpoint):
-    teacher = make_teacher(kind, engine.module, ema_decay, zero_stage=3, release=engine.empty_partition_cache)
-    out = engine(batch, kd=kd, normalizer=n, teacher_ctx=teacher.context)
-    engine.backward(out["loss"]); engine.step()
-    if <that step was an optimizer step (gradient accumulation boundary)>: teacher.update()
+    objective.teacher = make_teacher(kind, objective.model, ema_decay, zero_stage=3,
+                                     release=engine.empty_partition_cache)
+    out = engine(batch, normalizer, answer_chunks)          # the SelfKDObjective's forward
+    engine.backward(out.loss); engine.step()
+    if <that step was an optimizer step (gradient accumulation boundary)>: objective.teacher.update()
 Checkpoints: `teacher.state_dict()` holds this rank's copies (save one file per rank) and
 `teacher.load_state_dict(sd)` restores them on the same world size; both carry the teacher's
 `kind`, and loading another kind's state is a ValueError naming both.
@@ -42,7 +43,7 @@ import contextlib
 import torch
 from torch import nn
 
-from trainer.config import TEACHERS
+TEACHERS = ("shared", "frozen", "ema")
 
 
 def _is_zero3(param) -> bool:

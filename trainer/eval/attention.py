@@ -88,16 +88,17 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
     processor = model.processor
     role = "teacher" if mode == "text" else "student"
     device = model.adapter.input_embeddings().weight.device
-    if batch[f"{role}_attention_mask"].shape[0] != 1 or not batch[f"{role}_attention_mask"].all():
-        raise ValueError(f"attention analysis takes unpadded batches of one sample, got keys {batch['keys']}")
+    prompt, prompt_mask, _ = batch.side(role)
+    if prompt_mask.shape[0] != 1 or not prompt_mask.all():
+        raise ValueError(f"attention analysis takes unpadded batches of one sample, got keys {batch.keys}")
     answer_ids = processor.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    prompt_ids = batch[f"{role}_input_ids"][0].to(device)
+    prompt_ids = prompt[0].to(device)
     input_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, device=device)])[None]  # 1, T_prompt + T_answer
     attention_mask = torch.ones_like(input_ids)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens = model.encode_audio(batch)[0] if role == "student" else None
-    embeds = model.embed(batch["keys"], input_ids, image_tokens, audio_tokens, batch.get("audio_token_counts"), role)
-    position_ids = model.adapter.position_ids(input_ids, batch.get("image_grid_thw"), attention_mask)
+    embeds = model.embed(batch.keys, input_ids, image_tokens, audio_tokens, batch.audio_token_counts, role)
+    position_ids = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
     out = model.adapter.language_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                                        output_attentions=True)
     if not out.attentions or out.attentions[0] is None:

@@ -15,11 +15,11 @@ waiting forever.
 import torch
 
 from trainer import dist
-from trainer.data.collate import move_batch
+from trainer.data.batch import Batch
 from trainer.eval.scoring import MODES, aggregate, parsed_answer, score
 
-# Batch keys the eval loader adds for scoring (contract: build_eval_loader).
-_REQUIRED_KEYS = ("ids", "questions", "answers", "tasks")
+# Batch fields the eval loader fills for scoring (build_eval_loader; trainer/data/batch.py).
+_REQUIRED_FIELDS = ("ids", "questions", "answers", "tasks")
 
 
 def _lockstep(loader, max_batches: int | None):
@@ -44,26 +44,26 @@ def _lockstep(loader, max_batches: int | None):
         steps += 1
 
 
-def _sample_meta(batch: dict, i: int) -> dict:
+def _sample_meta(batch: Batch, i: int) -> dict:
     """Scoring metadata of sample i. The eval loader gives each sample's reference answers
-    as a list ("answers"; several for VQA-style soft accuracy); a plain string is one answer."""
-    references = batch["answers"][i]
+    as a list (`answers`; several for VQA-style soft accuracy); a plain string is one answer."""
+    references = batch.answers[i]
     if isinstance(references, str):
         references = [references]
     if not references:
-        raise ValueError(f"eval sample {batch['ids'][i]!r} has no reference answer (json field 'answer')")
+        raise ValueError(f"eval sample {batch.ids[i]!r} has no reference answer (json field 'answer')")
     meta = {
-        "id": batch["ids"][i],
-        "task": batch["tasks"][i] or "open",
-        "question": batch["questions"][i],
+        "id": batch.ids[i],
+        "task": batch.tasks[i] or "open",
+        "question": batch.questions[i],
         "answer": references[0],
     }
     if len(references) > 1:
         meta["answers"] = list(references)
-    if batch.get("choices") is not None and batch["choices"][i]:
-        meta["choices"] = list(batch["choices"][i])
-    if batch.get("sources") is not None and batch["sources"][i]:
-        meta["source"] = batch["sources"][i]
+    if batch.choices is not None and batch.choices[i]:
+        meta["choices"] = list(batch.choices[i])
+    if batch.sources is not None and batch.sources[i]:
+        meta["source"] = batch.sources[i]
     return meta
 
 
@@ -97,18 +97,18 @@ def evaluate(model, processor, loader, *, modes=MODES, max_new_tokens: int = 32,
     records = []
     try:
         for batch, is_real in _lockstep(loader, max_batches):
-            missing = [k for k in _REQUIRED_KEYS if k not in batch]
+            missing = [name for name in _REQUIRED_FIELDS if getattr(batch, name) is None]
             if missing:
-                raise KeyError(f"eval batch with samples {batch.get('keys')} lacks {missing}: "
-                               "was it built by trainer.data.build_eval_loader?")
-            model_batch = move_batch(batch, device, dtype)
+                raise ValueError(f"eval batch with samples {batch.keys} lacks {missing}: "
+                                 "was it built by trainer.data.build_eval_loader?")
+            model_batch = batch.to(device, dtype)
             for mode in modes:
                 predictions = model.generate(model_batch, mode, max_new_tokens, synced_gpus=synced_gpus)
                 if not is_real:
                     continue
-                if len(predictions) != len(batch["ids"]):
+                if len(predictions) != len(batch.ids):
                     raise RuntimeError(f"model.generate returned {len(predictions)} answers for "
-                                       f"{len(batch['ids'])} samples ({batch['ids']})")
+                                       f"{len(batch.ids)} samples ({batch.ids})")
                 for i, prediction in enumerate(predictions):
                     meta = _sample_meta(batch, i)
                     records.append({**meta, "mode": mode, "prediction": prediction,

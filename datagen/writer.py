@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
-from trainer.data.tts import CommandTTS, EspeakTTS
+from datagen.tts import CommandTTS, EspeakTTS
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
-"""The training loop: one Trainer object with a few named steps.
+"""The training loop: one Trainer object with a few named steps. The Self-KD objective
+(trainer/distill/objective.py) computes each micro-batch's loss; the loop batches, reduces,
+steps, logs, evaluates, checkpoints and stops.
 
-    trainer = Trainer(config)     # process group, model under zero.Init, engine, teacher, data
+    trainer = Trainer(config)     # checks, process group, model under zero.Init, engine, teacher, data
     code = trainer.train()        # train_step() until --max_steps or a stop request; an exit code
     trainer.close()
 
@@ -18,7 +20,6 @@ Diverged before any save could replace good weights.
 """
 
 import contextlib
-import json
 import math
 import os
 import random
@@ -29,15 +30,45 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from trainer import checkpoint, dist
-from trainer.preemption import EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED, StopRequest
-from trainer.perf import peak_bf16_flops
-from trainer.config import Config, fill_ds_config, read_ds_config, write_resolved
+from trainer import checkpoint, dist, ds_config
+from trainer.config import Config, ConfigError, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
-from trainer.data.collate import move_batch, typed_question_batch
+from trainer.data.batch import Batch, Stage
+from trainer.data.shards import check_shard_spec
 from trainer.distill.loss import KDSettings
+from trainer.distill.objective import SelfKDObjective, combine_sums
 from trainer.distill.teachers import make_teacher
-from trainer.models.omni import answer_chunks_for, build_model, omni_spec
+from trainer.metrics import MetricsWriter
+from trainer.models.build import build_model
+from trainer.models.serialize import omni_spec
+from trainer.perf import peak_bf16_flops
+from trainer.preemption import EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED, StopRequest
+
+
+def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
+    """LM-head chunks of one micro-batch, from the largest answer-token count over ranks: every
+    chunk is a ZeRO-3 gather, so all ranks must run the same number (SFT and KD alike)."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    return max(1, math.ceil(max_answer_tokens / chunk_size))
+
+
+def preflight(c: Config) -> dict:
+    """The checks that read files, before anything slow starts: each component checks its
+    own file, and a failure is a ConfigError naming the flag. Returns the filled DeepSpeed
+    config (world size from the launcher's environment)."""
+    for flag, spec in (("train_shards", c.data.train_shards), ("eval_shards", c.data.eval_shards)):
+        if spec is not None:
+            try:
+                check_shard_spec(spec)
+            except (FileNotFoundError, ValueError) as exc:
+                raise ConfigError(f"--{flag}: {exc}") from None
+    if c.model.model not in (None, "tiny") and not os.path.isdir(c.model.model):
+        raise ConfigError(f"--model: {c.model.model} is neither 'tiny' nor an existing directory")
+    if c.checkpoint.resume not in (None, "auto") and not os.path.isdir(c.checkpoint.resume):
+        raise ConfigError(f"--resume: {c.checkpoint.resume} is neither 'auto' nor a checkpoint directory")
+    return ds_config.resolve(c, dist.world_size(), on_gpu=torch.cuda.is_available())
+
 
 def _peak_mem_gib() -> float:
     if torch.cuda.is_available():
@@ -61,6 +92,7 @@ class Trainer:
     def __init__(self, config: Config):
         self.config = config
         c = config
+        self.ds_config = preflight(c)
         self.stop = StopRequest()
         self.stop.install()
         dist.init(c.logging.dist_timeout_s)
@@ -68,8 +100,6 @@ class Trainer:
         self.watchdog.kick()
         _seed_everything(c.optim.seed)
         self.device = dist.device()
-        on_gpu = self.device.type == "cuda"
-        self.ds_config = fill_ds_config(read_ds_config(c.optim.ds_config), c.optim, dist.world_size(), on_gpu)
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
 
@@ -77,21 +107,20 @@ class Trainer:
         # the whole model, which is what lets an 8B model start on 80 GB cards.
         init_ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config) if self.zero_stage == 3 else contextlib.nullcontext()
         model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype, ds_config=self.ds_config)
-        trainable = [p for p in model.parameters() if p.requires_grad]
-        self.engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=trainable, config=self.ds_config)
-        self.model = self.engine.module
+        kd = None
+        if c.data.stage == Stage.SELFKD and c.distill.kd_alpha > 0:
+            kd = KDSettings(alpha=c.distill.kd_alpha, temperature=c.distill.kd_temperature,
+                            divergence=c.distill.kd_divergence)
+        # The engine wraps the objective, so ZeRO-3 hooks every module the objective calls.
+        objective = SelfKDObjective(model, kd, chunk_size=c.distill.kd_chunk_size)
+        trainable = [p for p in objective.parameters() if p.requires_grad]
+        self.engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=trainable, config=self.ds_config)
+        self.objective = self.engine.module
+        self.model = self.objective.model
         self.watchdog.kick()
-        self.teacher = make_teacher(
-            c.distill.teacher, self.model, c.distill.ema_decay, zero_stage=self.zero_stage, release=self.engine.empty_partition_cache
-        )
-        self.kd = None
-        if c.data.stage == "selfkd" and c.distill.kd_alpha > 0:
-            self.kd = KDSettings(
-                alpha=c.distill.kd_alpha,
-                temperature=c.distill.kd_temperature,
-                divergence=c.distill.kd_divergence,
-            )
-        self.chunk_size = c.distill.kd_chunk_size
+        # Frozen / EMA teachers copy each rank's ZeRO-3 partitions: only once the engine exists.
+        self.objective.teacher = make_teacher(c.distill.teacher, self.model, c.distill.ema_decay,
+                                              zero_stage=self.zero_stage, release=self.engine.empty_partition_cache)
         # MFU counts the LLM's FLOPs (6 N per trained token); the encoders' are left out.
         llm_modules = (self.model.adapter.language_model, self.model.adapter.lm_head)
         self.num_llm_params = sum(getattr(p, "ds_numel", p.numel()) for m in llm_modules for p in m.parameters())
@@ -115,13 +144,13 @@ class Trainer:
                 )
             self.step, self.samples_seen, self.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
             self.nonfinite_steps = state.get("nonfinite_steps", 0)
-            self.teacher.load_state_dict(state["teacher"])
+            self.objective.teacher.load_state_dict(state["teacher"])
             self.last_checkpoint = resume_from
         self.resumed_step = self.step
         self.loader = build_train_loader(
             c.data.train_shards,
             self.processor,
-            stage="selfkd" if c.data.stage == "vl" else c.data.stage,
+            stage=c.data.stage,
             micro_batch_size=c.optim.micro_batch_size,
             max_seq_len=c.data.max_seq_len,
             rank=dist.rank(),
@@ -136,27 +165,19 @@ class Trainer:
             checkpoint.set_rng_state(state["rng"])
             dist.print0(f"resumed from {resume_from} at step {self.step}")
 
-        self.writer = None
-        self.metrics_file = None
+        self.metrics = MetricsWriter(c.logging.log_dir, enabled=dist.is_main())
         if dist.is_main() and c.logging.log_dir:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(c.logging.log_dir, exist_ok=True)
             write_resolved(c, os.path.join(c.logging.log_dir, "config.yaml"))
-            self.writer = SummaryWriter(c.logging.log_dir)
-            self.metrics_file = open(os.path.join(c.logging.log_dir, "metrics.jsonl"), "a")
+
+    @property
+    def kd(self) -> KDSettings | None:
+        return self.objective.kd
 
     # --- one micro-batch / one optimizer step ---------------------------------------
-    def forward_backward_step(self, batch: dict, normalizer: float, answer_chunks: int) -> dict:
-        out = self.engine(
-            move_batch(batch, self.device, self.dtype),
-            kd=self.kd,
-            normalizer=normalizer,
-            teacher_ctx=self.teacher.context,
-            answer_chunks=answer_chunks,
-            chunk_size=self.chunk_size,
-        )
-        self.engine.backward(out["loss"])
+    def forward_backward_step(self, batch: Batch, normalizer: float, answer_chunks: int):
+        """One micro-batch through the objective under the engine; its ObjectiveOutput."""
+        out = self.engine(batch.to(self.device, self.dtype), normalizer, answer_chunks)
+        self.engine.backward(out.loss)
         self.engine.step()
         return out
 
@@ -168,17 +189,16 @@ class Trainer:
         batches = []
         for _ in range(gas):
             t = time.perf_counter()
-            batch = next(self.data_iter)
-            batches.append(typed_question_batch(batch) if self.config.data.stage == "vl" else batch)
+            batches.append(next(self.data_iter))
             wait += time.perf_counter() - t
 
-        per_micro = torch.tensor([float((b["student_labels"] != -100).sum()) for b in batches])  # answer tokens
+        per_micro = torch.tensor([float(b.answer_tokens()) for b in batches])  # answer tokens
         local = torch.tensor(
             [
                 float(per_micro.sum()),
-                sum(len(b["keys"]) for b in batches),
-                sum(int(b["student_attention_mask"].sum()) for b in batches),
-                sum(int(b["teacher_attention_mask"].sum()) for b in batches) if self.kd else 0,
+                sum(len(b) for b in batches),
+                sum(int(b.student_attention_mask.sum()) for b in batches),
+                sum(int(b.teacher_attention_mask.sum()) for b in batches) if self.kd else 0,
             ],
             dtype=torch.float64,
         )
@@ -186,7 +206,8 @@ class Trainer:
         tokens = student_tokens + teacher_tokens
         # Every LM-head chunk is a ZeRO-3 gather, so all ranks must run the same number of
         # chunks in each micro-batch: size them by the largest micro-batch over ranks.
-        answer_chunks = [answer_chunks_for(int(n), self.chunk_size) for n in dist.all_reduce_max(per_micro).tolist()]
+        chunk_size = self.objective.chunk_size
+        answer_chunks = [answer_chunks_for(int(n), chunk_size) for n in dist.all_reduce_max(per_micro).tolist()]
         if answer_tokens == 0:
             raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
         # DeepSpeed divides the gradient by grad_accum and averages it over ranks; undo both
@@ -195,12 +216,10 @@ class Trainer:
 
         sums = torch.zeros(5, dtype=torch.float64)
         for batch, chunks in zip(batches, answer_chunks):
-            out = self.forward_backward_step(batch, normalizer, chunks)
-            sums += torch.stack(
-                [out["ce_sum"], out["kd_sum"], out["teacher_ce_sum"], out["agree_count"], out["n_tokens"]]
-            ).detach().double().cpu()
-        self.teacher.update()
-        ce_sum, kd_sum, teacher_ce_sum, agree, n = dist.all_reduce_sum(sums).tolist()
+            sums += self.forward_backward_step(batch, normalizer, chunks).sums().detach().cpu()
+        self.objective.teacher.update()
+        sums = dist.all_reduce_sum(sums)
+        ce_sum, kd_sum, teacher_ce_sum, agree, n = sums.tolist()
         # One reduction carries the step time, the peak memory and the stop request of every rank.
         step_time, peak_gib, stop = dist.all_reduce_max(
             torch.tensor([time.perf_counter() - t_start, _peak_mem_gib(), float(self.stop.requested)])).tolist()
@@ -210,9 +229,8 @@ class Trainer:
         self.step += 1
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
-        alpha, temp2 = (self.kd.alpha, self.kd.temperature**2) if self.kd else (0.0, 1.0)
         metrics = {
-            "train/loss": (alpha * temp2 * kd_sum + (1 - alpha) * ce_sum) / n,
+            "train/loss": combine_sums(sums, self.kd),
             "train/ce_loss": ce_sum / n,
             "train/lr": self.engine.get_lr()[0],
             "perf/samples_per_s": samples / step_time,
@@ -319,13 +337,7 @@ class Trainer:
     def _log(self, metrics: dict, progress) -> None:
         if not dist.is_main():
             return
-        if self.writer:
-            for key, value in metrics.items():
-                self.writer.add_scalar(key, value, self.step)
-            self.writer.flush()
-        if self.metrics_file:
-            self.metrics_file.write(json.dumps({"step": self.step, **metrics}) + "\n")
-            self.metrics_file.flush()
+        self.metrics.write(self.step, metrics)
         line = f"step {self.step}/{self.config.optim.max_steps} | loss {metrics['train/loss']:.4f} ce {metrics['train/ce_loss']:.4f}"
         if self.kd:
             line += f" kd {metrics['train/kd_loss']:.4f} agree {metrics['train/agreement']:.2f}"
@@ -355,14 +367,8 @@ class Trainer:
         )
         self.watchdog.kick()
         if dist.is_main():
-            scalars = {"eval/vl_score": report["vl_score"], "eval/va_score": report["va_score"], "eval/gap": report["gap"]}
-            if self.writer:
-                for key, value in scalars.items():
-                    self.writer.add_scalar(key, value, self.step)
-                self.writer.flush()
-            if self.metrics_file:
-                self.metrics_file.write(json.dumps({"step": self.step, **scalars}) + "\n")
-                self.metrics_file.flush()
+            self.metrics.write(self.step, {"eval/vl_score": report["vl_score"], "eval/va_score": report["va_score"],
+                                           "eval/gap": report["gap"]})
             print(f"eval step {self.step} | VL {report['vl_score']:.2f} VA {report['va_score']:.2f} gap {report['gap']:.2f} (n={report['n']})", flush=True)
         return report
 
@@ -376,7 +382,7 @@ class Trainer:
             "world_size": dist.world_size(),
             "nonfinite_steps": self.nonfinite_steps,
             "data": self.loader.state_dict(),
-            "teacher": self.teacher.state_dict(),
+            "teacher": self.objective.teacher.state_dict(),
             "rng": checkpoint.rng_state(),
         }
 
@@ -392,7 +398,4 @@ class Trainer:
 
     def close(self) -> None:
         self.watchdog.stop()
-        if self.writer:
-            self.writer.close()
-        if self.metrics_file:
-            self.metrics_file.close()
+        self.metrics.close()

@@ -21,7 +21,7 @@ import zlib
 import numpy as np
 import soundfile as sf
 
-from trainer.data.normalize import normalize_for_tts
+from datagen.normalize import normalize_for_tts
 
 # Voices that ship with espeak-ng's data; "+f3"/"+m3" pick voice variants (timbre).
 DEFAULT_VOICES = ["en-us", "en", "en-us+f3", "en+m3", "en-us+f2", "en-gb-x-rp", "en-029", "en-us-nyc", "en-gb-scotland+f4"]

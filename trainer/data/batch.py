@@ -1,0 +1,83 @@
+"""The micro-batch: what the collator builds and the objective, the model, evaluation and the
+benchmarks read. Its fields are documented here, once. And the stages that decide its shape.
+
+Shapes: B samples; T the padded length of one side (student or teacher); P the image patches
+of all the batch's images together (samples without an image add none); N_img the images;
+M mel bins; W the mel window (3000 frames for Whisper).
+"""
+
+import dataclasses
+import enum
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+class Stage(str, enum.Enum):
+    """What a sample becomes; the sample encoder's mode (trainer/data/collate.py)."""
+
+    SELFKD = "selfkd"  # student: [image] + spoken question; teacher: [image] + typed question; both -> answer
+    ALIGN = "align"  # student only: speech -> transcript (ASR); no image, no teacher
+    VL = "vl"  # student only: [image] + typed question -> answer (the typed path itself; no audio decoded)
+    EVAL = "eval"  # both prompts, left-padded, no answer tokens, with the scoring metadata
+
+
+TRAINING_STAGES = (Stage.SELFKD.value, Stage.ALIGN.value, Stage.VL.value)
+SIDES = ("student", "teacher")
+
+
+@dataclass
+class Batch:
+    """One micro-batch. Training batches are right-padded with answer labels; evaluation
+    batches (Stage.EVAL) are left-padded prompts with the reference answers instead."""
+
+    keys: list  # B sample keys, for messages that name the sample
+    student_input_ids: torch.Tensor  # B, T: the trained side's prompt (+ answer in training)
+    student_attention_mask: torch.Tensor  # B, T: 1 on tokens, 0 on padding
+    student_labels: torch.Tensor | None = None  # B, T: answer token ids, IGNORE_INDEX elsewhere (training)
+    teacher_input_ids: torch.Tensor | None = None  # B, T': [image] + typed question (+ answer); SELFKD, EVAL
+    teacher_attention_mask: torch.Tensor | None = None  # B, T'
+    teacher_labels: torch.Tensor | None = None  # B, T': the same answer ids as the student's (checked)
+    input_features: torch.Tensor | None = None  # B, M, W: log-mel of each clip (None: no audio, as in VL)
+    audio_token_counts: torch.Tensor | None = None  # B: <|audio_pad|> tokens (= valid audio tokens) per sample
+    pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order
+    image_grid_thw: torch.Tensor | None = None  # N_img, 3: (t, h, w) patch grid of each image
+    # Evaluation only: what scoring needs (trainer/eval/scoring.py).
+    questions: list | None = None  # B typed questions
+    answers: list | None = None  # B lists of reference answers
+    tasks: list | None = None  # B task names (yesno, choice, open, asr, ...) or None
+    choices: list | None = None  # B option lists or None
+    ids: list | None = None  # B sample ids
+    sources: list | None = None  # B source data sets or None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def side(self, role: str) -> tuple:
+        """(input_ids, attention_mask, labels) of "student" or "teacher"."""
+        if role not in SIDES:
+            raise ValueError(f"role must be one of {SIDES}, got {role!r}")
+        return getattr(self, f"{role}_input_ids"), getattr(self, f"{role}_attention_mask"), getattr(self, f"{role}_labels")
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_input_ids is not None
+
+    def answer_tokens(self) -> int:
+        """Answer tokens the student is trained on (0 for an evaluation batch)."""
+        return 0 if self.student_labels is None else int((self.student_labels != IGNORE_INDEX).sum())
+
+    def to(self, device=None, dtype=None) -> "Batch":
+        """A copy with tensors on `device` and floating ones (pixels, mel) in `dtype`."""
+        moved = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, torch.Tensor):
+                if device is not None:
+                    value = value.to(device, non_blocking=True)
+                if dtype is not None and value.is_floating_point():
+                    value = value.to(dtype)
+            moved[field.name] = value
+        return Batch(**moved)

@@ -1,0 +1,255 @@
+"""Building the omni model: the `tiny` preset, a new composition of pretrained parts, the
+architecture an export or a checkpoint recorded, and the trainer's dispatch between them
+(`build_model`); which parts train; gradient checkpointing; attention kernels.
+
+  build_tiny(processor, ...)                                 random-init real classes, tiny configs
+  compose(vlm_path, audio_encoder_path, processor, ...)      from_pretrained weights + a new projector
+  build_from_spec(spec, processor, ...)                      the architecture omni_spec recorded
+  load_omni(dir) (trainer/models/serialize.py)               an export, weights included
+ZeRO-3: pass `init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config)` so no rank ever
+holds the whole model. Hugging Face builds and loads its modules partitioned only while a
+`transformers.integrations.HfDeepSpeedConfig(ds_config)` object is alive: `build_model`
+creates one and keeps it on the model (init_ctx then only wraps the new projector).
+"""
+
+import contextlib
+import importlib.util
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig, WhisperConfig
+
+from trainer.models.adapters import adapter_for
+from trainer.models.omni import AudioProjector, OmniModel, ZeroSafeWhisperEncoder
+from trainer.models.processing import OmniProcessor
+
+ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
+TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
+DEFAULT_TRAINABLE = ("llm", "projector")
+
+
+def resolve_attn_impl(attn_impl: str) -> str:
+    """auto -> flash_attention_2 when flash-attn is importable and CUDA is present, else sdpa."""
+    if attn_impl == "auto":
+        has_flash = importlib.util.find_spec("flash_attn") is not None
+        return "flash_attention_2" if has_flash and torch.cuda.is_available() else "sdpa"
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"attn_impl must be one of {ATTN_IMPLS}, got {attn_impl!r}")
+    return attn_impl
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype):
+    """Create parameters directly in `dtype` (no fp32 copy first, also under zero.Init)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+
+def set_trainable(model: OmniModel, parts) -> None:
+    """Train exactly `parts` (subset of llm, projector, vision, audio); freeze the rest.
+    "llm" = decoder + token embeddings + LM head. Frozen encoders then run under no_grad."""
+    parts = frozenset(parts)
+    unknown = parts - set(TRAINABLE_PARTS)
+    if unknown:
+        raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
+    model.requires_grad_(False)
+    if "llm" in parts:
+        model.adapter.language_model.requires_grad_(True)
+        model.adapter.lm_head.requires_grad_(True)
+    if "vision" in parts:
+        model.adapter.vision_tower.requires_grad_(True)
+    if "audio" in parts:
+        model.audio_encoder.requires_grad_(True)
+        model.audio_encoder.embed_positions.requires_grad_(False)  # Whisper's fixed sinusoids
+    if "projector" in parts:
+        model.projector.requires_grad_(True)
+    model.trainable_parts = parts
+
+
+def enable_gradient_checkpointing(model: OmniModel) -> None:
+    """Non-reentrant checkpointing of the decoder layers (and the vision tower if trained):
+    correct with the no-grad teacher pass and with ZeRO-3's parameter hooks."""
+    towers = [model.adapter.language_model]
+    if "vision" in model.trainable_parts:
+        towers.append(model.adapter.vision_tower)
+    for tower in towers:
+        tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _assemble(vlm, audio_encoder, projector, processor) -> OmniModel:
+    model = OmniModel(vlm, audio_encoder, projector, processor)
+    set_trainable(model, DEFAULT_TRAINABLE)
+    return model
+
+
+def _enter(init_ctx):
+    """`init_ctx` may be a context manager (a deepspeed.zero.Init instance) or a factory of
+    one (contextlib.nullcontext)."""
+    return init_ctx() if isinstance(init_ctx, type) or not hasattr(init_ctx, "__enter__") else init_ctx
+
+
+def _configure(config: PretrainedConfig, attn_impl: str) -> PretrainedConfig:
+    config._attn_implementation = resolve_attn_impl(attn_impl)
+    return config
+
+
+def _vocab_fits(vlm: nn.Module, processor: OmniProcessor) -> None:
+    """Resize token embeddings only if the tokenizer outgrew the matrix."""
+    if len(processor.tokenizer) > vlm.get_input_embeddings().num_embeddings:
+        vlm.resize_token_embeddings(len(processor.tokenizer))
+
+
+def build_from_configs(
+    vlm_config: PretrainedConfig,
+    whisper_config: WhisperConfig,
+    processor: OmniProcessor,
+    *,
+    projector: str = "mlp",
+    dtype: torch.dtype = torch.float32,
+    attn_impl: str = "auto",
+    init_ctx=contextlib.nullcontext,
+) -> OmniModel:
+    """Random-init model of the given architectures (weights loaded by the caller).
+    The VLM and Whisper encoder are built by Hugging Face's `_from_config`, which under
+    ZeRO-3 (an HfDeepSpeedConfig alive) builds them inside zero.Init and initialises the
+    partitioned weights itself; `init_ctx` wraps the new projector."""
+    adapter_cls = adapter_for(vlm_config.model_type)
+    _configure(vlm_config, attn_impl)
+    _configure(whisper_config, attn_impl)
+    _check_zero3_setup(init_ctx)
+    vlm = adapter_cls.vlm_class._from_config(vlm_config, dtype=dtype)
+    audio_encoder = ZeroSafeWhisperEncoder._from_config(whisper_config, dtype=dtype)
+    with default_dtype(dtype), _enter(init_ctx):
+        audio_projector = AudioProjector(
+            whisper_config.d_model, processor.audio_stack, vlm_config.get_text_config().hidden_size, projector
+        )
+    _vocab_fits(vlm, processor)
+    return _assemble(vlm, audio_encoder, audio_projector, processor)
+
+
+def _check_zero3_setup(init_ctx) -> None:
+    """A zero.Init context without HfDeepSpeedConfig would leave the HF parts whole on
+    every rank: refuse that loudly."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if type(init_ctx).__name__ == "Init" and not is_deepspeed_zero3_enabled():
+        raise RuntimeError(
+            "init_ctx is deepspeed.zero.Init but no transformers HfDeepSpeedConfig is alive: create "
+            "`hf_ds = HfDeepSpeedConfig(ds_config)` (and keep a reference) before building the model"
+        )
+
+
+def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32, attn_impl="auto",
+               init_ctx=contextlib.nullcontext, seed: int = 0) -> OmniModel:
+    """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights."""
+    from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
+
+    torch.manual_seed(seed)
+    return build_from_configs(
+        tiny_vlm_config(len(processor.tokenizer)),
+        tiny_whisper_config(processor.num_mel_bins, processor.window_frames),
+        processor,
+        projector=projector,
+        dtype=dtype,
+        attn_impl=attn_impl,
+        init_ctx=init_ctx,
+    )
+
+
+def compose(vlm_path: str, audio_encoder_path: str, processor: OmniProcessor, *, projector="mlp",
+            dtype=torch.bfloat16, attn_impl="auto", init_ctx=contextlib.nullcontext) -> OmniModel:
+    """A new composition from pretrained weights: the VLM, Whisper's encoder only, and a
+    fresh projector. Under ZeRO-3 keep an HfDeepSpeedConfig alive (module docstring)."""
+    _check_zero3_setup(init_ctx)
+    vlm_config = AutoConfig.from_pretrained(vlm_path)
+    adapter_cls = adapter_for(vlm_config.model_type)
+    impl = resolve_attn_impl(attn_impl)
+    vlm = adapter_cls.vlm_class.from_pretrained(vlm_path, dtype=dtype, attn_implementation=impl)
+    # Whisper checkpoints (WhisperModel / WhisperForConditionalGeneration) keep the encoder
+    # under "encoder." / "model.encoder."; map those keys onto a bare WhisperEncoder.
+    audio_encoder, loading_info = ZeroSafeWhisperEncoder.from_pretrained(
+        audio_encoder_path,
+        dtype=dtype,
+        attn_implementation=impl,
+        key_mapping={r"^model\.encoder\.": "", r"^encoder\.": ""},
+        output_loading_info=True,
+    )
+    if loading_info["missing_keys"]:
+        raise ValueError(f"{audio_encoder_path}: Whisper encoder weights missing: {sorted(loading_info['missing_keys'])[:8]}")
+    with default_dtype(dtype), _enter(init_ctx):
+        audio_projector = AudioProjector(
+            audio_encoder.config.d_model, processor.audio_stack, vlm_config.get_text_config().hidden_size, projector
+        )
+    _vocab_fits(vlm, processor)
+    return _assemble(vlm, audio_encoder, audio_projector, processor)
+
+
+def configs_from_spec(spec: dict):
+    """(VLM config, Whisper config) from an omni_config.json dict."""
+    vlm_config_dict = dict(spec["vlm_config"])
+    model_type = vlm_config_dict.pop("model_type")
+    vlm_config = AutoConfig.for_model(model_type, **vlm_config_dict)
+    whisper_dict = {k: v for k, v in spec["whisper_config"].items() if k != "model_type"}
+    return vlm_config, WhisperConfig(**whisper_dict)
+
+
+def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
+                    init_ctx=contextlib.nullcontext) -> OmniModel:
+    """Random-init model of the architecture `omni_spec` recorded (weights loaded by the caller)."""
+    if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
+        raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
+    vlm_config, whisper_config = configs_from_spec(spec)
+    return build_from_configs(
+        vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
+        init_ctx=init_ctx,
+    )
+
+
+def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds_config: dict | None = None):
+    """The trainer's entry: `cfg` has model, vlm, audio_encoder, audio_stack, projector,
+    trainable, attn_impl, gradient_checkpointing (trainer.config.ModelConfig).
+    Under ZeRO-3 pass init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config) AND the
+    filled `ds_config` dict: Hugging Face builds/loads its modules partitioned only while a
+    transformers HfDeepSpeedConfig is alive, so one is created here and kept on the model
+    (`model.hf_deepspeed_config`) for the rest of the run. -> (model, processor)."""
+    hf_deepspeed_config = _hf_zero3_config(init_ctx, ds_config)
+    if cfg.model not in (None, "tiny") and not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model: {cfg.model} is neither 'tiny' nor an existing directory")
+    if cfg.model == "tiny":
+        from trainer.models.tiny import build_tiny_processor
+
+        processor = build_tiny_processor(audio_stack=cfg.audio_stack)
+        model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    elif cfg.model is not None:
+        from trainer.models.serialize import load_omni  # serialize builds through this module
+
+        model, processor = load_omni(cfg.model, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    else:
+        processor = OmniProcessor.compose(cfg.vlm, cfg.audio_encoder, cfg.audio_stack)
+        model = compose(cfg.vlm, cfg.audio_encoder, processor, projector=cfg.projector, dtype=dtype,
+                        attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    model.hf_deepspeed_config = hf_deepspeed_config
+    set_trainable(model, cfg.trainable)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model, processor
+
+
+def _hf_zero3_config(init_ctx, ds_config):
+    """An HfDeepSpeedConfig for a zero.Init build unless one is already alive (needs the
+    `accelerate` package, as all of transformers' DeepSpeed integration does)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if type(init_ctx).__name__ != "Init" or is_deepspeed_zero3_enabled():
+        return None
+    if ds_config is None:
+        raise RuntimeError("build_model under deepspeed.zero.Init needs ds_config=<the filled DeepSpeed config dict>")
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
