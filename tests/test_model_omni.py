@@ -40,13 +40,13 @@ OUTPUT_FIELDS = ObjectiveOutput._fields
 
 def count_teacher_passes(model):
     calls = {"teacher": 0, "student": 0}
-    original = model.hidden_states
+    original = model.run_side
 
-    def counting(batch, role, *args):
+    def counting(batch, role, *args, **kwargs):
         calls[role] += 1
-        return original(batch, role, *args)
+        return original(batch, role, *args, **kwargs)
 
-    model.hidden_states = counting
+    model.run_side = counting
     return calls
 
 
@@ -210,7 +210,7 @@ def naive_greedy(model, batch, role, max_new_tokens):
     eos = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     outputs = [[] for _ in range(input_ids.shape[0])]
     for _ in range(max_new_tokens):
-        embeds = model.embed(batch.keys, input_ids, image_tokens, audio_tokens, batch.audio_token_counts, role)
+        embeds = model.embed(input_ids, image_tokens, audio_tokens)
         positions = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
         hidden, _ = model.adapter.decode(embeds, positions, attention_mask)
         next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
@@ -310,3 +310,91 @@ def test_compose_loads_pretrained_vlm_and_whisper_encoder_only(processor, tmp_pa
     for name, weight in vlm.state_dict().items():
         assert torch.equal(model.vlm.state_dict()[name], weight), name
     assert torch.isfinite(run(model, make_batch(processor, 1), KD).loss)
+
+
+def captured_teacher(model, batch, *, share_prefix):
+    """The objective's output and the teacher's answer hidden states (what the LM head turns
+    into teacher logits), with or without the shared prefix."""
+    import trainer.distill.objective as objective_module
+
+    captured = {}
+    original = objective_module.answer_token_loss
+
+    def capture(*args, **kwargs):
+        captured["teacher_hidden"] = kwargs["teacher_hidden"]
+        return original(*args, **kwargs)
+
+    objective_module.answer_token_loss = capture
+    try:
+        objective = SelfKDObjective(model, KD, chunk_size=8, share_prefix=share_prefix)
+        with torch.no_grad():
+            out = objective(batch, 3.0)
+    finally:
+        objective_module.answer_token_loss = original
+    return out, captured["teacher_hidden"]
+
+
+@pytest.mark.parametrize("sizes", [[(56, 84), (112, 56), None], [(84, 84), (84, 84)]],
+                         ids=["mixed-sizes-and-text-only", "same-size-images-in-the-prefix"])
+def test_prefix_shared_teacher_equals_the_full_teacher_pass(model, processor, sizes):
+    """The teacher that reuses the student's keys and values for the shared prefix gives the
+    full teacher pass's answer hidden states and logits (fp32, 1e-5), computing fewer tokens:
+    with images of different sizes and a text-only sample the prefix is the system prompt and
+    the other images' tokens are recomputed; with one image size the image is in the prefix."""
+    from trainer.distill.objective import shared_prefix_length
+
+    batch = make_batch(processor, len(sizes), seed=4, image_size=sizes)
+    prefix = shared_prefix_length(batch)
+    assert 0 < prefix < int((batch.teacher_labels[0] != IGNORE_INDEX).nonzero()[0, 0])
+    image_in_prefix = bool((batch.teacher_input_ids[:, :prefix] == model.image_token_id).any())
+    assert image_in_prefix == (None not in sizes and len(set(sizes)) == 1)
+    full, full_hidden = captured_teacher(model, batch, share_prefix=False)
+    shared, shared_hidden = captured_teacher(model, batch, share_prefix=True)
+    torch.testing.assert_close(shared_hidden, full_hidden, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.adapter.lm_head(shared_hidden), model.adapter.lm_head(full_hidden),
+                               rtol=1e-5, atol=1e-5)
+    for key in ("loss", "kd_sum", "teacher_ce_sum", "agree_count", "ce_sum"):
+        torch.testing.assert_close(getattr(shared, key), getattr(full, key), rtol=1e-5, atol=1e-5)
+    assert full.teacher_tokens == batch.teacher_attention_mask.sum()
+    assert shared.teacher_tokens == full.teacher_tokens - prefix * len(sizes)
+
+
+def test_prefix_sharing_is_off_where_it_would_differ(model, processor):
+    """Frozen / EMA teachers (other weights) and gradient checkpointing run the whole typed
+    sequence; so does a batch whose sides share nothing."""
+    from trainer.distill.objective import shared_prefix_length
+
+    class OwnWeights:
+        swaps_weights = True
+
+        def context(self):
+            return contextlib.nullcontext()
+
+    batch = make_batch(processor, 2, seed=2)
+    objective = SelfKDObjective(model, KD)
+    assert objective._prefix_to_share(batch) == shared_prefix_length(batch) > 0
+    objective.teacher = OwnWeights()
+    assert objective._prefix_to_share(batch) == 0
+    objective = SelfKDObjective(model, KD)
+    model.adapter.language_model.gradient_checkpointing = True
+    try:
+        assert objective.train()._prefix_to_share(batch) == 0
+    finally:
+        model.adapter.language_model.gradient_checkpointing = False
+    batch.teacher_input_ids = batch.teacher_input_ids.clone()
+    batch.teacher_input_ids[:, 0] = batch.teacher_input_ids[:, 0] + 1
+    assert shared_prefix_length(batch) == 0 and SelfKDObjective(model, KD)._prefix_to_share(batch) == 0
+
+
+@pytest.mark.parametrize("stage", ["selfkd", "eval"])
+def test_collator_positions_equal_the_vlm_rope_index(model, processor, stage):
+    """The sample encoder's M-RoPE positions (CPU, per sample) are the VLM's own
+    get_rope_index on every real token, with images of different sizes and a text-only
+    sample, right-padded (training) and left-padded (evaluation)."""
+    batch = make_batch(processor, 3, seed=6, image_size=[(112, 56), None, (56, 84)], stage=stage)
+    for role in ("student", "teacher"):
+        input_ids, mask, _ = batch.side(role)
+        reference = model.adapter.position_ids(input_ids, batch.image_grid_thw, mask)
+        ours = batch.position_ids(role)
+        assert ours.shape == reference.shape
+        assert torch.equal(ours[:, mask.bool()], reference[:, mask.bool()]), role

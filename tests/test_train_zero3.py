@@ -225,3 +225,18 @@ def test_resume_with_fewer_shards_than_readers(tmp_path, shards):
         for key in ("train/loss", "train/ce_loss", "train/kd_loss"):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
         assert resumed[step]["data/skipped/truncated_tar"] == full[step]["data/skipped/truncated_tar"] > 0
+
+
+def test_prefix_shared_teacher_matches_the_full_teacher_under_zero3(tmp_path, shards):
+    """2 ranks, ZeRO-3: the shared teacher that reuses the student's prefix keys and values
+    trains exactly as the one that recomputes the whole typed sequence, and logs fewer
+    teacher tokens."""
+    _, shared, _ = deepspeed_train(tmp_path, shards, "--max_steps", "3", name="shared")
+    _, full, _ = deepspeed_train(tmp_path, shards, "--max_steps", "3", "--teacher_share_prefix", "false", name="full")
+    for step in (1, 2, 3):
+        for key in ("train/loss", "train/kd_loss", "train/teacher_ce", "train/agreement", "train/grad_norm"):
+            assert shared[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+        assert shared[step]["perf/teacher_tokens_computed"] < full[step]["perf/teacher_tokens_computed"], \
+            "the shared prefix is not recomputed"
+        assert shared[step]["perf/tokens_per_s"] * shared[step]["perf/step_s"] == pytest.approx(
+            full[step]["perf/tokens_per_s"] * full[step]["perf/step_s"]), "tokens_seen counts the data either way"

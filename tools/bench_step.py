@@ -1,181 +1,342 @@
-"""Cost of a Self-KD step vs an SFT step, on the same synthetic batches, in one process.
+"""Cost of a Self-KD step vs an SFT step, measured on the path users run: trainer/main.py's
+Trainer (the DeepSpeed engine from --ds_config, the real shard loader and collator, the
+objective with its teacher and chunked loss, the loop's reductions and optimizer step).
 
-    python tools/bench_step.py --model tiny --steps 8 --json                # CPU, fp32
-    python tools/bench_step.py --model synthetic-1.5b --steps 10 --json     # one CUDA GPU, bf16
+    python tools/bench_step.py --model tiny --json                          # 1 process, CPU or GPU
+    deepspeed --num_gpus 2 tools/bench_step.py --model tiny --json          # 2 ranks (DeepSpeed path only)
+    python tools/bench_step.py --model synthetic-2b --micro_batch_size 8 --json
+    python tools/bench_step.py --model synthetic-8b --gradient_checkpointing --engine deepspeed --json
+    (launch_scripts/gpu_bench.sh runs the set the README reports)
 
-Runs `--steps` timed optimizer steps (after `--warmup` untimed ones) of SFT (kd alpha 0: no
-teacher pass) and of Self-KD (alpha 0.75, shared teacher), each from the same initial
-weights with a fresh torch AdamW, and prints one JSON line: median step times and their
-ratio (plus minimum times and their ratio, the figure to trust on a busy shared CPU),
-peak memory per mode (CUDA allocator peak, with the initial-weights copy kept on the CPU;
-null on CPU, where the process's peak RSS only grows and cannot be split by mode), student
-tokens per second of the KD step and, on a known GPU, model FLOPs utilisation. No weights are
-downloaded: `tiny` is the test preset; `synthetic-1.5b` is a random-init Qwen2-VL with
-Qwen2-VL-2B's dimensions (Qwen2-1.5B text model, 675M ViT) plus a whisper-small-sized
-encoder (30 s window), with images of 336x336 px (144 tokens) and 4-10 s of audio.
-Batches come from trainer.models.synthetic: raw samples through the trainer's own sample
-encoder and collator (no shards needed); each step runs the trainer's SelfKDObjective.
+It writes synthetic shards (random images, noise speech, random text at a realistic shape:
+448x448 images, 3-10 s of speech, 15-40-token questions and 30-120-token answers for the
+synthetic-* presets; small ones for tiny) to a temporary directory, builds the Trainer on
+them, and alternates SFT (no teacher pass) and Self-KD (alpha 0.75, shared teacher) on the
+same engine for --rounds rounds of --warmup + --steps optimizer steps, reporting the last
+round. One extra Self-KD step runs under torch.profiler for the breakdown and the host syncs.
+`--engine none` is the reference beside it: the same objective and batches in a plain
+PyTorch loop (no DeepSpeed, torch AdamW), single process.
 
-Single process, no DeepSpeed: under ZeRO-3 the teacher pass also all-gathers every layer's
-parameters once more (and frozen/EMA teachers swap partitions), which this does not measure.
+One JSON line per engine. Keys: model, engine (deepspeed-zero{stage} | none), device, dtype,
+world_size, micro_batch_size, gradient_checkpointing, student_tokens / teacher_tokens (per
+step, all ranks; teacher tokens actually computed), sft_step_s / kd_step_s (medians),
+their min and spread, ratio, sft_peak_mem_gib / kd_peak_mem_gib / mem_ratio (CUDA allocator
+peak per mode; null on the CPU), tokens_per_s (student tokens of the Self-KD step per second
+and GPU), mfu (trainer/perf.py's count: 6N per trained LLM token, 2N per teacher token
+computed, 2N or 6N per encoder input; null where the peak is unknown), breakdown (seconds
+per phase of the profiled Self-KD step: data_wait, vision, audio, teacher, student_forward,
+loss_lm_head, backward, optimizer, reduce, host_blocked), host_syncs_per_step (in that step:
+on a GPU the operations that made the host wait for the device, counted by
+torch.cuda.set_sync_debug_mode; on the CPU the reads of tensor values, aten::_local_scalar_dense,
+outside the ranges where the step reads its CPU batch on purpose: objective/host_prep, step/stats).
 """
 
 import argparse
+import gc
+import io
 import json
+import os
 import statistics
+import tarfile
+import tempfile
 import time
 
+import numpy as np
 import torch
-from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
+from trainer import dist
+from trainer.config import load_config
 from trainer.distill.loss import KDSettings
-from trainer.distill.objective import SelfKDObjective
-from trainer.models.build import build_from_configs, build_tiny, enable_gradient_checkpointing
-from trainer.models.processing import OmniProcessor
-from trainer.models.synthetic import make_batch
-from trainer.perf import peak_bf16_flops
-from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_processor, build_tiny_tokenizer
+from trainer.models.synthetic import raw_sample
+
+KD = KDSettings(alpha=0.75, temperature=1.0, divergence="fkl")
+# Phases of the breakdown: the profiler's record_function labels (trainer/loop.py, objective.py).
+PHASES = {"data_wait": "step/data", "vision": "objective/vision", "audio": "objective/audio",
+          "teacher": "objective/teacher", "student_forward": "objective/student", "loss_lm_head": "objective/loss",
+          "backward": "step/backward", "optimizer": "step/optimizer", "reduce": "step/reduce"}
+HOST_PREP = ("objective/host_prep", "step/stats")  # where the step reads its CPU batch, by design
+HOST_WAITS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+SHAPES = {  # image side px, speech seconds, question tokens, answer tokens
+    "tiny": dict(image=(56, 84), seconds=(1.0, 4.0), question=(5, 12), answer=(3, 10)),
+    "realistic": dict(image=(448, 448), seconds=(3.0, 10.0), question=(15, 40), answer=(30, 120)),
+}
 
 
-def synthetic_15b(attn_impl: str, dtype: torch.dtype):
-    """Qwen2-VL-2B-shaped VLM + whisper-small-shaped encoder, random weights."""
-    processor = OmniProcessor(
-        build_tiny_tokenizer(),
-        Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=336 * 336),
-        WhisperFeatureExtractor(feature_size=80, chunk_length=30),
-        audio_stack=4,
-    )
-    special = {name: QWEN2VL_SPECIAL_TOKENS.index(name) for name in QWEN2VL_SPECIAL_TOKENS}
-    vlm_config = Qwen2VLConfig(
-        text_config=dict(
-            vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
-            num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
-            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1e6,
-            tie_word_embeddings=True, eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"],
-        ),
-        vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=1536, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
-        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
-        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
-        tie_word_embeddings=True,
-    )
-    whisper_config = WhisperConfig(
-        num_mel_bins=80, d_model=768, encoder_layers=12, encoder_attention_heads=12, encoder_ffn_dim=3072,
-        decoder_layers=1, decoder_attention_heads=12, decoder_ffn_dim=3072, max_source_positions=1500,
-        vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
-    )
-    model = build_from_configs(vlm_config, whisper_config, processor, dtype=dtype, attn_impl=attn_impl)
-    batch_kwargs = dict(image_size=(336, 336), audio_seconds=(4.0, 10.0))
-    return model, processor, batch_kwargs
+def random_text(rng, tokenizer, words: list, n_tokens: int) -> str:
+    """Words from the tokenizer's own corpus until the text is `n_tokens` tokens long."""
+    text = []
+    while len(tokenizer(" ".join(text), add_special_tokens=False)["input_ids"]) < n_tokens:
+        text.append(words[int(rng.integers(len(words)))])
+    return " ".join(text)
 
 
-def peak_memory_gib(device) -> float | None:
-    """CUDA allocator peak since the last reset; None on CPU (ru_maxrss never resets)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return None
+def write_shards(out_dir: str, processor, shape: dict, num_samples: int, seed: int = 0) -> str:
+    """Synthetic samples in two WebDataset shards; returns the shard spec."""
+    from trainer.models.tiny import _CORPUS
+
+    rng = np.random.default_rng(seed)
+    words = [w for w in _CORPUS.split() if w.isalpha()]
+    paths = []
+    for shard in range(2):
+        path = os.path.join(out_dir, f"bench-{shard}.tar")
+        with tarfile.open(path, "w") as tar:
+            for i in range(shard, num_samples, 2):
+                question = random_text(rng, processor.tokenizer, words, int(rng.integers(*shape["question"])))
+                answer = random_text(rng, processor.tokenizer, words, int(rng.integers(*shape["answer"])))
+                sample = raw_sample(f"bench{i:05d}", question, answer, rng, image_size=shape["image"],
+                                    audio_seconds=float(rng.uniform(*shape["seconds"])),
+                                    sampling_rate=processor.sampling_rate)
+                for ext, data in sample.items():
+                    if ext.startswith("__"):
+                        continue
+                    info = tarfile.TarInfo(f"{sample['__key__']}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        paths.append(path)
+    return ",".join(paths)
 
 
-def run_mode(model, initial_state, batches, kd, chunk_size, warmup, device):
-    """Timed optimizer steps of one mode from the initial weights -> (step times, peak)."""
-    model.load_state_dict(initial_state)
-    objective = SelfKDObjective(model, kd, chunk_size=chunk_size)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
+def _summary(times: list) -> dict:
+    return dict(median=statistics.median(times), min=min(times), spread=max(times) - min(times))
+
+
+def _peak_gib(device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for i, batch in enumerate(batches):
-        start = time.perf_counter()
-        out = objective(batch, normalizer=float(batch.answer_tokens()))
-        out.loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+
+def profile_step(step_fn, device) -> tuple[dict, int]:
+    """(seconds per phase, host syncs) of one step under torch.profiler. A phase's time is the
+    device time of the kernels launched inside its label on a GPU, its wall time on the CPU.
+    Host syncs: on a GPU the operations that made the host wait for the device
+    (torch.cuda.set_sync_debug_mode's count); on the CPU the reads of tensor values
+    (aten::_local_scalar_dense: .item(), int(t), float(t), bool(t)) outside HOST_PREP."""
+    import warnings
+
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with warnings.catch_warnings(record=True) as caught, profile(activities=activities) as prof:
+        warnings.simplefilter("always")
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    peak = peak_memory_gib(device)
-    del optimizer
-    return times, peak
+            torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step_fn()
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode("default")
+                torch.cuda.synchronize(device)
+    # One entry per label: the CPU-side range (on a GPU its device_time_total sums its kernels).
+    events = {e.key: e for e in prof.key_averages() if e.device_type == DeviceType.CPU}
+
+    def seconds(label):
+        event = events.get(label)
+        if event is None:
+            return 0.0
+        on_device = device.type == "cuda" and label != PHASES["data_wait"]
+        return (event.device_time_total if on_device else event.cpu_time_total) / 1e6
+
+    breakdown = {phase: round(seconds(label), 5) for phase, label in PHASES.items()}
+    breakdown["host_blocked"] = round(sum(e.cpu_time_total for e in events.values() if e.key.startswith(HOST_WAITS))
+                                      / 1e6, 5)
+    if device.type == "cuda":
+        syncs = sum(1 for w in caught if "synchroniz" in str(w.message).lower())
+    else:  # reads of the CPU batch made on purpose (HOST_PREP labels) are not device reads on a GPU
+        syncs = sum(1 for e in prof.events() if e.name == "aten::_local_scalar_dense" and not _inside(e, HOST_PREP))
+    return breakdown, syncs
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=["tiny", "synthetic-1.5b"])
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before timing")
-    parser.add_argument("--rounds", type=int, default=2, help="SFT/KD rounds; the last one is reported")
-    parser.add_argument("--batch_size", type=int, default=2, help="samples per micro-batch")
-    parser.add_argument("--chunk_size", type=int, default=1024, help="answer tokens per LM-head chunk")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="checkpoint the LLM's layers")
-    parser.add_argument("--attn_impl", default="auto")
-    parser.add_argument("--json", action="store_true", help="print only the JSON line")
-    args = parser.parse_args(argv)
+def _inside(event, labels) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in labels:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def bench_deepspeed(args, spec: str) -> dict:
+    from trainer.loop import Trainer
+
+    flags = ["--model", args.model, "--train_shards", spec, "--ds_config", args.ds_config,
+             "--micro_batch_size", str(args.micro_batch_size), "--grad_accum", "1", "--num_workers", str(args.num_workers),
+             "--max_seq_len", "8192", "--max_steps", "1000000", "--warmup_steps", "0", "--lr", "1e-5",
+             "--kd_alpha", "0.75", "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
+             "--attn_impl", args.attn_impl, "--dist_timeout_s", "3600"]
+    trainer = Trainer(load_config(flags))
+    device = trainer.device
+    results = {}
+    for _ in range(args.rounds):
+        for mode, kd in (("sft", None), ("kd", KD)):
+            trainer.objective.kd = kd
+            for _ in range(args.warmup):
+                trainer.train_step()
+            _reset_peak(device)
+            metrics = [trainer.train_step() for _ in range(args.steps)]
+            results[mode] = dict(times=[m["perf/step_s"] for m in metrics], peak=_peak_gib(device), metrics=metrics)
+    trainer.objective.kd = KD
+    breakdown, syncs = profile_step(trainer.train_step, device)
+    kd_metrics = results["kd"]["metrics"]
+    student = statistics.mean(m["perf/student_tokens"] for m in kd_metrics)
+    teacher = statistics.mean(m["perf/teacher_tokens_computed"] for m in kd_metrics)
+    mfus = [m["perf/mfu"] for m in kd_metrics if "perf/mfu" in m]
+    report = _report(args, f"deepspeed-zero{trainer.zero_stage}", device, trainer.dtype, dist.world_size(), results,
+                     student, teacher, mfu=statistics.median(mfus) if mfus else None)
+    report.update(breakdown=breakdown, host_syncs_per_step=syncs)
+    trainer.close()
+    # Let a plain model follow in this process: no ZeRO-3 build context left behind, memory freed.
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    del trainer
+    unset_hf_deepspeed_config()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
+
+
+def bench_plain(args, spec: str) -> dict:
+    """The reference: the same objective on the same batches, plain PyTorch, one process."""
+    from trainer.config import ModelConfig
+    from trainer.data import build_train_loader
+    from trainer.distill.objective import SelfKDObjective
+    from trainer.loop import batch_stats
+    from trainer.models.build import build_model
+    from trainer.perf import flops_params, peak_bf16_flops, step_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    with device:  # random init directly on the device
-        if args.model == "tiny":
-            processor = build_tiny_processor()
-            model = build_tiny(processor, dtype=dtype, attn_impl=args.attn_impl)
-            batch_kwargs = {}
-        else:
-            model, processor, batch_kwargs = synthetic_15b(args.attn_impl, dtype)
+    with device:
+        model, processor = build_model(ModelConfig(model=args.model, attn_impl=args.attn_impl,
+                                                   gradient_checkpointing=args.gradient_checkpointing), dtype=dtype)
     model.to(device).train()
-    if args.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    # On the CPU: a GPU copy would sit in both modes' peak memory and pull mem_ratio towards 1.
-    initial_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-    batches = [
-        make_batch(processor, args.batch_size, seed=i, **batch_kwargs).to(device, dtype)
-        for i in range(args.warmup + args.steps)
-    ]
-
-    sft = KDSettings(alpha=0.0)
-    kd = KDSettings(alpha=0.75, temperature=1.0, divergence="fkl")
-    # Alternate the modes for --rounds rounds and keep the last: the first round also pays
-    # for clock ramp-up, kernel autotuning and allocator growth.
-    for _ in range(args.rounds):
-        sft_times, sft_peak = run_mode(model, initial_state, batches, sft, args.chunk_size, args.warmup, device)
-        kd_times, kd_peak = run_mode(model, initial_state, batches, kd, args.chunk_size, args.warmup, device)
-
-    timed = batches[args.warmup:]
-    student_tokens = statistics.mean(float(b.student_attention_mask.sum()) for b in timed)
-    teacher_tokens = statistics.mean(float(b.teacher_attention_mask.sum()) for b in timed)
-    sft_s, kd_s = statistics.median(sft_times), statistics.median(kd_times)
-    llm_params = sum(p.numel() for p in model.adapter.language_model.parameters())
+    loader = build_train_loader(spec, processor, stage="selfkd", micro_batch_size=args.micro_batch_size,
+                                max_seq_len=8192, rank=0, world_size=1, num_workers=args.num_workers, seed=0)
+    batches = iter(loader)
+    params = flops_params(model, model.trainable_parts)
     peak = peak_bf16_flops(device)
-    # LLM FLOPs only (6N per trained token, 2N per teacher token; encoders and attention ignored).
-    kd_flops = llm_params * (6 * student_tokens + 2 * teacher_tokens)
-    result = dict(
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
+    results, mfus, tokens = {}, [], {}
+    for _ in range(args.rounds):
+        for mode, kd in (("sft", None), ("kd", KD)):
+            objective = SelfKDObjective(model, kd)
+            times, computed = [], []
+            for i in range(args.warmup + args.steps):
+                if i == args.warmup:
+                    _reset_peak(device)
+                batch = next(batches)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                start = time.perf_counter()
+                out = objective(batch.to(dtype=dtype), float(batch.answer_tokens()))
+                out.loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                teacher_tokens = out.teacher_tokens
+                if i >= args.warmup:
+                    elapsed = time.perf_counter() - start
+                    times.append(elapsed)
+                    _, student_tokens, _, _, patches, audio_tokens, audio_frames = batch_stats([batch], processor)
+                    computed.append((student_tokens, teacher_tokens))
+                    if peak and mode == "kd":
+                        answers = float(batch.answer_tokens())
+                        mfus.append(step_flops(params, student_tokens=student_tokens, teacher_tokens=teacher_tokens,
+                                               answer_tokens=answers, teacher_answer_tokens=answers,
+                                               image_patches=patches, audio_frames=audio_frames,
+                                               audio_tokens=audio_tokens) / elapsed / peak)
+            results[mode] = dict(times=times, peak=_peak_gib(device))
+            tokens[mode] = computed
+    student = statistics.mean(s for s, _ in tokens["kd"])
+    teacher = statistics.mean(t for _, t in tokens["kd"])
+    return _report(args, "none", device, dtype, 1, results, student, teacher,
+                   mfu=statistics.median(mfus) if mfus else None)
+
+
+def _report(args, engine, device, dtype, world_size, results, student_tokens, teacher_tokens, mfu) -> dict:
+    sft, kd = _summary(results["sft"]["times"]), _summary(results["kd"]["times"])
+    sft_peak, kd_peak = results["sft"]["peak"], results["kd"]["peak"]
+    return dict(
         model=args.model,
+        engine=engine,
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         dtype=str(dtype).replace("torch.", ""),
-        attn_impl=model.vlm.config.text_config._attn_implementation,
+        world_size=world_size,
+        micro_batch_size=args.micro_batch_size,
         gradient_checkpointing=args.gradient_checkpointing,
-        batch_size=args.batch_size,
-        student_tokens=student_tokens,
-        teacher_tokens=teacher_tokens,
-        sft_step_s=round(sft_s, 4),
-        kd_step_s=round(kd_s, 4),
-        ratio=round(kd_s / sft_s, 3),
-        # Minimum step times: robust to other processes stealing a shared CPU.
-        sft_step_min_s=round(min(sft_times), 4),
-        kd_step_min_s=round(min(kd_times), 4),
-        ratio_min=round(min(kd_times) / min(sft_times), 3),
+        student_tokens=round(student_tokens, 1),
+        teacher_tokens=round(teacher_tokens, 1),
+        sft_step_s=round(sft["median"], 4),
+        kd_step_s=round(kd["median"], 4),
+        ratio=round(kd["median"] / sft["median"], 3),
+        sft_step_min_s=round(sft["min"], 4),
+        kd_step_min_s=round(kd["min"], 4),
+        sft_step_spread_s=round(sft["spread"], 4),
+        kd_step_spread_s=round(kd["spread"], 4),
         sft_peak_mem_gib=round(sft_peak, 3) if sft_peak is not None else None,
         kd_peak_mem_gib=round(kd_peak, 3) if kd_peak is not None else None,
-        mem_ratio=round(kd_peak / sft_peak, 3) if sft_peak is not None else None,
-        tokens_per_s=round(student_tokens / kd_s, 1),
-        mfu=round(kd_flops / kd_s / peak, 4) if peak else None,
+        mem_ratio=round(kd_peak / sft_peak, 3) if sft_peak else None,
+        tokens_per_s=round(student_tokens / kd["median"] / world_size, 1),
+        mfu=round(mfu, 4) if mfu is not None else None,
     )
-    if not args.json:
-        print(f"SFT steps (s): {[round(t, 4) for t in sft_times]}\nKD steps (s): {[round(t, 4) for t in kd_times]}")
-    print(json.dumps(result))
+
+
+def main(argv=None) -> list:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=["tiny", "synthetic-2b", "synthetic-8b"])
+    parser.add_argument("--engine", default="deepspeed,none",
+                        help="comma list of deepspeed (the trainer under --ds_config) and none (plain PyTorch)")
+    parser.add_argument("--ds_config", default="ds_configs/zero3.json")
+    parser.add_argument("--micro_batch_size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per mode and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before timing")
+    parser.add_argument("--rounds", type=int, default=2, help="SFT/KD rounds; the last one is reported")
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--attn_impl", default="auto")
+    parser.add_argument("--num_workers", type=int, default=2, help="data workers (the real loader)")
+    parser.add_argument("--samples", type=int, default=64, help="synthetic samples written (the stream repeats)")
+    parser.add_argument("--json", action="store_true", help="print only the JSON lines")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    engines = [e.strip() for e in args.engine.split(",") if e.strip()]
+    unknown = set(engines) - {"deepspeed", "none"}
+    if unknown:
+        parser.error(f"--engine: unknown {sorted(unknown)}")
+
+    from trainer.models.presets import preset_processor
+    from trainer.models.tiny import build_tiny_processor
+
+    processor = build_tiny_processor() if args.model == "tiny" else preset_processor()
+    shape = SHAPES["tiny" if args.model == "tiny" else "realistic"]
+    reports = []
+    with tempfile.TemporaryDirectory(prefix="bench_step-") as tmp:
+        # Every rank writes its own copy: no shared file system assumed, no rank waits on another.
+        spec = write_shards(tmp, processor, shape, args.samples)
+        for engine in engines:
+            if engine == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                if dist.is_main():
+                    print("--engine none runs in a single process: skipped under the launcher", flush=True)
+                continue
+            report = bench_deepspeed(args, spec) if engine == "deepspeed" else bench_plain(args, spec)
+            if dist.is_main():
+                print(json.dumps(report), flush=True)
+            reports.append(report)
+    if dist.is_main() and not args.json:
+        for report in reports:
+            print(f"{report['engine']}: SFT {report['sft_step_s']} s, Self-KD {report['kd_step_s']} s "
+                  f"(x{report['ratio']}), {report['tokens_per_s']} student tokens/s, MFU {report['mfu']}")
+    dist.shutdown()
+    return reports
 
 
 if __name__ == "__main__":

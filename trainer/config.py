@@ -36,8 +36,9 @@ from trainer.models.omni import PROJECTORS
 @dataclass(frozen=True)
 class ModelConfig:
     model: Optional[str] = None
-    """`tiny` (random toy model, no download), or a directory written by tools/export_hf.py.
-    Leave unset and give --vlm and --audio_encoder to compose a new model."""
+    """`tiny` (random toy model, no download), `synthetic-2b` / `synthetic-8b` (random weights at Qwen2-VL-2B / -7B
+    + Whisper-large-v3 size, for throughput), or a directory written by tools/export_hf.py. Leave unset and give
+    --vlm and --audio_encoder to compose a new model."""
     vlm: Optional[str] = None
     """Hugging Face VLM id or path (Qwen2-VL, Qwen2.5-VL) for a new composition."""
     audio_encoder: Optional[str] = None
@@ -83,6 +84,10 @@ class DistillConfig:
     """shared: the live weights; frozen: the starting weights; ema: an EMA of the weights."""
     ema_decay: float = 0.999
     """EMA teacher decay per optimizer step."""
+    teacher_share_prefix: bool = True
+    """Shared teacher: take the keys and values of the prefix both sides share (system prompt, image) from the
+    student pass instead of recomputing them (same logits). Off with frozen/EMA teachers (other weights) and with
+    --gradient_checkpointing (the checkpointed student keeps no cache)."""
     kd_chunk_size: int = 1024
     """Answer tokens per LM-head chunk: bounds the student's logits memory to chunk x vocab (a frozen/EMA
     teacher keeps all its answer-token logits until the backward pass)."""

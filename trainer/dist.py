@@ -117,6 +117,17 @@ def all_reduce_max(values: torch.Tensor) -> torch.Tensor:
     return out.cpu()
 
 
+def all_gather_rows(values: torch.Tensor) -> torch.Tensor:
+    """Every rank's float64 vector as one (world_size, n) CPU tensor: sums, maxima and
+    anything else are then read from it with one collective and one host read."""
+    row = values.detach().to(device=device(), dtype=torch.float64).reshape(1, -1)
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return row.cpu()
+    rows = torch.empty(dist.get_world_size(), row.shape[1], dtype=torch.float64, device=row.device)
+    dist.all_gather_into_tensor(rows, row)
+    return rows.cpu()
+
+
 def all_gather_object(obj) -> list:
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return [obj]

@@ -28,6 +28,7 @@ import time
 import deepspeed
 import numpy as np
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from trainer import checkpoint, dist, ds_config
@@ -36,12 +37,12 @@ from trainer.data import build_eval_loader, build_train_loader
 from trainer.data.batch import Batch, Stage
 from trainer.data.shards import check_shard_spec
 from trainer.distill.loss import KDSettings
-from trainer.distill.objective import SelfKDObjective, combine_sums
+from trainer.distill.objective import OUTPUT_SUMS, SelfKDObjective, combine_sums
 from trainer.distill.teachers import make_teacher
 from trainer.metrics import MetricsWriter
-from trainer.models.build import build_model
+from trainer.models.build import NAMED_MODELS, build_model
 from trainer.models.serialize import omni_spec
-from trainer.perf import peak_bf16_flops
+from trainer.perf import flops_params, peak_bf16_flops, step_flops
 from trainer.preemption import EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED, StopRequest
 
 
@@ -51,6 +52,27 @@ def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     return max(1, math.ceil(max_answer_tokens / chunk_size))
+
+
+STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "teacher_tokens_computed", "image_patches",
+              "audio_tokens", "audio_frames")
+
+
+def batch_stats(batches: list, processor, objective=None) -> list:
+    """Counts of a rank's micro-batches, in STAT_NAMES order, read from CPU tensors (the batch
+    reaches the device inside the engine's forward). Teacher tokens: those of the typed side
+    (the data), and those the teacher pass computes (its prefix shared with the student excluded)."""
+    uses_teacher = objective is not None and objective.uses_teacher
+    audio_tokens = sum(float(b.audio_token_counts.sum()) for b in batches if b.audio_token_counts is not None)
+    return [
+        float(sum(len(b) for b in batches)),
+        float(sum(b.student_attention_mask.sum() for b in batches)),
+        float(sum(b.teacher_attention_mask.sum() for b in batches)) if uses_teacher else 0.0,
+        float(sum(objective.teacher_tokens(b) for b in batches)) if uses_teacher else 0.0,
+        float(sum(b.pixel_values.shape[0] for b in batches if b.pixel_values is not None)),
+        audio_tokens,
+        audio_tokens * processor.audio_stack,  # encoder frames behind the audio tokens (to the stack)
+    ]
 
 
 def preflight(c: Config) -> dict:
@@ -63,8 +85,9 @@ def preflight(c: Config) -> dict:
                 check_shard_spec(spec)
             except (FileNotFoundError, ValueError) as exc:
                 raise ConfigError(f"--{flag}: {exc}") from None
-    if c.model.model not in (None, "tiny") and not os.path.isdir(c.model.model):
-        raise ConfigError(f"--model: {c.model.model} is neither 'tiny' nor an existing directory")
+    if c.model.model not in (None, *NAMED_MODELS) and not os.path.isdir(c.model.model):
+        raise ConfigError(f"--model: {c.model.model} is neither one of {', '.join(NAMED_MODELS)} nor an existing "
+                          "directory")
     if c.checkpoint.resume not in (None, "auto") and not os.path.isdir(c.checkpoint.resume):
         raise ConfigError(f"--resume: {c.checkpoint.resume} is neither 'auto' nor a checkpoint directory")
     return ds_config.resolve(c, dist.world_size(), on_gpu=torch.cuda.is_available())
@@ -112,7 +135,8 @@ class Trainer:
             kd = KDSettings(alpha=c.distill.kd_alpha, temperature=c.distill.kd_temperature,
                             divergence=c.distill.kd_divergence)
         # The engine wraps the objective, so ZeRO-3 hooks every module the objective calls.
-        objective = SelfKDObjective(model, kd, chunk_size=c.distill.kd_chunk_size)
+        objective = SelfKDObjective(model, kd, chunk_size=c.distill.kd_chunk_size,
+                                    share_prefix=c.distill.teacher_share_prefix)
         trainable = [p for p in objective.parameters() if p.requires_grad]
         self.engine, _, _, _ = deepspeed.initialize(model=objective, model_parameters=trainable, config=self.ds_config)
         self.objective = self.engine.module
@@ -121,9 +145,7 @@ class Trainer:
         # Frozen / EMA teachers copy each rank's ZeRO-3 partitions: only once the engine exists.
         self.objective.teacher = make_teacher(c.distill.teacher, self.model, c.distill.ema_decay,
                                               zero_stage=self.zero_stage, release=self.engine.empty_partition_cache)
-        # MFU counts the LLM's FLOPs (6 N per trained token); the encoders' are left out.
-        llm_modules = (self.model.adapter.language_model, self.model.adapter.lm_head)
-        self.num_llm_params = sum(getattr(p, "ds_numel", p.numel()) for m in llm_modules for p in m.parameters())
+        self.flops_params = flops_params(self.model, self.model.trainable_parts)  # trainer/perf.py
         self.peak_flops = peak_bf16_flops()
 
         self.step = 0
@@ -176,67 +198,79 @@ class Trainer:
     # --- one micro-batch / one optimizer step ---------------------------------------
     def forward_backward_step(self, batch: Batch, normalizer: float, answer_chunks: int):
         """One micro-batch through the objective under the engine; its ObjectiveOutput."""
-        out = self.engine(batch.to(self.device, self.dtype), normalizer, answer_chunks)
-        self.engine.backward(out.loss)
-        self.engine.step()
+        with record_function("step/forward"):
+            out = self.engine(batch.to(dtype=self.dtype), normalizer, answer_chunks)
+        with record_function("step/backward"):
+            self.engine.backward(out.loss)
+        with record_function("step/optimizer"):
+            self.engine.step()
         return out
 
     def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches. Two collectives carry everything
+        the step needs from other ranks, and the host reads device values only after them:
+        the batch statistics before the first micro-batch, the loss sums, peak memory and stop
+        request after the last."""
         gas = self.config.optim.grad_accum
         t_start = time.perf_counter()
         skipped_before = self.engine.skipped_steps
-        wait = 0.0
         batches = []
-        for _ in range(gas):
-            t = time.perf_counter()
-            batches.append(next(self.data_iter))
-            wait += time.perf_counter() - t
+        with record_function("step/data"):
+            for _ in range(gas):
+                batches.append(next(self.data_iter))
+        wait = time.perf_counter() - t_start
 
-        per_micro = torch.tensor([float(b.answer_tokens()) for b in batches])  # answer tokens
-        local = torch.tensor(
-            [
-                float(per_micro.sum()),
-                sum(len(b) for b in batches),
-                sum(int(b.student_attention_mask.sum()) for b in batches),
-                sum(int(b.teacher_attention_mask.sum()) for b in batches) if self.kd else 0,
-            ],
-            dtype=torch.float64,
-        )
-        answer_tokens, samples, student_tokens, teacher_tokens = dist.all_reduce_sum(local).tolist()
-        tokens = student_tokens + teacher_tokens
+        # Per rank: answer tokens of each micro-batch, then the step's sample/token/encoder counts
+        # (CPU tensors: no device read).
+        with record_function("step/stats"):  # read from the CPU batches
+            stats = torch.tensor([[float(b.answer_tokens()) for b in batches]
+                                  + batch_stats(batches, self.processor, self.objective)], dtype=torch.float64)
+        with record_function("step/reduce"):
+            rows = dist.all_gather_rows(stats)  # world, gas + len(STAT_NAMES)
+        per_micro_max = rows[:, :gas].max(dim=0).values.tolist()
+        totals = dict(zip(STAT_NAMES, rows[:, gas:].sum(dim=0).tolist()))
+        answer_tokens = sum(rows[:, :gas].sum(dim=0).tolist())
+        if answer_tokens == 0:
+            raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
         # Every LM-head chunk is a ZeRO-3 gather, so all ranks must run the same number of
         # chunks in each micro-batch: size them by the largest micro-batch over ranks.
         chunk_size = self.objective.chunk_size
-        answer_chunks = [answer_chunks_for(int(n), chunk_size) for n in dist.all_reduce_max(per_micro).tolist()]
-        if answer_tokens == 0:
-            raise RuntimeError(f"step {self.step + 1}: no answer tokens in any micro-batch on any rank")
+        answer_chunks = [answer_chunks_for(int(n), chunk_size) for n in per_micro_max]
         # DeepSpeed divides the gradient by grad_accum and averages it over ranks; undo both
         # so the step's gradient is that of (sum of token losses) / (global answer tokens).
         normalizer = answer_tokens / (gas * dist.world_size())
 
-        sums = torch.zeros(5, dtype=torch.float64)
+        sums = None  # on the device until the closing collective
         for batch, chunks in zip(batches, answer_chunks):
-            sums += self.forward_backward_step(batch, normalizer, chunks).sums().detach().cpu()
+            out = self.forward_backward_step(batch, normalizer, chunks).sums().detach()
+            sums = out if sums is None else sums + out
         self.objective.teacher.update()
-        sums = dist.all_reduce_sum(sums)
+        closing = torch.cat([sums.to(torch.float64), torch.tensor([_peak_mem_gib(), float(self.stop.requested)],
+                                                                  dtype=torch.float64, device=sums.device)])
+        with record_function("step/reduce"):
+            rows = dist.all_gather_rows(closing)
+        sums = rows[:, :OUTPUT_SUMS].sum(dim=0)
         ce_sum, kd_sum, teacher_ce_sum, agree, n = sums.tolist()
-        # One reduction carries the step time, the peak memory and the stop request of every rank.
-        step_time, peak_gib, stop = dist.all_reduce_max(
-            torch.tensor([time.perf_counter() - t_start, _peak_mem_gib(), float(self.stop.requested)])).tolist()
+        peak_gib, stop = rows[:, OUTPUT_SUMS:].max(dim=0).values.tolist()
         self.stop_agreed = stop > 0
         self.stop.announce()
+        step_time = time.perf_counter() - t_start  # after the closing read: the device work is done
 
+        samples, student_tokens = totals["samples"], totals["student_tokens"]
+        tokens = student_tokens + totals["teacher_tokens"]  # the data's tokens, both sides
         self.step += 1
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
         metrics = {
-            "train/loss": combine_sums(sums, self.kd),
+            "train/loss": combine_sums([ce_sum, kd_sum, teacher_ce_sum, agree, n], self.kd),
             "train/ce_loss": ce_sum / n,
             "train/lr": self.engine.get_lr()[0],
             "perf/samples_per_s": samples / step_time,
             "perf/tokens_per_s": tokens / step_time,
             "perf/data_wait_frac": wait / step_time,
             "perf/step_s": step_time,
+            "perf/student_tokens": student_tokens,
+            "perf/teacher_tokens_computed": totals["teacher_tokens_computed"],
             "mem/peak_gib": peak_gib,
         }
         if self.kd:
@@ -247,8 +281,11 @@ class Trainer:
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
-            # 6 N per student token (forward + backward) plus 2 N per teacher token (forward).
-            flops = self.num_llm_params * (6 * student_tokens + 2 * teacher_tokens)
+            flops = step_flops(self.flops_params, student_tokens=student_tokens,
+                               teacher_tokens=totals["teacher_tokens_computed"],
+                               answer_tokens=answer_tokens, teacher_answer_tokens=answer_tokens if self.kd else 0.0,
+                               image_patches=totals["image_patches"], audio_frames=totals["audio_frames"],
+                               audio_tokens=totals["audio_tokens"])
             metrics["perf/mfu"] = flops / step_time / (self.peak_flops * dist.world_size())
         metrics["progress/samples_seen"] = self.samples_seen
         metrics["progress/tokens_seen"] = self.tokens_seen

@@ -40,6 +40,8 @@ class Batch:
     teacher_input_ids: torch.Tensor | None = None  # B, T': [image] + typed question (+ answer); SELFKD, EVAL
     teacher_attention_mask: torch.Tensor | None = None  # B, T'
     teacher_labels: torch.Tensor | None = None  # B, T': the same answer ids as the student's (checked)
+    student_position_ids: torch.Tensor | None = None  # 3, B, T: M-RoPE positions (0 on padding), made on the CPU
+    teacher_position_ids: torch.Tensor | None = None  # 3, B, T'
     input_features: torch.Tensor | None = None  # B, M, W: log-mel of each clip (None: no audio, as in VL)
     audio_token_counts: torch.Tensor | None = None  # B: <|audio_pad|> tokens (= valid audio tokens) per sample
     pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order
@@ -61,6 +63,10 @@ class Batch:
             raise ValueError(f"role must be one of {SIDES}, got {role!r}")
         return getattr(self, f"{role}_input_ids"), getattr(self, f"{role}_attention_mask"), getattr(self, f"{role}_labels")
 
+    def position_ids(self, role: str) -> torch.Tensor | None:
+        """The collator's M-RoPE positions of one side (3, B, T), or None."""
+        return getattr(self, f"{role}_position_ids")
+
     @property
     def has_teacher(self) -> bool:
         return self.teacher_input_ids is not None
@@ -68,6 +74,12 @@ class Batch:
     def answer_tokens(self) -> int:
         """Answer tokens the student is trained on (0 for an evaluation batch)."""
         return 0 if self.student_labels is None else int((self.student_labels != IGNORE_INDEX).sum())
+
+    def pin_memory(self) -> "Batch":
+        """A copy in page-locked memory (the DataLoader's pin thread calls this), so the copy to
+        the GPU runs without making the host wait."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() if isinstance(getattr(self, f.name), torch.Tensor)
+                        else getattr(self, f.name) for f in dataclasses.fields(self)})
 
     def to(self, device=None, dtype=None) -> "Batch":
         """A copy with tensors on `device` and floating ones (pixels, mel) in `dtype`."""

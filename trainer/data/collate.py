@@ -134,6 +134,12 @@ class SampleEncoder:
                 longest = max(longest, len(sample["teacher_prompt_ids"]) + len(sample["answer_ids"]))
         if longest > self.max_seq_len:
             raise SampleError("too_long", "tokens", f"{longest} tokens > max_seq_len {self.max_seq_len}")
+        # M-RoPE positions of each whole side, here on the CPU, so the step never reads them off the device.
+        grids = list(sample["image_grid_thw"]) if "image_grid_thw" in sample else []
+        answer = sample.get("answer_ids", [])
+        for side in ("student", "teacher"):
+            if f"{side}_prompt_ids" in sample:
+                sample[f"{side}_positions"] = self.processor.rope_positions(sample[f"{side}_prompt_ids"] + answer, grids)
 
     def _prompt_ids(self, content: list, num_image_tokens: int, num_audio_tokens: int) -> list[int]:
         """Chat-template prompt with the single image/audio pad expanded to its token count."""
@@ -159,6 +165,19 @@ def _pad(sequences: list[list[int]], value: int, left: bool) -> torch.Tensor:
             out[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         else:
             out[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    return out
+
+
+def _pad_positions(samples: list[dict], side: str, left: bool) -> torch.Tensor:
+    """Per-sample (3, T_i) position ids -> (3, B, T), padding positions 0 (masked out)."""
+    rows = [s[f"{side}_positions"] for s in samples]
+    width = max(r.shape[1] for r in rows)
+    out = torch.zeros(3, len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if left:
+            out[:, i, width - row.shape[1]:] = row
+        else:
+            out[:, i, : row.shape[1]] = row
     return out
 
 
@@ -188,9 +207,11 @@ def collate_train(samples: list[dict], pad_id: int) -> Batch:
     fields = _shared_fields(samples)
     student = _train_side(samples, "student_prompt_ids", pad_id)
     fields["student_input_ids"], fields["student_attention_mask"], fields["student_labels"] = student
+    fields["student_position_ids"] = _pad_positions(samples, "student", left=False)
     if "teacher_prompt_ids" in samples[0]:
         teacher = _train_side(samples, "teacher_prompt_ids", pad_id)
         fields["teacher_input_ids"], fields["teacher_attention_mask"], fields["teacher_labels"] = teacher
+        fields["teacher_position_ids"] = _pad_positions(samples, "teacher", left=False)
         for row, key in enumerate(fields["keys"]):
             teacher_answer = teacher[2][row][teacher[2][row] != IGNORE_INDEX]
             student_answer = student[2][row][student[2][row] != IGNORE_INDEX]
@@ -207,6 +228,7 @@ def collate_eval(samples: list[dict], pad_id: int) -> Batch:
         prompts = [s[f"{side}_prompt_ids"] for s in samples]
         fields[f"{side}_input_ids"] = _pad(prompts, pad_id, left=True)  # B, T
         fields[f"{side}_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+        fields[f"{side}_position_ids"] = _pad_positions(samples, side, left=True)
     return Batch(**fields, questions=[s["question"] for s in samples], answers=[s["answers"] for s in samples],
                  tasks=[s["task"] for s in samples], choices=[s["choices"] for s in samples],
                  ids=[s["id"] for s in samples], sources=[s["source"] for s in samples])

@@ -38,6 +38,7 @@ import os
 import signal
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.batch import TRAINING_STAGES, Stage
@@ -305,8 +306,9 @@ class StreamingLoader:
         if self.num_workers == 0:
             source = iter(stream)
         else:
-            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
-                                     collate_fn=_keep_as_is, worker_init_fn=worker_signals()))
+            # Pinned batches reach the GPU with non-blocking copies (Batch.pin_memory).
+            source = iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=_keep_as_is,
+                                     worker_init_fn=worker_signals(), pin_memory=torch.cuda.is_available()))
         num_roles = max(1, self.num_workers)
         for batch, tag in source:
             role = str(tag["role"])

@@ -88,6 +88,7 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
     processor = model.processor
     role = "teacher" if mode == "text" else "student"
     device = model.adapter.input_embeddings().weight.device
+    model.check_placeholders(batch, role)
     prompt, prompt_mask, _ = batch.side(role)
     if prompt_mask.shape[0] != 1 or not prompt_mask.all():
         raise ValueError(f"attention analysis takes unpadded batches of one sample, got keys {batch.keys}")
@@ -97,7 +98,7 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
     attention_mask = torch.ones_like(input_ids)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens = model.encode_audio(batch)[0] if role == "student" else None
-    embeds = model.embed(batch.keys, input_ids, image_tokens, audio_tokens, batch.audio_token_counts, role)
+    embeds = model.embed(input_ids, image_tokens, audio_tokens)
     position_ids = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
     out = model.adapter.language_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
                                        output_attentions=True)

@@ -22,8 +22,10 @@ from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 
 from trainer.models.adapters import adapter_for
 from trainer.models.omni import AudioProjector, OmniModel, ZeroSafeWhisperEncoder
+from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 
+NAMED_MODELS = ("tiny", *PRESETS)  # --model values that build without a directory
 ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
 TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
 DEFAULT_TRAINABLE = ("llm", "projector")
@@ -219,13 +221,17 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
     transformers HfDeepSpeedConfig is alive, so one is created here and kept on the model
     (`model.hf_deepspeed_config`) for the rest of the run. -> (model, processor)."""
     hf_deepspeed_config = _hf_zero3_config(init_ctx, ds_config)
-    if cfg.model not in (None, "tiny") and not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model: {cfg.model} is neither 'tiny' nor an existing directory")
+    if cfg.model not in (None, *NAMED_MODELS) and not os.path.isdir(cfg.model):
+        raise FileNotFoundError(f"--model: {cfg.model} is neither one of {NAMED_MODELS} nor an existing directory")
     if cfg.model == "tiny":
         from trainer.models.tiny import build_tiny_processor
 
         processor = build_tiny_processor(audio_stack=cfg.audio_stack)
         model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    elif cfg.model in PRESETS:
+        processor = preset_processor(cfg.audio_stack)
+        model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,
+                                   dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
     elif cfg.model is not None:
         from trainer.models.serialize import load_omni  # serialize builds through this module
 

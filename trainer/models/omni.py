@@ -123,49 +123,70 @@ class OmniModel(nn.Module):
             tokens = self.projector(frames)  # B, W/2, C -> B, W/2/S, H
         if batch.input_features is None:
             return None, 0.0 * tokens.float().sum()
-        # Only each clip's valid frames: the first counts[i] stacked tokens of sample i.
-        keep = torch.arange(tokens.shape[1], device=device)[None, :] < counts.to(device)[:, None]  # B, W/2/S
-        return tokens[keep], tokens.new_zeros((), dtype=torch.float32)
+        # Only each clip's valid frames: the first counts[i] stacked tokens of sample i, picked
+        # by flat indices built where the counts live (the CPU, in training: no device read).
+        width = tokens.shape[1]
+        index = torch.cat([i * width + torch.arange(int(n)) for i, n in enumerate(counts.tolist())])
+        if device.type == "cuda":
+            index = index.pin_memory()  # a non-blocking copy: the host does not wait for the encoder
+        tokens = tokens.reshape(-1, tokens.shape[-1]).index_select(0, index.to(device, non_blocking=True))  # sum(counts), H
+        return tokens, tokens.new_zeros((), dtype=torch.float32)
 
     # --- sequence assembly -------------------------------------------------------------
-    def embed(self, keys, input_ids, image_tokens, audio_tokens, audio_counts, role: str) -> torch.Tensor:
-        """Token embeddings with image / audio placeholders replaced, checked per sample."""
+    def check_placeholders(self, batch: Batch, role: str) -> None:
+        """Every sample's <|image_pad|> / <|audio_pad|> count must equal the features that will
+        fill them; the error names the samples. Run it on the CPU batch (a few reads there; on
+        the device each would stall the host)."""
+        input_ids, _, _ = batch.side(role)
+        image_counts = (input_ids == self.image_token_id).sum(1)  # B
+        merge = self.processor.image_merge_size
+        expected = 0 if batch.image_grid_thw is None else int((batch.image_grid_thw.prod(-1) // merge**2).sum())
+        if int(image_counts.sum()) != expected:
+            raise ValueError(f"{role}_input_ids hold {int(image_counts.sum())} <|image_pad|> tokens but the images give "
+                             f"{expected} features; per sample key: {dict(zip(batch.keys, image_counts.tolist()))}")
+        audio_counts = (input_ids == self.audio_pad_id).sum(1)  # B
+        uses_audio = role == "student" and batch.audio_token_counts is not None
+        expected_audio = batch.audio_token_counts.to(audio_counts) if uses_audio else torch.zeros_like(audio_counts)
+        if not torch.equal(audio_counts, expected_audio):
+            bad = {key: (have, want) for key, have, want in zip(batch.keys, audio_counts.tolist(), expected_audio.tolist())
+                   if have != want}
+            raise ValueError(f"{role}_input_ids: <|audio_pad|> tokens vs audio tokens differ (sample key: "
+                             f"(placeholders, audio_token_counts)): {bad}")
+
+    def positions(self, batch: Batch, role: str) -> torch.Tensor:
+        """M-RoPE position ids (3, B, T) of one side: the collator's (made on the CPU, in the
+        data workers), else computed by the VLM where the batch is (a read per sample)."""
+        if batch.position_ids(role) is not None:
+            return batch.position_ids(role)
+        input_ids, attention_mask, _ = batch.side(role)
+        return self.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
+
+    def embed(self, input_ids, image_tokens, audio_tokens) -> torch.Tensor:
+        """Token embeddings with the image / audio placeholders replaced, in order (checked
+        beforehand by `check_placeholders`)."""
         embeds = self.adapter.embed_tokens(input_ids)  # B, T -> B, T, H
-        image_mask = input_ids == self.image_token_id
-        audio_mask = input_ids == self.audio_pad_id
-        n_image = int(image_mask.sum())
-        expected_image = 0 if image_tokens is None else image_tokens.shape[0]
-        if n_image != expected_image:
-            per_sample = {k: int(n) for k, n in zip(keys, image_mask.sum(1).tolist())}
-            raise ValueError(
-                f"{role}_input_ids hold {n_image} <|image_pad|> tokens but the images give {expected_image} "
-                f"features; per sample key: {per_sample}"
-            )
-        if audio_tokens is None:
-            if audio_mask.any():
-                bad = [k for k, n in zip(keys, audio_mask.sum(1).tolist()) if n]
-                raise ValueError(f"{role}_input_ids hold <|audio_pad|> tokens but the batch has no audio: samples {bad}")
-        else:
-            placeholders = audio_mask.sum(1).tolist()
-            for key, n_placeholders, n_tokens in zip(keys, placeholders, audio_counts.tolist()):
-                if n_placeholders != n_tokens:
-                    raise ValueError(
-                        f"sample {key}: {role}_input_ids hold {n_placeholders} <|audio_pad|> tokens but "
-                        f"audio_token_counts says {n_tokens}"
-                    )
         if image_tokens is not None:
-            embeds = embeds.masked_scatter(image_mask[..., None], image_tokens.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.image_token_id)[..., None], image_tokens.to(embeds.dtype))
         if audio_tokens is not None:
-            embeds = embeds.masked_scatter(audio_mask[..., None], audio_tokens.to(embeds.dtype))
+            embeds = embeds.masked_scatter((input_ids == self.audio_pad_id)[..., None], audio_tokens.to(embeds.dtype))
         return embeds
 
-    def hidden_states(self, batch: Batch, role: str, image_tokens, audio_tokens) -> torch.Tensor:
-        """The decoder's last hidden states of one side ("student" / "teacher"): B, T, H."""
+    def run_side(self, batch: Batch, role: str, image_tokens, audio_tokens, position_ids=None, *, cache=None,
+                 start: int = 0, use_cache: bool = False) -> tuple:
+        """The decoder on one side ("student" / "teacher") -> (last hidden states of tokens
+        `start`..T (B, T - start, H), cache or None). With `cache` holding the keys and values
+        of the first `start` tokens (shared with another pass), only the rest is computed, and
+        `image_tokens` are the features of the image placeholders from `start` on."""
         input_ids, attention_mask, _ = batch.side(role)
-        embeds = self.embed(batch.keys, input_ids, image_tokens, audio_tokens, batch.audio_token_counts, role)
-        position_ids = self.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
-        hidden, _ = self.adapter.decode(embeds, position_ids, attention_mask)
-        return hidden  # B, T, H
+        if position_ids is None:
+            position_ids = self.positions(batch, role)
+        embeds = self.embed(input_ids[:, start:], image_tokens, audio_tokens)
+        positions = position_ids[:, :, start:].to(input_ids.device)
+        return self.adapter.decode(embeds, positions, attention_mask, cache=cache, use_cache=use_cache)
+
+    def hidden_states(self, batch: Batch, role: str, image_tokens, audio_tokens, position_ids=None) -> torch.Tensor:
+        """The decoder's last hidden states of one whole side: B, T, H."""
+        return self.run_side(batch, role, image_tokens, audio_tokens, position_ids)[0]
 
     @staticmethod
     def answer_positions(hidden, labels):
@@ -190,15 +211,15 @@ class OmniModel(nn.Module):
     def generate_ids(self, batch: Batch, mode: str, max_new_tokens: int, *, synced_gpus: bool = False) -> list[list[int]]:
         role = "teacher" if mode == "text" else "student"
         device = self.adapter.input_embeddings().weight.device
+        if (batch.side(role)[1][:, -1] == 0).any():
+            raise ValueError(f"generate needs LEFT-padded {role}_input_ids (a prompt ends in padding)")
+        self.check_placeholders(batch, role)
+        position_ids = self.positions(batch, role).to(device)  # 3, B, T
         batch = batch.to(device)
         input_ids, attention_mask, _ = batch.side(role)
-        if (attention_mask[:, -1] == 0).any():
-            raise ValueError(f"generate needs LEFT-padded {role}_input_ids (a prompt ends in padding)")
         image_tokens, _ = self.encode_images(batch)
         audio_tokens, _ = self.encode_audio(batch)
-        embeds = self.embed(batch.keys, input_ids, image_tokens, audio_tokens if role == "student" else None,
-                            batch.audio_token_counts, role)
-        position_ids = self.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)  # 3, B, T
+        embeds = self.embed(input_ids, image_tokens, audio_tokens if role == "student" else None)
         next_position = position_ids.amax(dim=(0, 2)) + 1  # B
         hidden, cache = self.adapter.decode(embeds, position_ids, attention_mask, use_cache=True)
 

@@ -16,6 +16,8 @@ import json
 import math
 import os
 
+import torch
+
 from transformers import AutoImageProcessor, AutoTokenizer, WhisperFeatureExtractor
 
 AUDIO_START = "<|audio_start|>"
@@ -90,6 +92,37 @@ class OmniProcessor:
         """LLM tokens for one image with patch grid (t, h, w)."""
         t, h, w = (int(x) for x in grid_thw)
         return t * h * w // (self.image_merge_size**2)
+
+    def rope_positions(self, token_ids: list[int], image_grids: list) -> torch.Tensor:
+        """Qwen2-VL's multimodal (M-RoPE) position ids of one unpadded sequence: (3, T).
+
+        Text advances all three axes together; an image block (its `<|image_pad|>` run, in
+        order of `image_grids`' (t, h, w) patch grids) takes (start + t, start + row, start +
+        col) over its merged grid, and the text after it resumes at start + max(rows, cols).
+        The same numbers as the VLM's get_rope_index (tested), computed per sample on the
+        CPU by the sample encoder, so the training step never reads them off the device."""
+        merge = self.image_merge_size
+        positions = []
+        start = 0
+        grids = iter(image_grids)
+        i = 0
+        while i < len(token_ids):
+            if token_ids[i] == self.image_pad_id:
+                t, h, w = (int(x) for x in next(grids))
+                rows, cols = h // merge, w // merge
+                block = torch.stack(torch.meshgrid(torch.arange(t), torch.arange(rows), torch.arange(cols),
+                                                   indexing="ij")).reshape(3, -1) + start  # 3, t*rows*cols
+                positions.append(block)
+                i += block.shape[1]
+                start += max(rows, cols)
+            else:
+                run = i
+                while run < len(token_ids) and token_ids[run] != self.image_pad_id:
+                    run += 1
+                positions.append(torch.arange(start, start + run - i).expand(3, -1))
+                start += run - i
+                i = run
+        return torch.cat(positions, dim=1) if positions else torch.zeros(3, 0, dtype=torch.long)
 
     # --- persistence -----------------------------------------------------------------
     def save_pretrained(self, path: str) -> None:

@@ -42,18 +42,20 @@ def make_batch(
     seed: int = 0,
     with_image: bool = True,
     stage: Stage | str = Stage.SELFKD,
-    image_size: tuple[int, int] = (56, 84),
+    image_size: tuple[int, int] | list = (56, 84),
     audio_seconds: tuple[float, float] = (1.0, 4.0),
     max_seq_len: int = 32768,
 ) -> Batch:
     """A micro-batch of `stage`: SELFKD / VL / ALIGN training batches (right-padded, with
-    labels) or an EVAL batch (left-padded prompts with reference answers)."""
+    labels) or an EVAL batch (left-padded prompts with reference answers). `image_size`:
+    (h, w) for every sample, or a list with one (h, w), or None for no image, per sample."""
+    sizes = image_size if isinstance(image_size, list) else [image_size] * batch_size
     rng = np.random.default_rng(seed)
     encoder = SampleEncoder(processor, stage, max_seq_len)
     samples = []
     for i in range(batch_size):
         question, answer = QUESTIONS[(seed + i) % len(QUESTIONS)], ANSWERS[(seed + i) % len(ANSWERS)]
-        raw = raw_sample(f"synthetic-{seed}-{i}", question, answer, rng, image_size=image_size if with_image else None,
+        raw = raw_sample(f"synthetic-{seed}-{i}", question, answer, rng, image_size=sizes[i] if with_image else None,
                          audio_seconds=float(rng.uniform(*audio_seconds)), sampling_rate=processor.sampling_rate)
         samples.append(encoder(raw)[0])
     collate = collate_eval if encoder.stage == Stage.EVAL else collate_train

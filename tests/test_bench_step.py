@@ -1,0 +1,41 @@
+"""tools/bench_step.py measures the path users run: the trainer's DeepSpeed engine, loader,
+objective and step (1 process and 2 CPU ranks), with the plain-PyTorch reference beside it.
+Timings are printed, never asserted; the report's shape and counts are."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+SHORT = ["--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--rounds", "1", "--samples", "16"]
+BREAKDOWN = {"data_wait", "vision", "audio", "teacher", "student_forward", "loss_lm_head", "backward", "optimizer",
+             "reduce", "host_blocked"}
+
+
+def run(cmd):
+    out = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                         timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def test_one_process_deepspeed_and_plain_reference():
+    engine, plain = run([sys.executable, "tools/bench_step.py", *SHORT])
+    assert engine["engine"] == "deepspeed-zero3" and plain["engine"] == "none"
+    for report in (engine, plain):
+        assert report["sft_step_s"] > 0 and report["kd_step_s"] > 0 and report["ratio"] > 0
+        assert report["student_tokens"] > report["teacher_tokens"] > 0
+        assert report["mfu"] is None and report["kd_peak_mem_gib"] is None  # CPU: no peak FLOPs, no CUDA peak
+    assert set(engine["breakdown"]) == BREAKDOWN and engine["breakdown"]["teacher"] > 0
+    assert isinstance(engine["host_syncs_per_step"], int) and engine["host_syncs_per_step"] > 0
+    assert "breakdown" not in plain
+
+
+def test_two_ranks_under_the_deepspeed_launcher():
+    (report,) = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29861",
+                     "tools/bench_step.py", *SHORT])
+    assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2

@@ -1,0 +1,61 @@
+"""Random-init models of real sizes, for benchmarks and throughput work without downloads:
+`--model synthetic-2b` / `synthetic-8b` build the architecture of a Qwen2-VL-2B / -7B plus a
+Whisper-large-v3 encoder, with the locally built tokenizer of the tiny preset, an image
+processor capped at 448x448 px (256 image tokens) and Whisper-large-v3's 128-bin, 30 s
+feature extractor. Their weights are noise: they measure speed and memory, never quality.
+
+    model, processor = build_preset("synthetic-2b", dtype=torch.bfloat16, init_ctx=...)
+"""
+
+from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
+
+from trainer.models.processing import OmniProcessor
+from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_tokenizer
+
+IMAGE_SIDE = 448  # px: 32 x 32 patches of 14 px, 2 x 2 merged -> 256 image tokens
+
+# Qwen2-VL's text models (Qwen2-1.5B and Qwen2-7B), as in the released configs.
+TEXT = {
+    "synthetic-2b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                         num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "synthetic-8b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+PRESETS = tuple(TEXT)
+
+
+def preset_processor(audio_stack: int = 4) -> OmniProcessor:
+    return OmniProcessor(
+        build_tiny_tokenizer(),
+        Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
+        WhisperFeatureExtractor(feature_size=128, chunk_length=30),
+        audio_stack=audio_stack,
+    )
+
+
+def vlm_config(name: str) -> Qwen2VLConfig:
+    special = {token: QWEN2VL_SPECIAL_TOKENS.index(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    text = TEXT[name]
+    return Qwen2VLConfig(
+        text_config=dict(
+            **text, max_position_embeddings=32768, rope_theta=1e6,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+            eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"],
+        ),
+        # The 675M ViT of every Qwen2-VL size; its merger projects into the LLM's width.
+        vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=text["hidden_size"],
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
+        image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+        vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
+        tie_word_embeddings=text["tie_word_embeddings"],
+    )
+
+
+def whisper_large_v3_config() -> WhisperConfig:
+    """Whisper-large-v3's encoder (the decoder is never built)."""
+    return WhisperConfig(
+        num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+        decoder_layers=1, decoder_attention_heads=20, decoder_ffn_dim=5120, max_source_positions=1500,
+        vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
+    )
