@@ -10,6 +10,8 @@ import os
 
 import torch
 
+from trainer.distill.objective import answer_index
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -20,8 +22,9 @@ def answer_logits(model, batch) -> torch.Tensor:
     batch = batch.to(device)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens, _ = model.encode_audio(batch)
-    hidden = model.hidden_states(batch, "student", image_tokens, audio_tokens)
-    answers, _, _ = model.answer_positions(hidden, batch.student_labels)
+    hidden, _ = model.run_side(batch, "student", image_tokens, audio_tokens)
+    index, _, _ = answer_index(batch.student_labels.cpu())
+    answers = hidden.reshape(-1, hidden.shape[-1]).index_select(0, index.to(device))
     return model.adapter.lm_head(answers).float().cpu()
 
 

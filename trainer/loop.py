@@ -54,21 +54,17 @@ def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
     return max(1, math.ceil(max_answer_tokens / chunk_size))
 
 
-STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "teacher_tokens_computed", "image_patches",
-              "audio_tokens", "audio_frames")
+STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "image_patches", "audio_tokens", "audio_frames")
 
 
-def batch_stats(batches: list, processor, objective=None) -> list:
+def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
     """Counts of a rank's micro-batches, in STAT_NAMES order, read from CPU tensors (the batch
-    reaches the device inside the engine's forward). Teacher tokens: those of the typed side
-    (the data), and those the teacher pass computes (its prefix shared with the student excluded)."""
-    uses_teacher = objective is not None and objective.uses_teacher
+    reaches the device inside the engine's forward). Teacher tokens: the typed side's (the data)."""
     audio_tokens = sum(float(b.audio_token_counts.sum()) for b in batches if b.audio_token_counts is not None)
     return [
         float(sum(len(b) for b in batches)),
         float(sum(b.student_attention_mask.sum() for b in batches)),
         float(sum(b.teacher_attention_mask.sum() for b in batches)) if uses_teacher else 0.0,
-        float(sum(objective.teacher_tokens(b) for b in batches)) if uses_teacher else 0.0,
         float(sum(b.pixel_values.shape[0] for b in batches if b.pixel_values is not None)),
         audio_tokens,
         audio_tokens * processor.audio_stack,  # encoder frames behind the audio tokens (to the stack)
@@ -224,7 +220,8 @@ class Trainer:
         # (CPU tensors: no device read).
         with record_function("step/stats"):  # read from the CPU batches
             stats = torch.tensor([[float(b.answer_tokens()) for b in batches]
-                                  + batch_stats(batches, self.processor, self.objective)], dtype=torch.float64)
+                                  + batch_stats(batches, self.processor, self.objective.uses_teacher)],
+                                 dtype=torch.float64)
         with record_function("step/reduce"):
             rows = dist.all_gather_rows(stats)  # world, gas + len(STAT_NAMES)
         per_micro_max = rows[:, :gas].max(dim=0).values.tolist()
@@ -241,17 +238,19 @@ class Trainer:
         normalizer = answer_tokens / (gas * dist.world_size())
 
         sums = None  # on the device until the closing collective
+        teacher_computed = 0.0  # tokens the teacher pass computed (CPU counts, from the objective)
         for batch, chunks in zip(batches, answer_chunks):
-            out = self.forward_backward_step(batch, normalizer, chunks).sums().detach()
-            sums = out if sums is None else sums + out
+            out = self.forward_backward_step(batch, normalizer, chunks)
+            sums = out.sums().detach() if sums is None else sums + out.sums().detach()
+            teacher_computed += out.teacher_tokens
         self.objective.teacher.update()
-        closing = torch.cat([sums.to(torch.float64), torch.tensor([_peak_mem_gib(), float(self.stop.requested)],
-                                                                  dtype=torch.float64, device=sums.device)])
+        closing = torch.cat([sums.to(torch.float64), torch.tensor(
+            [teacher_computed, _peak_mem_gib(), float(self.stop.requested)], dtype=torch.float64, device=sums.device)])
         with record_function("step/reduce"):
             rows = dist.all_gather_rows(closing)
-        sums = rows[:, :OUTPUT_SUMS].sum(dim=0)
-        ce_sum, kd_sum, teacher_ce_sum, agree, n = sums.tolist()
-        peak_gib, stop = rows[:, OUTPUT_SUMS:].max(dim=0).values.tolist()
+        summed = rows[:, :OUTPUT_SUMS + 1].sum(dim=0).tolist()
+        ce_sum, kd_sum, teacher_ce_sum, agree, n, teacher_tokens_computed = summed
+        peak_gib, stop = rows[:, OUTPUT_SUMS + 1:].max(dim=0).values.tolist()
         self.stop_agreed = stop > 0
         self.stop.announce()
         step_time = time.perf_counter() - t_start  # after the closing read: the device work is done
@@ -270,7 +269,7 @@ class Trainer:
             "perf/data_wait_frac": wait / step_time,
             "perf/step_s": step_time,
             "perf/student_tokens": student_tokens,
-            "perf/teacher_tokens_computed": totals["teacher_tokens_computed"],
+            "perf/teacher_tokens_computed": teacher_tokens_computed,
             "mem/peak_gib": peak_gib,
         }
         if self.kd:
@@ -282,7 +281,7 @@ class Trainer:
             metrics["train/grad_norm"] = float(grad_norm)
         if self.peak_flops:
             flops = step_flops(self.flops_params, student_tokens=student_tokens,
-                               teacher_tokens=totals["teacher_tokens_computed"],
+                               teacher_tokens=teacher_tokens_computed,
                                answer_tokens=answer_tokens, teacher_answer_tokens=answer_tokens if self.kd else 0.0,
                                image_patches=totals["image_patches"], audio_frames=totals["audio_frames"],
                                audio_tokens=totals["audio_tokens"])

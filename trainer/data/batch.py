@@ -75,21 +75,30 @@ class Batch:
         """Answer tokens the student is trained on (0 for an evaluation batch)."""
         return 0 if self.student_labels is None else int((self.student_labels != IGNORE_INDEX).sum())
 
+    def _map_tensors(self, fn) -> "Batch":
+        return Batch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                        for f in dataclasses.fields(self)})
+
     def pin_memory(self) -> "Batch":
         """A copy in page-locked memory (the DataLoader's pin thread calls this), so the copy to
         the GPU runs without making the host wait."""
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() if isinstance(getattr(self, f.name), torch.Tensor)
-                        else getattr(self, f.name) for f in dataclasses.fields(self)})
+        return self._map_tensors(torch.Tensor.pin_memory)
 
     def to(self, device=None, dtype=None) -> "Batch":
         """A copy with tensors on `device` and floating ones (pixels, mel) in `dtype`."""
-        moved = {}
-        for field in dataclasses.fields(self):
-            value = getattr(self, field.name)
-            if isinstance(value, torch.Tensor):
-                if device is not None:
-                    value = value.to(device, non_blocking=True)
-                if dtype is not None and value.is_floating_point():
-                    value = value.to(dtype)
-            moved[field.name] = value
-        return Batch(**moved)
+        def move(value):
+            if device is not None:
+                value = value.to(device, non_blocking=True)
+            if dtype is not None and value.is_floating_point():
+                value = value.to(dtype)
+            return value
+
+        return self._map_tensors(move)
+
+
+def to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A CPU tensor to `device` without making the host wait for queued device work (pinned
+    memory, non-blocking copy)."""
+    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)

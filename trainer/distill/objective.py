@@ -35,7 +35,7 @@ from torch import nn
 from torch.profiler import record_function
 from transformers import DynamicCache
 
-from trainer.data.batch import IGNORE_INDEX, Batch
+from trainer.data.batch import IGNORE_INDEX, Batch, to_device
 from trainer.distill.loss import KDSettings, answer_token_loss, chunk_bounds, combine
 from trainer.distill.teachers import SharedTeacher
 from trainer.models.omni import OmniModel
@@ -121,12 +121,6 @@ class SelfKDObjective(nn.Module):
             return 0
         return shared_prefix_length(batch)
 
-    def teacher_tokens(self, batch: Batch) -> float:
-        """Tokens of the typed side the teacher pass will compute for this (CPU) batch."""
-        if not self.uses_teacher:
-            return 0.0
-        return float(batch.teacher_attention_mask[:, self._prefix_to_share(batch):].sum())
-
     def forward(self, batch: Batch, normalizer: float, answer_chunks: int | None = None) -> ObjectiveOutput:
         """Loss of one micro-batch, normalised by `normalizer` (the trainer's global
         answer-token count, corrected for DeepSpeed's averaging). The LM head runs on chunks
@@ -143,16 +137,16 @@ class SelfKDObjective(nn.Module):
                 model.check_placeholders(batch, role)
             prefix = self._prefix_to_share(batch)
             # Everything the host needs is taken from the CPU batch and sent ahead without waiting.
-            positions = {role: _to(model.positions(batch, role), device) for role in sides}
+            positions = {role: to_device(model.positions(batch, role), device) for role in sides}
             student_index, student_targets, student_counts = answer_index(batch.student_labels)
             if self.uses_teacher:
                 teacher_index, teacher_targets, teacher_counts = answer_index(batch.teacher_labels[:, prefix:])
                 check_pairing(batch.keys, teacher_counts, student_counts, teacher_targets, student_targets)
-                teacher_index = _to(teacher_index, device)
-            image_suffix = _to(_image_index_from(batch, model.image_token_id, prefix), device) if prefix else None
-            teacher_tokens = self.teacher_tokens(batch)
-            targets = _to(student_targets, device)
-            student_index = _to(student_index, device)
+                teacher_index = to_device(teacher_index, device)
+            image_suffix = to_device(_image_index_from(batch, model.image_token_id, prefix), device) if prefix else None
+            teacher_tokens = float(batch.teacher_attention_mask[:, prefix:].sum()) if self.uses_teacher else 0.0
+            targets = to_device(student_targets, device)
+            student_index = to_device(student_index, device)
         # The audio counts stay on the CPU: encode_audio builds its gather index from them.
         batch = dataclasses.replace(batch.to(device), audio_token_counts=batch.audio_token_counts)
 
@@ -201,14 +195,6 @@ class SelfKDObjective(nn.Module):
             n_tokens=sums["n_tokens"],
             teacher_tokens=teacher_tokens,
         )
-
-
-def _to(tensor: torch.Tensor, device) -> torch.Tensor:
-    """A CPU tensor to `device` without making the host wait for queued device work (pinned
-    memory, non-blocking copy)."""
-    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
-        tensor = tensor.pin_memory()
-    return tensor.to(device, non_blocking=True)
 
 
 def _gather(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from trainer.data.batch import IGNORE_INDEX, Batch
+from trainer.data.batch import Batch, to_device
 from trainer.models.adapters import adapter_for
 from trainer.models.processing import OmniProcessor
 
@@ -127,9 +127,7 @@ class OmniModel(nn.Module):
         # by flat indices built where the counts live (the CPU, in training: no device read).
         width = tokens.shape[1]
         index = torch.cat([i * width + torch.arange(int(n)) for i, n in enumerate(counts.tolist())])
-        if device.type == "cuda":
-            index = index.pin_memory()  # a non-blocking copy: the host does not wait for the encoder
-        tokens = tokens.reshape(-1, tokens.shape[-1]).index_select(0, index.to(device, non_blocking=True))  # sum(counts), H
+        tokens = tokens.reshape(-1, tokens.shape[-1]).index_select(0, to_device(index, device))  # sum(counts), H
         return tokens, tokens.new_zeros((), dtype=torch.float32)
 
     # --- sequence assembly -------------------------------------------------------------
@@ -183,17 +181,6 @@ class OmniModel(nn.Module):
         embeds = self.embed(input_ids[:, start:], image_tokens, audio_tokens)
         positions = position_ids[:, :, start:].to(input_ids.device)
         return self.adapter.decode(embeds, positions, attention_mask, cache=cache, use_cache=use_cache)
-
-    def hidden_states(self, batch: Batch, role: str, image_tokens, audio_tokens, position_ids=None) -> torch.Tensor:
-        """The decoder's last hidden states of one whole side: B, T, H."""
-        return self.run_side(batch, role, image_tokens, audio_tokens, position_ids)[0]
-
-    @staticmethod
-    def answer_positions(hidden, labels):
-        """Hidden state at t predicts token t+1: (B, T, H), (B, T) -> (N, H), (N,), per-sample counts."""
-        targets = labels[:, 1:]
-        mask = targets != IGNORE_INDEX  # B, T-1
-        return hidden[:, :-1][mask], targets[mask], mask.sum(1)
 
     # --- evaluation ------------------------------------------------------------------
     @torch.no_grad()
