@@ -133,3 +133,18 @@ def test_supervisor_outcome_reports_killed_runs_as_failed():
     assert outcome([rank(0, code=75), rank(1, code=1)], 1)[0] == 1
     assert outcome([rank(0), rank(1)], 137)[0] == 137, "every rank finished but the launcher was killed"
     assert outcome([], 0)[0] == 0 and outcome([], 2)[0] == 2
+
+
+def test_a_finished_rank_survives_a_late_stop_warning():
+    """SLURM's warning (or the supervisor's forward of it) can reach a rank that has already
+    finished; it must not kill the rank in its teardown (it did: Python's finalization resets
+    handled signals to SIG_DFL, and the launcher then failed a completed run)."""
+    child = ("import os, signal, time\n"
+             "from trainer.preemption import StopRequest, finished\n"
+             "stop = StopRequest(); stop.install(); finished()\n"
+             "assert signal.getsignal(signal.SIGUSR1) is signal.SIG_IGN, 'finished() keeps a handler that finalization resets'\n"
+             "os.kill(os.getpid(), signal.SIGUSR1); time.sleep(0.2)\n"
+             "assert stop.reason is None and signal.getsignal(signal.SIGTERM) == stop._on_signal\n"
+             "print('alive')\n")
+    out = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr

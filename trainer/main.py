@@ -18,7 +18,7 @@ import warnings
 
 from trainer import dist
 from trainer.config import ConfigError, load_config
-from trainer.preemption import EXIT_BAD_DATA, EXIT_CONFIG, EXIT_CRASH, EXIT_DIVERGED, write_status
+from trainer.preemption import EXIT_BAD_DATA, EXIT_CONFIG, EXIT_CRASH, EXIT_DIVERGED, finished, write_status
 
 
 # DeepSpeed 0.19 calls collectives that torch 2.1x deprecates: one warning per call, every step.
@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     except DataQualityError as e:
         code, message = EXIT_BAD_DATA, str(e).strip().splitlines()[-1]
     finally:
+        finished()
         # Written before the teardown, which a launcher may cut short once another rank has exited.
         write_status("exited", exit_code=code, message=message, step=getattr(trainer, "step", None),
                      resumed_step=getattr(trainer, "resumed_step", None),

@@ -129,6 +129,14 @@ class StopRequest:
             time.sleep(self.poll_s)
 
 
+def finished() -> None:
+    """Ignore SIGUSR1 from here on: the run is over, there is no step to finish and save. A
+    late warning (SLURM's --signal, or one the supervisor forwards) would otherwise kill the
+    rank during its teardown: Python's finalization resets handled signals to SIG_DFL, whose
+    action for SIGUSR1 is to terminate. SIGTERM keeps its meaning."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def write_status(state: str, **fields) -> None:
     """This rank's status file (atomically replaced), when TRAINER_STATUS_DIR is set."""
     directory = os.environ.get(STATUS_DIR_ENV)
