@@ -37,8 +37,10 @@ from trainer.models.omni import PROJECTORS
 class ModelConfig:
     model: Optional[str] = None
     """`tiny` (random toy model, no download), `synthetic-2b` / `synthetic-8b` (random weights at Qwen2-VL-2B / -7B
-    + Whisper-large-v3 size, for throughput), or a directory written by tools/export_hf.py. Leave unset and give
-    --vlm and --audio_encoder to compose a new model."""
+    + Whisper-large-v3 size, for throughput), a directory written by tools/export_hf.py, or a native omni model:
+    a Hugging Face checkpoint directory of Qwen2.5-Omni or Qwen3-Omni (the full model or its thinker; the thinker
+    is trained), `tiny-qwen2_5_omni` / `tiny-qwen3_omni` (random toy thinkers) or `synthetic-qwen2_5_omni-7b`.
+    Leave unset and give --vlm and --audio_encoder to compose a new model."""
     vlm: Optional[str] = None
     """Hugging Face VLM id or path (Qwen2-VL, Qwen2.5-VL) for a new composition."""
     audio_encoder: Optional[str] = None
@@ -48,7 +50,9 @@ class ModelConfig:
     projector: str = "mlp"
     """`mlp` (Linear-GELU-Linear after frame stacking) or `linear` (the paper's single layer)."""
     trainable: tuple = DEFAULT_TRAINABLE
-    """Parts that receive gradients; the rest are frozen and run under no_grad."""
+    """Parts that receive gradients; the rest are frozen and run under no_grad. llm = decoder + embeddings + LM head;
+    vision = the vision tower; audio = Whisper's encoder (composed) or the native audio tower; projector = ours
+    (composed) or the native audio tower's output projection."""
     attn_impl: str = "auto"
     """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
     gradient_checkpointing: bool = False

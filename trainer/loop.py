@@ -67,7 +67,7 @@ def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
         float(sum(b.teacher_attention_mask.sum() for b in batches)) if uses_teacher else 0.0,
         float(sum(b.pixel_values.shape[0] for b in batches if b.pixel_values is not None)),
         audio_tokens,
-        audio_tokens * processor.audio_stack,  # encoder frames behind the audio tokens (to the stack)
+        audio_tokens * processor.encoder_positions_per_token,  # audio encoder positions behind the audio tokens
     ]
 
 

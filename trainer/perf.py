@@ -36,12 +36,15 @@ def flops_params(model, trainable_parts) -> dict:
         return getattr(param, "ds_numel", param.numel())
 
     adapter = model.adapter
+    parts = model.parts()
+    projector = sum(count(m) for m in parts["projector"])
+    audio = sum(count(m) for m in parts["audio"]) - (projector if model.native else 0)  # a native tower holds its projector
     return {
         "decoder": count(adapter.language_model) - numel(adapter.input_embeddings().weight),  # a lookup, no FLOPs
         "lm_head": numel(adapter.lm_head.weight),  # H x V, tied to the embeddings or not
         "vision": count(adapter.vision_tower),
-        "audio": count(model.audio_encoder),
-        "projector": count(model.projector),
+        "audio": audio,
+        "projector": projector,
         "trains": {"vision": "vision" in trainable_parts, "audio": "audio" in trainable_parts,
                    "projector": "projector" in trainable_parts},
     }

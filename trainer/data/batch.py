@@ -44,6 +44,7 @@ class Batch:
     teacher_position_ids: torch.Tensor | None = None  # 3, B, T'
     input_features: torch.Tensor | None = None  # B, M, W: log-mel of each clip (None: no audio, as in VL)
     audio_token_counts: torch.Tensor | None = None  # B: <|audio_pad|> tokens (= valid audio tokens) per sample
+    audio_frames: torch.Tensor | None = None  # B: valid mel frames of each clip (native audio towers read only those)
     pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order
     image_grid_thw: torch.Tensor | None = None  # N_img, 3: (t, h, w) patch grid of each image
     # Evaluation only: what scoring needs (trainer/eval/scoring.py).

@@ -32,7 +32,6 @@ from trainer.data.batch import IGNORE_INDEX, Batch, Stage
 from trainer.data.decode import SampleError, decode_audio, decode_image, decode_json, find_member, require_text
 from trainer.data.features import LogMel
 from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
-from trainer.models.processing import AUDIO_END, AUDIO_PAD, AUDIO_START
 
 ASR_INSTRUCTION = "\nTranscribe the audio."
 
@@ -69,7 +68,6 @@ class SampleEncoder:
         self.max_seq_len = int(max_seq_len)
         self.log_mel = LogMel(processor.feature_extractor)
         self.max_pixels = image_max_pixels(processor.image_processor)
-        self.im_end = "<|im_end|>"
 
     def __call__(self, raw: dict) -> tuple[dict, set]:
         """Returns (encoded sample, notes): notes name what was adjusted and kept
@@ -92,6 +90,10 @@ class SampleEncoder:
                 audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
                 sample["input_features"] = self.log_mel(audio)  # n_mels, window_frames
                 sample["audio_token_count"] = self.processor.audio_token_count(len(audio))
+                sample["audio_frames"] = self.processor.mel_frames(len(audio))
+                if sample["audio_token_count"] < 1:  # a native audio tower's output for a few milliseconds
+                    raise SampleError("bad_audio", "audio", f"{len(audio) / rate * 1000:.0f} ms of audio is too short "
+                                      f"for the {self.processor.family} audio tower (no output token)")
                 sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
@@ -113,7 +115,7 @@ class SampleEncoder:
         EVAL, the scoring metadata."""
         image_slot = [{"type": "image"}] if "pixel_values" in sample else []
         typed = image_slot + [{"type": "text", "text": question}]
-        spoken_text = AUDIO_START + AUDIO_PAD + AUDIO_END
+        spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
         if self.stage == Stage.ALIGN:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
         elif self.stage == Stage.VL:
@@ -128,7 +130,7 @@ class SampleEncoder:
                           answers=meta.get("answers") or ([answer] if answer else []))
             longest = max(len(sample["student_prompt_ids"]), len(sample["teacher_prompt_ids"]))
         else:
-            sample["answer_ids"] = self.processor.tokenizer(answer + self.im_end, add_special_tokens=False)["input_ids"]
+            sample["answer_ids"] = self.processor.tokenizer(answer + self.processor.turn_end, add_special_tokens=False)["input_ids"]
             longest = len(sample["student_prompt_ids"]) + len(sample["answer_ids"])
             if "teacher_prompt_ids" in sample:
                 longest = max(longest, len(sample["teacher_prompt_ids"]) + len(sample["answer_ids"]))
@@ -186,6 +188,7 @@ def _shared_fields(samples: list[dict]) -> dict:
     if "input_features" in samples[0]:
         fields["input_features"] = torch.stack([s["input_features"] for s in samples])  # B, n_mels, window_frames
         fields["audio_token_counts"] = torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long)
+        fields["audio_frames"] = torch.tensor([s["audio_frames"] for s in samples], dtype=torch.long)
     with_image = [s for s in samples if "pixel_values" in s]
     if with_image:
         fields["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # sum(patches), patch_dim

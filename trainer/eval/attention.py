@@ -65,7 +65,7 @@ def token_groups(input_ids: torch.Tensor, processor, mode: str, num_answer_token
         question = input_ids == processor.audio_pad_id
     else:
         vision_end = (input_ids == tokenizer.convert_tokens_to_ids("<|vision_end|>")).nonzero()
-        im_end = (input_ids == tokenizer.convert_tokens_to_ids("<|im_end|>")).nonzero().flatten()
+        im_end = (input_ids == tokenizer.convert_tokens_to_ids(processor.turn_end)).nonzero().flatten()
         if len(vision_end) == 0:
             raise ValueError("typed prompt has no <|vision_end|>: not an image question")
         start = int(vision_end[-1]) + 1
@@ -92,16 +92,17 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
     prompt, prompt_mask, _ = batch.side(role)
     if prompt_mask.shape[0] != 1 or not prompt_mask.all():
         raise ValueError(f"attention analysis takes unpadded batches of one sample, got keys {batch.keys}")
-    answer_ids = processor.tokenizer(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    answer_ids = processor.tokenizer(answer + processor.turn_end, add_special_tokens=False)["input_ids"]
     prompt_ids = prompt[0].to(device)
     input_ids = torch.cat([prompt_ids, torch.tensor(answer_ids, device=device)])[None]  # 1, T_prompt + T_answer
     attention_mask = torch.ones_like(input_ids)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens = model.encode_audio(batch)[0] if role == "student" else None
     embeds = model.embed(input_ids, image_tokens, audio_tokens)
-    position_ids = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
+    grids = [] if batch.image_grid_thw is None else list(batch.image_grid_thw)
+    position_ids = processor.rope_positions(input_ids[0].tolist(), grids)[:, None].to(device)  # 3, 1, T
     out = model.adapter.language_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                                       output_attentions=True)
+                                       output_attentions=True, **model.decoder_extras(input_ids, image_tokens))
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the language model returned no attention weights; load it with attn_impl='eager'")
     groups = token_groups(input_ids[0].cpu(), processor, mode, len(answer_ids))

@@ -1,9 +1,13 @@
-"""Adapters: the few operations the omni model needs from a Hugging Face VLM family.
+"""Adapters: the few operations the omni model needs from a Hugging Face model family.
 
-`OmniModel` never reaches into a VLM's internals itself; it asks its adapter to embed
-tokens, encode images, compute (M-RoPE) position ids, run the decoder on input
-embeddings and name the LM head. Supporting another family (InternVL, the Qwen2.5-Omni
-thinker) means writing one more adapter and registering its `model_types`.
+`OmniModel` never reaches into a model's internals itself; it asks its adapter to embed
+tokens, encode images (and, for a native omni model, audio), compute (M-RoPE) position ids,
+run the decoder on input embeddings, name the LM head and the trainable parts. Supporting
+another family means writing one more adapter and registering its `model_types`.
+
+  QwenVLAdapter, Qwen25VLAdapter   VLMs composed with Whisper + a projector (trainer/models/omni.py)
+  QwenOmniAdapter                  the Qwen2.5-Omni thinker: its own audio tower and placeholders
+  Qwen3OmniAdapter                 the Qwen3-Omni thinker: MoE LLM, DeepStack image features
 
 The adapters use only APIs present from transformers 5.17 on; where signatures moved
 between releases (`get_rope_index` gained `mm_token_type_ids`, the KV-cache keyword
@@ -14,7 +18,8 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2VLForConditionalGeneration
+from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration,
+                          Qwen2VLForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration)
 
 
 class QwenVLAdapter:
@@ -22,6 +27,8 @@ class QwenVLAdapter:
 
     model_types = ("qwen2_vl",)
     vlm_class = Qwen2VLForConditionalGeneration
+    family = None  # a native omni family (trainer/models/processing.py FAMILIES), or None: composed with Whisper
+    deepstack = 0  # DeepStack layers: image features carry this many per-layer additions
 
     def __init__(self, vlm: nn.Module):
         self.vlm = vlm
@@ -90,14 +97,21 @@ class QwenVLAdapter:
         position_ids, _ = self.core.get_rope_index(input_ids, **kwargs)
         return position_ids
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False):
-        """Decoder on input embeddings -> (last hidden states (B, T, H), cache or None)."""
+    def parts(self) -> dict:
+        """Trainable part name -> the modules it unfreezes (the composed model adds "audio" and
+        "projector": Whisper's encoder and our projector)."""
+        return {"llm": [self.language_model, self.lm_head], "vision": [self.vision_tower]}
+
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        """Decoder on input embeddings -> (last hidden states (B, T, H), cache or None).
+        `extra`: family inputs beyond the embeddings (Qwen3-Omni's DeepStack features)."""
         out = self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
             use_cache=use_cache,
             **{self._cache_keyword: cache},
+            **extra,
         )
         new_cache = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
         return out.last_hidden_state, new_cache
@@ -110,7 +124,103 @@ class Qwen25VLAdapter(QwenVLAdapter):
     vlm_class = Qwen2_5_VLForConditionalGeneration
 
 
-ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter) for model_type in cls.model_types}
+class QwenOmniAdapter(QwenVLAdapter):
+    """The Qwen2.5-Omni thinker: `model.{audio_tower, visual, language_model}` + `lm_head`.
+    Audio: the valid mel frames of every clip, concatenated, through the thinker's own
+    audio tower (2 s attention windows, stride-2 conv and 2x pooling: a token per 40 ms).
+    Trainable parts: llm (decoder, embeddings, LM head), vision (the ViT and its merger),
+    audio (the whole audio tower), projector (the audio tower's last projection into the
+    LLM width, `audio_tower.proj`; the analogue of the composed model's projector)."""
+
+    model_types = ("qwen2_5_omni_thinker",)
+    vlm_class = Qwen2_5OmniThinkerForConditionalGeneration
+    family = "qwen2_5_omni"
+
+    def __init__(self, vlm: nn.Module):
+        self.vlm = vlm
+        self.config = vlm.config
+        self.image_token_id = int(vlm.config.image_token_id)
+        self.audio_token_id = int(vlm.config.audio_token_id)
+        decode_params = inspect.signature(self.language_model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in decode_params else "past_key_values"
+
+    @property
+    def audio_tower(self) -> nn.Module:
+        return self.core.audio_tower
+
+    def projector_modules(self) -> list:
+        return [self.audio_tower.proj]
+
+    def parts(self) -> dict:
+        return {**super().parts(), "audio": [self.audio_tower], "projector": self.projector_modules()}
+
+    def frozen_always(self) -> list:
+        """Parameters no forward pass uses (a trainable one would wait for a gradient)."""
+        bos_eos = getattr(self.audio_tower, "audio_bos_eos_token", None)
+        return [bos_eos] if bos_eos is not None else []
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        out = self.core.get_image_features(pixel_values, image_grid_thw)
+        return torch.cat(out.pooler_output)  # per-image chunks -> sum_i t*h*w/4, H
+
+    def audio_features(self, input_features: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
+        """(B, M, W) padded log-mel windows + each clip's valid frame count (CPU) -> the clips'
+        tokens in order (sum of audio_token_count, H)."""
+        width = input_features.shape[-1]
+        mask = (torch.arange(width)[None] < mel_frames[:, None]).long()  # B, W: built where the counts live
+        dtype = next(self.audio_tower.parameters()).dtype
+        out = self.core.get_audio_features(input_features.to(dtype), feature_attention_mask=mask.to(input_features.device))
+        return out.last_hidden_state
+
+    def dummy_audio(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """One clip of one attention window (2 * n_window mel frames) of silence-level input."""
+        frames = 2 * self.audio_tower.config.n_window
+        return torch.zeros(1, self.audio_tower.config.num_mel_bins, frames, device=device), torch.tensor([frames])
+
+    def position_ids(self, input_ids, image_grid_thw, attention_mask, audio_frames=None) -> torch.Tensor:
+        position_ids, _ = self.core.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,
+                                                   audio_seqlens=audio_frames)
+        return position_ids
+
+
+class Qwen3OmniAdapter(QwenOmniAdapter):
+    """The Qwen3-Omni thinker: the same layout with a mixture-of-experts decoder, an audio
+    tower of 8x conv downsampling (13 tokens per 100 mel frames), and DeepStack: the vision
+    tower also returns features of some of its blocks, added to the hidden states at the
+    image positions after the decoder's first layers. Image features are therefore
+    (N, 1 + D, H): the token and its D per-layer additions, selected and detached together.
+    Experts are one fused parameter per layer (gate_up_proj, down_proj), gathered whole by
+    ZeRO-3 whatever the routing, so ranks routing to different experts never diverge in their
+    collectives, and an expert no token chose gets an exact zero gradient. Projector: the
+    audio tower's output MLP (`proj1`, `proj2`)."""
+
+    model_types = ("qwen3_omni_moe_thinker",)
+    vlm_class = Qwen3OmniMoeThinkerForConditionalGeneration
+    family = "qwen3_omni_moe"
+
+    def __init__(self, vlm: nn.Module):
+        super().__init__(vlm)
+        self.deepstack = len(vlm.config.vision_config.deepstack_visual_indexes)
+
+    def projector_modules(self) -> list:
+        return [self.audio_tower.proj1, self.audio_tower.proj2]
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        out = self.core.get_image_features(pixel_values, image_grid_thw)
+        layers = [torch.cat(out.pooler_output)] + [torch.cat(chunks) for chunks in out.deepstack_features]
+        return torch.stack(layers, dim=1)  # N, 1 + D, H
+
+    def deepstack_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> dict:
+        """The decoder's DeepStack inputs for a segment whose image placeholders `image_tokens`
+        (N, 1 + D, H) fill, in order."""
+        if image_tokens is None:
+            return {}
+        return {"visual_pos_masks": input_ids == self.image_token_id,
+                "deepstack_visual_embeds": list(image_tokens[:, 1:].unbind(1))}
+
+
+ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter)
+            for model_type in cls.model_types}
 
 
 def adapter_for(model_type: str):

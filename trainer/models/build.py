@@ -5,7 +5,8 @@ architecture an export or a checkpoint recorded, and the trainer's dispatch betw
   build_tiny(processor, ...)                                 random-init real classes, tiny configs
   compose(vlm_path, audio_encoder_path, processor, ...)      from_pretrained weights + a new projector
   build_from_spec(spec, processor, ...)                      the architecture omni_spec recorded
-  load_omni(dir) (trainer/models/serialize.py)               an export, weights included
+  build_native(config, processor, ...) / load_native(dir)    a native omni thinker (trainer/models/native.py)
+  load_omni(dir) (trainer/models/serialize.py)               an export or a native checkpoint, weights included
 ZeRO-3: pass `init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config)` so no rank ever
 holds the whole model. Hugging Face builds and loads its modules partitioned only while a
 `transformers.integrations.HfDeepSpeedConfig(ds_config)` object is alive: `build_model`
@@ -22,10 +23,11 @@ from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 
 from trainer.models.adapters import adapter_for
 from trainer.models.omni import AudioProjector, OmniModel, ZeroSafeWhisperEncoder
+from trainer.models import native
 from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 
-NAMED_MODELS = ("tiny", *PRESETS)  # --model values that build without a directory
+NAMED_MODELS = ("tiny", *PRESETS, *native.PRESETS)  # --model values that build without a directory
 ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
 TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
 DEFAULT_TRAINABLE = ("llm", "projector")
@@ -55,22 +57,20 @@ def default_dtype(dtype: torch.dtype):
 
 def set_trainable(model: OmniModel, parts) -> None:
     """Train exactly `parts` (subset of llm, projector, vision, audio); freeze the rest.
-    "llm" = decoder + token embeddings + LM head. Frozen encoders then run under no_grad."""
+    "llm" = decoder + token embeddings + LM head; "projector" = what maps audio into the LLM
+    width (ours in a composed model, the audio tower's output projection in a native one).
+    Each family's modules: OmniModel.parts(). Frozen encoders then run under no_grad."""
     parts = frozenset(parts)
     unknown = parts - set(TRAINABLE_PARTS)
     if unknown:
         raise ValueError(f"unknown trainable part(s) {sorted(unknown)}; choose from {TRAINABLE_PARTS}")
     model.requires_grad_(False)
-    if "llm" in parts:
-        model.adapter.language_model.requires_grad_(True)
-        model.adapter.lm_head.requires_grad_(True)
-    if "vision" in parts:
-        model.adapter.vision_tower.requires_grad_(True)
-    if "audio" in parts:
-        model.audio_encoder.requires_grad_(True)
-        model.audio_encoder.embed_positions.requires_grad_(False)  # Whisper's fixed sinusoids
-    if "projector" in parts:
-        model.projector.requires_grad_(True)
+    modules = model.parts()
+    for part in parts:
+        for module in modules[part]:
+            module.requires_grad_(True)
+    for param in model.frozen_always():
+        param.requires_grad_(False)
     model.trainable_parts = parts
 
 
@@ -80,6 +80,8 @@ def enable_gradient_checkpointing(model: OmniModel) -> None:
     towers = [model.adapter.language_model]
     if "vision" in model.trainable_parts:
         towers.append(model.adapter.vision_tower)
+    if model.native and "audio" in model.trainable_parts:
+        towers.append(model.adapter.audio_tower)
     for tower in towers:
         tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -192,6 +194,24 @@ def compose(vlm_path: str, audio_encoder_path: str, processor: OmniProcessor, *,
     return _assemble(vlm, audio_encoder, audio_projector, processor)
 
 
+def build_native(config, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
+                 init_ctx=contextlib.nullcontext) -> OmniModel:
+    """Random-init native thinker of `config` (weights loaded by the caller, or noise for the
+    tiny and synthetic presets)."""
+    _check_zero3_setup(init_ctx)
+    thinker = native.build_thinker(config, dtype=dtype, attn_impl=resolve_attn_impl(attn_impl))
+    return _assemble(thinker, None, None, processor)
+
+
+def load_native(model_dir: str, *, dtype=torch.bfloat16, attn_impl="auto", init_ctx=contextlib.nullcontext):
+    """A native omni checkpoint (the full model's or its thinker's): the thinker with its
+    weights and the family's processor. -> (model, processor)."""
+    _check_zero3_setup(init_ctx)
+    processor = OmniProcessor.from_pretrained(model_dir)
+    thinker = native.load_thinker(model_dir, dtype=dtype, attn_impl=resolve_attn_impl(attn_impl))
+    return _assemble(thinker, None, None, processor), processor
+
+
 def configs_from_spec(spec: dict):
     """(VLM config, Whisper config) from an omni_config.json dict."""
     vlm_config_dict = dict(spec["vlm_config"])
@@ -204,6 +224,10 @@ def configs_from_spec(spec: dict):
 def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
                     init_ctx=contextlib.nullcontext) -> OmniModel:
     """Random-init model of the architecture `omni_spec` recorded (weights loaded by the caller)."""
+    if "native" in spec:
+        config_cls = native.THINKERS[spec["native"]][0]
+        config = config_cls.from_dict({k: v for k, v in spec["config"].items() if k != "model_type"})
+        return build_native(config, processor, dtype=dtype, attn_impl=attn_impl, init_ctx=init_ctx)
     if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
         raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
     vlm_config, whisper_config = configs_from_spec(spec)
@@ -232,6 +256,16 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
         processor = preset_processor(cfg.audio_stack)
         model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,
                                    dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    elif cfg.model in native.TINY:
+        processor = native.tiny_processor(native.TINY[cfg.model])
+        torch.manual_seed(0)
+        model = build_native(native.tiny_config(processor.family, processor), processor, dtype=dtype,
+                             attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+    elif cfg.model in native.SYNTHETIC:
+        processor = native.tiny_processor(native.SYNTHETIC[cfg.model], max_pixels=448 * 448, num_mel_bins=128,
+                                          chunk_seconds=30)
+        model = build_native(native.synthetic_config(cfg.model, processor), processor, dtype=dtype,
+                             attn_impl=cfg.attn_impl, init_ctx=init_ctx)
     elif cfg.model is not None:
         from trainer.models.serialize import load_omni  # serialize builds through this module
 

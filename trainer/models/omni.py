@@ -1,12 +1,19 @@
-"""The omni model's architecture: a Hugging Face VLM (through its adapter) + a Whisper encoder
-+ an audio projector. Building and composing: trainer/models/build.py; saving and loading:
+"""The omni model's architecture, two kinds behind one interface (the objective, evaluation
+and the benchmarks never tell them apart):
+  composed  a Hugging Face VLM (through its adapter) + a Whisper encoder + an audio projector;
+  native    a native omni model's thinker (Qwen2.5-Omni, Qwen3-Omni; trainer/models/native.py),
+            whose adapter encodes audio with the thinker's own audio tower.
+Building and composing: trainer/models/build.py; saving and loading:
 trainer/models/serialize.py; the training objective that runs it: trainer/distill/objective.py.
 
-Speech enters the LLM through `<|audio_pad|>` placeholders: Whisper encodes the padded
-mel window, the valid encoder frames of each clip are stacked `audio_stack` at a time
-(B, F, C -> B, F/S, C*S) and projected into the LLM embedding space, and the projected
-frames replace the placeholders in order. Images go through the VLM's own vision tower
-and replace `<|image_pad|>` tokens as in the VLM.
+Speech enters the LLM through audio placeholders (`<|audio_pad|>`, Qwen2.5-Omni's
+`<|AUDIO|>`). Composed: Whisper encodes the padded mel window, the valid encoder frames of
+each clip are stacked `audio_stack` at a time (B, F, C -> B, F/S, C*S) and projected into
+the LLM embedding space. Native: the thinker's audio tower reads each clip's valid mel
+frames. Either way the audio tokens replace the placeholders in order. Images go through
+the model's own vision tower and replace its image placeholders; a family with DeepStack
+(Qwen3-Omni) gives image tokens of shape (N, 1 + D, H), whose D extra rows the decoder adds
+at the image positions of its first D layers.
 
 ZeRO-3 rule: every rank calls the same modules the same number of times (each call gathers
 its parameters collectively), so `encode_images` / `encode_audio` run the tower on a dummy
@@ -74,31 +81,62 @@ class AudioProjector(nn.Module):
 
 
 class OmniModel(nn.Module):
-    """VLM (through its adapter) + Whisper encoder + projector. See the module docstring."""
+    """A composed VLM + Whisper + projector, or a native thinker (audio_encoder and projector
+    None). See the module docstring."""
 
-    def __init__(self, vlm: nn.Module, audio_encoder: WhisperEncoder, projector: AudioProjector, processor: OmniProcessor):
+    def __init__(self, vlm: nn.Module, audio_encoder: WhisperEncoder | None, projector: AudioProjector | None,
+                 processor: OmniProcessor):
         super().__init__()
         self.vlm = vlm
-        self.audio_encoder = audio_encoder
-        self.projector = projector
         self.adapter = adapter_for(vlm.config.model_type)(vlm)
+        if self.adapter.family != (processor.family if processor.native else None):
+            raise ValueError(f"a {vlm.config.model_type} model needs a {self.adapter.family or 'composed'} processor, "
+                             f"got {processor.family}")
+        if self.adapter.family is None:
+            if audio_encoder is None or projector is None:
+                raise ValueError("a composed model needs its audio encoder and projector")
+            if projector.stack != processor.audio_stack:
+                raise ValueError(f"projector stacks {projector.stack} frames, processor.audio_stack is {processor.audio_stack}")
+            self.audio_encoder = audio_encoder
+            self.projector = projector
+        elif audio_encoder is not None or projector is not None:
+            raise ValueError(f"a native {self.adapter.family} model encodes audio itself: no Whisper encoder or projector")
+        else:
+            self.audio_encoder = self.projector = None
         self.processor = processor
         self.audio_pad_id = processor.audio_pad_id
         self.image_token_id = self.adapter.image_token_id
         if processor.image_pad_id != self.image_token_id:
-            raise ValueError(
-                f"tokenizer <|image_pad|> id {processor.image_pad_id} != VLM image_token_id {self.image_token_id}"
-            )
-        if projector.stack != processor.audio_stack:
-            raise ValueError(f"projector stacks {projector.stack} frames, processor.audio_stack is {processor.audio_stack}")
+            raise ValueError(f"tokenizer {processor.image_pad} id {processor.image_pad_id} != model image_token_id "
+                             f"{self.image_token_id}")
+        if self.native and processor.audio_pad_id != self.adapter.audio_token_id:
+            raise ValueError(f"tokenizer audio placeholder id {processor.audio_pad_id} != model audio_token_id "
+                             f"{self.adapter.audio_token_id}")
         self.trainable_parts = frozenset()  # set by trainer.models.build.set_trainable
 
+    @property
+    def native(self) -> bool:
+        return self.adapter.family is not None
+
+    def parts(self) -> dict:
+        """Trainable part name -> modules it unfreezes (trainer.models.build.set_trainable)."""
+        if self.native:
+            return self.adapter.parts()
+        return {**self.adapter.parts(), "audio": [self.audio_encoder], "projector": [self.projector]}
+
+    def frozen_always(self) -> list:
+        """Parameters that never train: Whisper's fixed sinusoids, a native tower's unused ones."""
+        if self.native:
+            return self.adapter.frozen_always()
+        return [self.audio_encoder.embed_positions.weight]
+
     # --- encoders --------------------------------------------------------------------
-    def _grad_if(self, part: str):
-        return contextlib.nullcontext() if part in self.trainable_parts else torch.no_grad()
+    def _grad_if(self, *parts: str):
+        return contextlib.nullcontext() if self.trainable_parts.intersection(parts) else torch.no_grad()
 
     def encode_images(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """-> (image tokens (N_img_tok, H) or None, zero-valued term tying a dummy pass to the loss)."""
+        """-> (image tokens (N_img_tok, H), or (N_img_tok, 1 + D, H) with DeepStack, or None;
+        zero-valued term tying a dummy pass to the loss)."""
         pixel_values, grid_thw = batch.pixel_values, batch.image_grid_thw
         device = self.adapter.input_embeddings().weight.device
         with self._grad_if("vision"):
@@ -111,6 +149,8 @@ class OmniModel(nn.Module):
 
     def encode_audio(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """-> (audio tokens of all samples in order (sum counts, H) or None, zero term)."""
+        if self.native:
+            return self._encode_audio_native(batch)
         input_features, counts = batch.input_features, batch.audio_token_counts
         device = self.adapter.input_embeddings().weight.device
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
@@ -128,6 +168,18 @@ class OmniModel(nn.Module):
         width = tokens.shape[1]
         index = torch.cat([i * width + torch.arange(int(n)) for i, n in enumerate(counts.tolist())])
         tokens = tokens.reshape(-1, tokens.shape[-1]).index_select(0, to_device(index, device))  # sum(counts), H
+        return tokens, tokens.new_zeros((), dtype=torch.float32)
+
+    def _encode_audio_native(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
+        device = self.adapter.input_embeddings().weight.device
+        with self._grad_if("audio", "projector"):  # requires_grad decides which of the tower's weights learn
+            if batch.input_features is None:
+                dummy = self.adapter.audio_features(*self.adapter.dummy_audio(device))
+                return None, 0.0 * dummy.float().sum()
+            if batch.audio_frames is None:
+                raise ValueError(f"a native audio tower needs each clip's mel frame count (batch.audio_frames); "
+                                 f"batch of {batch.keys[:3]}... has none")
+            tokens = self.adapter.audio_features(batch.input_features.to(device), batch.audio_frames.cpu())
         return tokens, tokens.new_zeros((), dtype=torch.float32)
 
     # --- sequence assembly -------------------------------------------------------------
@@ -157,12 +209,15 @@ class OmniModel(nn.Module):
         if batch.position_ids(role) is not None:
             return batch.position_ids(role)
         input_ids, attention_mask, _ = batch.side(role)
-        return self.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
+        audio = {"audio_frames": batch.audio_frames if role == "student" else None} if self.native else {}
+        return self.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask, **audio)
 
     def embed(self, input_ids, image_tokens, audio_tokens) -> torch.Tensor:
         """Token embeddings with the image / audio placeholders replaced, in order (checked
         beforehand by `check_placeholders`)."""
         embeds = self.adapter.embed_tokens(input_ids)  # B, T -> B, T, H
+        if image_tokens is not None and image_tokens.dim() == 3:  # DeepStack: row 0 is the token itself
+            image_tokens = image_tokens[:, 0]
         if image_tokens is not None:
             embeds = embeds.masked_scatter((input_ids == self.image_token_id)[..., None], image_tokens.to(embeds.dtype))
         if audio_tokens is not None:
@@ -180,7 +235,12 @@ class OmniModel(nn.Module):
             position_ids = self.positions(batch, role)
         embeds = self.embed(input_ids[:, start:], image_tokens, audio_tokens)
         positions = position_ids[:, :, start:].to(input_ids.device)
-        return self.adapter.decode(embeds, positions, attention_mask, cache=cache, use_cache=use_cache)
+        return self.adapter.decode(embeds, positions, attention_mask, cache=cache, use_cache=use_cache,
+                                   **self.decoder_extras(input_ids[:, start:], image_tokens))
+
+    def decoder_extras(self, input_ids, image_tokens) -> dict:
+        """What the decoder needs beyond the embeddings for this segment (DeepStack features)."""
+        return self.adapter.deepstack_inputs(input_ids, image_tokens) if self.adapter.deepstack else {}
 
     # --- evaluation ------------------------------------------------------------------
     @torch.no_grad()
@@ -208,9 +268,10 @@ class OmniModel(nn.Module):
         audio_tokens, _ = self.encode_audio(batch)
         embeds = self.embed(input_ids, image_tokens, audio_tokens if role == "student" else None)
         next_position = position_ids.amax(dim=(0, 2)) + 1  # B
-        hidden, cache = self.adapter.decode(embeds, position_ids, attention_mask, use_cache=True)
+        hidden, cache = self.adapter.decode(embeds, position_ids, attention_mask, use_cache=True,
+                                            **self.decoder_extras(input_ids, image_tokens))
 
-        eos_ids = {self.processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.processor.tokenizer.eos_token_id}
+        eos_ids = {self.processor.tokenizer.convert_tokens_to_ids(self.processor.turn_end), self.processor.tokenizer.eos_token_id}
         eos = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         generated = []

@@ -1,17 +1,25 @@
-"""Text, image and audio preprocessing for the composed omni model.
+"""Text, image and audio preprocessing for the omni model.
 
-`OmniProcessor` bundles the VLM's tokenizer (with its chat template) and image
-processor, the audio encoder's Whisper feature extractor, and the audio placeholder
-geometry (how many LLM tokens a clip of N samples becomes). The data pipeline and the
-model both read the geometry from here, so they can never disagree.
+`OmniProcessor` bundles the tokenizer (with its chat template), the image processor, the
+audio feature extractor, and the placeholder geometry (how many LLM tokens a clip of N
+samples or an image becomes). The data pipeline and the model both read the geometry from
+here, so they can never disagree.
 
-Audio placeholder tokens: the VLM tokenizer gets three special tokens,
-`<|audio_start|>`, `<|audio_pad|>` and `<|audio_end|>`. Each `<|audio_pad|>` is replaced
-by one projector output frame. Qwen2-VL's embedding matrix has unused rows past the
-tokenizer's last id, so adding these tokens normally needs no embedding resize; the
-model resizes only when the tokenizer outgrows the matrix.
+Two kinds of model (`family`):
+  composed        a Hugging Face VLM + Whisper's encoder + our projector. The VLM tokenizer
+                  gets three special tokens, `<|audio_start|>`, `<|audio_pad|>` and
+                  `<|audio_end|>`; each `<|audio_pad|>` is replaced by one projector output
+                  frame (encoder frames stacked `audio_stack` at a time). Qwen2-VL's
+                  embedding matrix has unused rows past the tokenizer's last id, so adding
+                  these tokens normally needs no resize; the model resizes only when the
+                  tokenizer outgrows the matrix.
+  a native omni   the family's own placeholders and audio geometry (FAMILIES): Qwen2.5-Omni
+  model_type      (`<|AUDIO|>`, `<|IMAGE|>`), Qwen3-Omni (`<|audio_pad|>`, `<|image_pad|>`), ...
+                  Nothing is added to their tokenizers, and they save and load as the
+                  family's own Hugging Face processor (AutoProcessor reads the files).
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -26,30 +34,103 @@ AUDIO_END = "<|audio_end|>"
 IMAGE_PAD = "<|image_pad|>"
 AUDIO_TOKENS = (AUDIO_START, AUDIO_PAD, AUDIO_END)
 PROCESSOR_CONFIG = "omni_processor.json"
+COMPOSED = "composed"
 
 # Whisper's encoder halves the mel frame rate with its stride-2 second convolution.
 WHISPER_CONV_STRIDE = 2
 
 
-class OmniProcessor:
-    """Tokenizer + image processor + Whisper feature extractor + audio token geometry."""
+def _qwen2_5_omni_audio_tokens(mel_frames: int, n_window: int) -> int:
+    """Qwen2.5-Omni's audio tower: stride-2 conv, then 2x average pooling
+    (Qwen2_5OmniAudioEncoder._get_feat_extract_output_lengths)."""
+    after_conv = (mel_frames - 1) // 2 + 1
+    return (after_conv - 2) // 2 + 1
 
-    def __init__(self, tokenizer, image_processor, feature_extractor, audio_stack: int):
-        missing = [t for t in AUDIO_TOKENS if t not in tokenizer.get_vocab()]
+
+def _qwen3_omni_audio_tokens(mel_frames: int, n_window: int) -> int:
+    """Qwen3-Omni's audio tower: chunks of 2 * n_window mel frames, each downsampled 8x by
+    three stride-2 convolutions (13 tokens per full 100-frame chunk; the module's
+    _get_feat_extract_output_lengths)."""
+    chunk = 2 * n_window
+    rest = mel_frames % chunk
+    after_conv = (rest - 1) // 2 + 1
+    return ((after_conv - 1) // 2 + 1 - 1) // 2 + 1 + (mel_frames // chunk) * 13
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A native omni family's placeholder tokens and audio geometry."""
+
+    image_pad: str
+    audio_start: str
+    audio_pad: str
+    audio_end: str
+    audio_tokens: object  # (mel_frames, n_window) -> placeholder tokens of one clip (0: too short)
+    n_window: int = 50  # the audio tower's chunk, in mel frames / 2, where the count depends on it
+    processor_class: str = ""  # the family's transformers processor
+    turn_end: str = "<|im_end|>"  # the token that closes a chat turn (and ends an answer)
+    encoder_positions_per_token: int = 1  # audio tower sequence positions behind one output token (FLOP counts)
+
+
+FAMILIES = {
+    "qwen2_5_omni": Family("<|IMAGE|>", "<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>", _qwen2_5_omni_audio_tokens,
+                           n_window=100, processor_class="Qwen2_5OmniProcessor", encoder_positions_per_token=2),
+    "qwen3_omni_moe": Family("<|image_pad|>", "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>",
+                             _qwen3_omni_audio_tokens, n_window=50, processor_class="Qwen3OmniMoeProcessor"),
+}
+
+
+class OmniProcessor:
+    """Tokenizer + image processor + audio feature extractor + placeholder geometry.
+    `family`: COMPOSED (Whisper + projector, `audio_stack` frames per token) or a native
+    omni model_type in FAMILIES."""
+
+    def __init__(self, tokenizer, image_processor, feature_extractor, audio_stack: int = 1, family: str = COMPOSED,
+                 video_processor=None):
+        if family != COMPOSED and family not in FAMILIES:
+            raise ValueError(f"unknown processor family {family!r}; known: {[COMPOSED, *FAMILIES]}")
+        self.family = family
+        native = FAMILIES.get(family)
+        self.image_pad = native.image_pad if native else IMAGE_PAD
+        self.audio_span_tokens = (native.audio_start, native.audio_pad, native.audio_end) if native else AUDIO_TOKENS
+        missing = [t for t in self.audio_span_tokens if t not in tokenizer.get_vocab()]
+        if missing and native:
+            raise ValueError(f"the {family} tokenizer lacks its placeholder tokens {missing}")
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": list(AUDIO_TOKENS)})
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.feature_extractor = feature_extractor
+        self.video_processor = video_processor  # native families only: kept so their processor files stay whole
         self.audio_stack = int(audio_stack)
         if self.audio_stack < 1:
             raise ValueError(f"audio_stack must be >= 1, got {audio_stack}")
         vocab = tokenizer.get_vocab()
-        self.audio_start_id = vocab[AUDIO_START]
-        self.audio_pad_id = vocab[AUDIO_PAD]
-        self.audio_end_id = vocab[AUDIO_END]
-        self.image_pad_id = vocab[IMAGE_PAD]
+        self.audio_start_id, self.audio_pad_id, self.audio_end_id = (vocab[t] for t in self.audio_span_tokens)
+        if self.image_pad not in vocab:
+            raise ValueError(f"the tokenizer lacks the image placeholder {self.image_pad}")
+        self.image_pad_id = vocab[self.image_pad]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def turn_end(self) -> str:
+        """The token that ends a chat turn: appended to every answer, and where generation stops."""
+        return FAMILIES[self.family].turn_end if self.native else "<|im_end|>"
+
+    @property
+    def encoder_positions_per_token(self) -> int:
+        """Audio encoder positions behind one audio token: the stack (composed), or the
+        family's pooling (Qwen2.5-Omni pools 2 positions per token)."""
+        return FAMILIES[self.family].encoder_positions_per_token if self.native else self.audio_stack
+
+    @property
+    def native(self) -> bool:
+        return self.family != COMPOSED
+
+    @property
+    def audio_span(self) -> str:
+        """The text that stands for one clip in a prompt (its single pad is expanded later)."""
+        return "".join(self.audio_span_tokens)
 
     # --- audio geometry -------------------------------------------------------------
     @property
@@ -80,7 +161,12 @@ class OmniProcessor:
         return math.ceil(self.mel_frames(num_samples) / WHISPER_CONV_STRIDE)
 
     def audio_token_count(self, num_samples: int) -> int:
-        """`<|audio_pad|>` tokens for a clip: encoder frames stacked by `audio_stack`."""
+        """Audio placeholder tokens for a clip. Composed: Whisper's encoder frames stacked by
+        `audio_stack` (at least 1). Native: the family's audio tower output length, which is
+        0 for a clip too short to encode (the sample encoder refuses those)."""
+        if self.native:
+            family = FAMILIES[self.family]
+            return max(0, family.audio_tokens(self.mel_frames(num_samples), family.n_window))
         return max(1, math.ceil(self.encoder_frames(num_samples) / self.audio_stack))
 
     # --- images ----------------------------------------------------------------------
@@ -125,30 +211,71 @@ class OmniProcessor:
         return torch.cat(positions, dim=1) if positions else torch.zeros(3, 0, dtype=torch.long)
 
     # --- persistence -----------------------------------------------------------------
+    def hf_processor(self):
+        """The family's own transformers processor around the same parts (native families)."""
+        import transformers
+
+        cls = getattr(transformers, FAMILIES[self.family].processor_class)
+        video = self.video_processor
+        if video is None:  # a tiny preset: the Qwen2-VL video processor at the image processor's patch size
+            from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+            video = Qwen2VLVideoProcessor(patch_size=self.image_processor.patch_size,
+                                          merge_size=self.image_processor.merge_size)
+        return cls(image_processor=self.image_processor, video_processor=video, feature_extractor=self.feature_extractor,
+                   tokenizer=self.tokenizer, chat_template=self.tokenizer.chat_template)
+
     def save_pretrained(self, path: str) -> None:
         os.makedirs(path, exist_ok=True)
-        self.tokenizer.save_pretrained(path)
-        self.image_processor.save_pretrained(path)
-        # The image processor owns preprocessor_config.json; Whisper's goes beside it.
-        audio_dir = os.path.join(path, "audio_feature_extractor")
-        self.feature_extractor.save_pretrained(audio_dir)
+        if self.native:  # the family's processor files, as the released checkpoints have them
+            self.hf_processor().save_pretrained(path)
+        else:
+            self.tokenizer.save_pretrained(path)
+            self.image_processor.save_pretrained(path)
+            # The image processor owns preprocessor_config.json; Whisper's goes beside it.
+            self.feature_extractor.save_pretrained(os.path.join(path, "audio_feature_extractor"))
         with open(os.path.join(path, PROCESSOR_CONFIG), "w") as f:
-            json.dump({"audio_stack": self.audio_stack}, f, indent=2)
+            json.dump({"audio_stack": self.audio_stack, "family": self.family}, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "OmniProcessor":
-        """Load a processor written by `save_pretrained` (an exported omni model dir)."""
+        """Load a processor written by `save_pretrained` (an exported model dir or a
+        checkpoint's processor/), or a native omni checkpoint's own processor files."""
         config_path = os.path.join(path, PROCESSOR_CONFIG)
-        if not os.path.isfile(config_path):
-            raise FileNotFoundError(f"{config_path} not found: {path} is not an exported omni model directory")
-        with open(config_path) as f:
-            cfg = json.load(f)
+        if os.path.isfile(config_path):
+            with open(config_path) as f:
+                cfg = json.load(f)
+        else:
+            family = native_family_of(path)
+            if family is None:
+                raise FileNotFoundError(f"{config_path} not found: {path} is neither an exported omni model directory "
+                                        f"nor a native omni checkpoint ({', '.join(FAMILIES)})")
+            cfg = {"audio_stack": 1, "family": family}
+        family = cfg.get("family", COMPOSED)
+        if family != COMPOSED:
+            return cls.native_from_pretrained(path, family)
         return cls(
             AutoTokenizer.from_pretrained(path),
             AutoImageProcessor.from_pretrained(path),
             WhisperFeatureExtractor.from_pretrained(os.path.join(path, "audio_feature_extractor")),
             audio_stack=cfg["audio_stack"],
         )
+
+    @classmethod
+    def native_from_pretrained(cls, path: str, family: str) -> "OmniProcessor":
+        """A native family's processor files (AutoProcessor) -> OmniProcessor. The chat
+        template may live on the processor only: the tokenizer gets it, the sample encoder
+        renders prompts through the tokenizer."""
+        from transformers import AutoProcessor
+
+        hf = AutoProcessor.from_pretrained(path)
+        tokenizer = hf.tokenizer
+        if tokenizer.chat_template is None and getattr(hf, "chat_template", None):
+            tokenizer.chat_template = hf.chat_template
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{path}: neither the tokenizer nor the processor has a chat template")
+        return cls(tokenizer, hf.image_processor, hf.feature_extractor, audio_stack=1, family=family,
+                   video_processor=getattr(hf, "video_processor", None))
 
     @classmethod
     def compose(cls, vlm_path: str, audio_encoder_path: str, audio_stack: int) -> "OmniProcessor":
@@ -160,3 +287,18 @@ class OmniProcessor:
             WhisperFeatureExtractor.from_pretrained(audio_encoder_path),
             audio_stack=audio_stack,
         )
+
+
+# A native checkpoint's config.json model_type (the full model or its thinker) -> family.
+NATIVE_MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni",
+                      "qwen3_omni_moe": "qwen3_omni_moe", "qwen3_omni_moe_thinker": "qwen3_omni_moe"}
+
+
+def native_family_of(path: str) -> str | None:
+    """The native omni family of a Hugging Face checkpoint directory (config.json's
+    model_type), or None."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        return None
+    with open(config_path) as f:
+        return NATIVE_MODEL_TYPES.get(json.load(f).get("model_type"))

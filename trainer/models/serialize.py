@@ -1,6 +1,9 @@
-"""Saving and loading the omni model in this project's export format: omni_config.json (the
-architecture, `omni_spec`), model.safetensors and the processor files. Trainer checkpoints
-carry the same spec as omni_spec.json, so tools/export_hf.py needs nothing else.
+"""Saving and loading the omni model. A composed model: this project's export format,
+omni_config.json (the architecture, `omni_spec`), model.safetensors and the processor files.
+A native thinker: the family's own Hugging Face layout (config.json, safetensors, processor
+files), which `<Family>ThinkerForConditionalGeneration.from_pretrained` and AutoProcessor
+load and standard inference stacks serve. Trainer checkpoints carry the spec as
+omni_spec.json, so tools/export_hf.py needs nothing else.
 """
 
 import contextlib
@@ -10,9 +13,9 @@ from collections.abc import Mapping
 
 import torch
 
-from trainer.models.build import build_from_spec
+from trainer.models.build import build_from_spec, load_native
 from trainer.models.omni import OmniModel
-from trainer.models.processing import OmniProcessor
+from trainer.models.processing import OmniProcessor, native_family_of
 
 OMNI_CONFIG = "omni_config.json"
 OMNI_SPEC = "omni_spec.json"  # omni_spec(model) in every trainer checkpoint: what export_hf builds
@@ -21,7 +24,10 @@ WEIGHTS = "model.safetensors"
 
 def omni_spec(model: OmniModel) -> dict:
     """The architecture as JSON (no weights): omni_config.json of an export, and
-    omni_spec.json (OMNI_SPEC) of a trainer checkpoint; `build_from_spec` rebuilds it."""
+    omni_spec.json (OMNI_SPEC) of a trainer checkpoint; `build_from_spec` rebuilds it.
+    A native thinker: its family and config."""
+    if model.native:
+        return {"native": model.adapter.family, "config": model.vlm.config.to_dict()}
     return dict(
         vlm_config=model.vlm.config.to_dict(),
         whisper_config=model.audio_encoder.config.to_dict(),
@@ -38,6 +44,11 @@ def save_omni(model: OmniModel, processor: OmniProcessor, out_dir: str, state_di
 
     os.makedirs(out_dir, exist_ok=True)
     state_dict = model.state_dict() if state_dict is None else state_dict
+    if model.native:  # the thinker's own layout: its keys are ours without "vlm."
+        thinker_state = {name[len("vlm."):]: tensor for name, tensor in state_dict.items() if name.startswith("vlm.")}
+        model.vlm.save_pretrained(out_dir, state_dict=thinker_state)
+        processor.save_pretrained(out_dir)
+        return
     # Tied weights are stored once; load_omni re-ties them through the config.
     seen, tensors = {}, {}
     for name, tensor in state_dict.items():
@@ -53,16 +64,20 @@ def save_omni(model: OmniModel, processor: OmniProcessor, out_dir: str, state_di
 
 
 def load_omni(model_dir: str, *, dtype=torch.float32, attn_impl="auto", init_ctx=contextlib.nullcontext):
-    """-> (model, processor) from a directory written by save_omni / tools/export_hf.py.
+    """-> (model, processor) from a directory written by save_omni / tools/export_hf.py, or
+    a native omni checkpoint (trainer/models/build.py load_native).
     The weights file is read lazily, one tensor at a time. Under ZeRO-3 (init_ctx =
     zero.Init) they are copied in module by module under GatheredParameters(modifier_rank=0):
     only rank 0 reads them (the others receive its values when the module is re-partitioned),
     and only one module is ever whole at a time."""
     from safetensors import safe_open
 
+    if native_family_of(model_dir) is not None:
+        return load_native(model_dir, dtype=dtype, attn_impl=attn_impl, init_ctx=init_ctx)
     config_path = os.path.join(model_dir, OMNI_CONFIG)
     if not os.path.isfile(config_path):
-        raise FileNotFoundError(f"{config_path} not found: {model_dir} is not an exported omni model")
+        raise FileNotFoundError(f"{config_path} not found: {model_dir} is neither an exported omni model nor a native "
+                                f"omni checkpoint (config.json of Qwen2.5-Omni or Qwen3-Omni)")
     with open(config_path) as f:
         spec = json.load(f)
     processor = OmniProcessor.from_pretrained(model_dir)

@@ -62,25 +62,32 @@ A B C D E F G H I J K L M N O P Q R S T U V W X Y Z You are a helpful assistant.
 """
 
 
-def build_tiny_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with Qwen2-VL's special tokens and chat template."""
+def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = None, chat_template: str | None = None,
+                         named_tokens: dict | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on the built-in corpus. Default: Qwen2-VL's special
+    tokens (ids 0..13, then the three audio tokens) and chat template; the native omni tiny
+    presets pass their family's tokens (in that family's id order), template, and the named
+    tokens its transformers processor reads (`tokenizer.image_token`, ...)."""
+    special_tokens = special_tokens or QWEN2VL_SPECIAL_TOKENS + list(AUDIO_TOKENS)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=QWEN2VL_SPECIAL_TOKENS + list(AUDIO_TOKENS),
+        special_tokens=special_tokens,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    extra = {"extra_special_tokens": named_tokens} if named_tokens else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN2VL_SPECIAL_TOKENS[3:] + list(AUDIO_TOKENS),
-        chat_template=QWEN2VL_CHAT_TEMPLATE,
+        additional_special_tokens=[t for t in special_tokens if t not in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")],
+        chat_template=chat_template or QWEN2VL_CHAT_TEMPLATE,
         model_max_length=4096,
+        **extra,
     )
 
 
