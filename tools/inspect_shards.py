@@ -54,7 +54,7 @@ def inspect(spec, processor, stage: str = "selfkd", max_seq_len: int = DataConfi
     def recording_collate(samples, pad_id):
         nonlocal text_only
         for sample in samples:
-            text_only += "pixel_values" not in sample
+            text_only += "image" not in sample
             if "audio_seconds" in sample:  # the vl stage decodes no audio
                 seconds.append(sample["audio_seconds"])
             student_lengths.append(len(sample["student_prompt_ids"]) + len(sample["answer_ids"]))

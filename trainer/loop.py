@@ -57,6 +57,13 @@ def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
 STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "image_patches", "audio_tokens", "audio_frames")
 
 
+def image_patches(batch) -> int:
+    """Vision-tower input patches of a batch: Qwen's patch rows, or Phi-4's valid crop patches."""
+    if batch.image_attention_mask is not None:
+        return int(batch.image_attention_mask.sum())
+    return batch.pixel_values.shape[0]
+
+
 def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
     """Counts of a rank's micro-batches, in STAT_NAMES order, read from CPU tensors (the batch
     reaches the device inside the engine's forward). Teacher tokens: the typed side's (the data)."""
@@ -65,7 +72,7 @@ def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
         float(sum(len(b) for b in batches)),
         float(sum(b.student_attention_mask.sum() for b in batches)),
         float(sum(b.teacher_attention_mask.sum() for b in batches)) if uses_teacher else 0.0,
-        float(sum(b.pixel_values.shape[0] for b in batches if b.pixel_values is not None)),
+        float(sum(image_patches(b) for b in batches if b.pixel_values is not None)),
         audio_tokens,
         audio_tokens * processor.encoder_positions_per_token,  # audio encoder positions behind the audio tokens
     ]

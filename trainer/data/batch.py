@@ -45,8 +45,12 @@ class Batch:
     input_features: torch.Tensor | None = None  # B, M, W: log-mel of each clip (None: no audio, as in VL)
     audio_token_counts: torch.Tensor | None = None  # B: <|audio_pad|> tokens (= valid audio tokens) per sample
     audio_frames: torch.Tensor | None = None  # B: valid mel frames of each clip (native audio towers read only those)
-    pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order
-    image_grid_thw: torch.Tensor | None = None  # N_img, 3: (t, h, w) patch grid of each image
+    pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order (Qwen)
+    #                                           N_img, C, 3, 448, 448: each image's crops, zero-padded (Phi-4)
+    image_grid_thw: torch.Tensor | None = None  # N_img, 3: (t, h, w) patch grid of each image (Qwen)
+    image_sizes: torch.Tensor | None = None  # N_img, 2: the resized image's (h, w) (Phi-4)
+    image_attention_mask: torch.Tensor | None = None  # N_img, C, 32, 32: valid patches of each crop (Phi-4)
+    image_token_counts: torch.Tensor | None = None  # N_img: image placeholder tokens of each image
     # Evaluation only: what scoring needs (trainer/eval/scoring.py).
     questions: list | None = None  # B typed questions
     answers: list | None = None  # B lists of reference answers

@@ -30,8 +30,8 @@ import torch
 
 from trainer.data.batch import IGNORE_INDEX, Batch, Stage
 from trainer.data.decode import SampleError, decode_audio, decode_image, decode_json, find_member, require_text
-from trainer.data.features import LogMel
 from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
+from trainer.models.processing import OmniProcessor
 
 ASR_INSTRUCTION = "\nTranscribe the audio."
 
@@ -66,7 +66,6 @@ class SampleEncoder:
         self.stage = Stage(stage)
         self.processor = processor
         self.max_seq_len = int(max_seq_len)
-        self.log_mel = LogMel(processor.feature_extractor)
         self.max_pixels = image_max_pixels(processor.image_processor)
 
     def __call__(self, raw: dict) -> tuple[dict, set]:
@@ -88,7 +87,7 @@ class SampleEncoder:
                 _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
                 rate = self.processor.sampling_rate
                 audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
-                sample["input_features"] = self.log_mel(audio)  # n_mels, window_frames
+                sample["input_features"] = self.processor.audio_features(audio)  # n_mels, frames (Whisper: the window)
                 sample["audio_token_count"] = self.processor.audio_token_count(len(audio))
                 sample["audio_frames"] = self.processor.mel_frames(len(audio))
                 if sample["audio_token_count"] < 1:  # a native audio tower's output for a few milliseconds
@@ -102,10 +101,8 @@ class SampleEncoder:
                 image, padded = decode_image(image_bytes, self.max_pixels)
                 if padded:
                     notes.add("image_padded")
-                vision = self.processor.image_processor(images=[image], return_tensors="pt")
-                sample["pixel_values"] = vision["pixel_values"]  # patches, patch_dim
-                sample["image_grid_thw"] = vision["image_grid_thw"]  # 1, 3
-                num_image_tokens = self.processor.image_token_count(vision["image_grid_thw"][0])
+                sample["image"], num_image_tokens = self.processor.encode_image(image)  # the family's tensors
+                sample["image_token_count"] = num_image_tokens
         with failures_as("bad_text", "text"):
             self._encode_text(sample, meta, question, answer, num_image_tokens)
         return sample, notes
@@ -113,7 +110,7 @@ class SampleEncoder:
     def _encode_text(self, sample: dict, meta: dict, question: str | None, answer: str, num_image_tokens: int) -> None:
         """Prompt ids (student, and teacher where the stage has one), answer ids and, for
         EVAL, the scoring metadata."""
-        image_slot = [{"type": "image"}] if "pixel_values" in sample else []
+        image_slot = [{"type": "image"}] if "image" in sample else []
         typed = image_slot + [{"type": "text", "text": question}]
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
         if self.stage == Stage.ALIGN:
@@ -137,7 +134,7 @@ class SampleEncoder:
         if longest > self.max_seq_len:
             raise SampleError("too_long", "tokens", f"{longest} tokens > max_seq_len {self.max_seq_len}")
         # M-RoPE positions of each whole side, here on the CPU, so the step never reads them off the device.
-        grids = list(sample["image_grid_thw"]) if "image_grid_thw" in sample else []
+        grids = list(sample["image"]["image_grid_thw"]) if "image_grid_thw" in sample.get("image", {}) else []
         answer = sample.get("answer_ids", [])
         for side in ("student", "teacher"):
             if f"{side}_prompt_ids" in sample:
@@ -186,13 +183,15 @@ def _pad_positions(samples: list[dict], side: str, left: bool) -> torch.Tensor:
 def _shared_fields(samples: list[dict]) -> dict:
     fields = {"keys": [s["key"] for s in samples]}
     if "input_features" in samples[0]:
-        fields["input_features"] = torch.stack([s["input_features"] for s in samples])  # B, n_mels, window_frames
+        width = max(s["input_features"].shape[1] for s in samples)  # Whisper: the window; others: the longest clip
+        fields["input_features"] = torch.stack([torch.nn.functional.pad(s["input_features"], (0, width - s["input_features"].shape[1]))
+                                                for s in samples])  # B, n_mels, W
         fields["audio_token_counts"] = torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long)
         fields["audio_frames"] = torch.tensor([s["audio_frames"] for s in samples], dtype=torch.long)
-    with_image = [s for s in samples if "pixel_values" in s]
-    if with_image:
-        fields["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])  # sum(patches), patch_dim
-        fields["image_grid_thw"] = torch.cat([s["image_grid_thw"] for s in with_image])  # N_img, 3
+    with_image = [s for s in samples if "image" in s]
+    if with_image:  # Qwen: pixel_values (sum(patches), patch_dim), image_grid_thw (N_img, 3); Phi-4: crops (Batch)
+        fields.update(OmniProcessor.collate_images([s["image"] for s in with_image]))
+        fields["image_token_counts"] = torch.tensor([s["image_token_count"] for s in with_image], dtype=torch.long)
     return fields
 
 

@@ -80,14 +80,18 @@ class QwenVLAdapter:
         # transformers >= 5.x returns the merged tokens as pooler_output; earlier a tensor.
         return out if isinstance(out, torch.Tensor) else out.pooler_output
 
-    def dummy_image(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_inputs(self, batch, device) -> dict:
+        """The batch's image tensors as `image_features` takes them."""
+        return {"pixel_values": batch.pixel_values.to(device), "image_grid_thw": batch.image_grid_thw.to(device)}
+
+    def dummy_image(self, device) -> dict:
         """The smallest image the tower accepts: one 2x2 merge group, (1, m, m) patches."""
         vision_config = self.config.vision_config
         merge = vision_config.spatial_merge_size
         patch_dim = vision_config.in_channels * vision_config.temporal_patch_size * vision_config.patch_size**2
         pixel_values = torch.zeros(merge * merge, patch_dim, device=device)
         grid_thw = torch.tensor([[1, merge, merge]], dtype=torch.long, device=device)
-        return pixel_values, grid_thw
+        return {"pixel_values": pixel_values, "image_grid_thw": grid_thw}
 
     def position_ids(self, input_ids, image_grid_thw, attention_mask) -> torch.Tensor:
         """M-RoPE positions (3, B, T); padding positions are ignored via attention_mask."""
@@ -163,6 +167,10 @@ class QwenOmniAdapter(QwenVLAdapter):
         out = self.core.get_image_features(pixel_values, image_grid_thw)
         return torch.cat(out.pooler_output)  # per-image chunks -> sum_i t*h*w/4, H
 
+    def audio_inputs(self, batch, device) -> dict:
+        """The batch's audio as `audio_features` takes it (the frame counts stay on the CPU)."""
+        return {"input_features": batch.input_features.to(device), "mel_frames": batch.audio_frames.cpu()}
+
     def audio_features(self, input_features: torch.Tensor, mel_frames: torch.Tensor) -> torch.Tensor:
         """(B, M, W) padded log-mel windows + each clip's valid frame count (CPU) -> the clips'
         tokens in order (sum of audio_token_count, H)."""
@@ -172,10 +180,11 @@ class QwenOmniAdapter(QwenVLAdapter):
         out = self.core.get_audio_features(input_features.to(dtype), feature_attention_mask=mask.to(input_features.device))
         return out.last_hidden_state
 
-    def dummy_audio(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def dummy_audio(self, device) -> dict:
         """One clip of one attention window (2 * n_window mel frames) of silence-level input."""
         frames = 2 * self.audio_tower.config.n_window
-        return torch.zeros(1, self.audio_tower.config.num_mel_bins, frames, device=device), torch.tensor([frames])
+        return {"input_features": torch.zeros(1, self.audio_tower.config.num_mel_bins, frames, device=device),
+                "mel_frames": torch.tensor([frames])}
 
     def position_ids(self, input_ids, image_grid_thw, attention_mask, audio_frames=None) -> torch.Tensor:
         position_ids, _ = self.core.get_rope_index(input_ids, image_grid_thw=image_grid_thw, attention_mask=attention_mask,

@@ -137,14 +137,12 @@ class OmniModel(nn.Module):
     def encode_images(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         """-> (image tokens (N_img_tok, H), or (N_img_tok, 1 + D, H) with DeepStack, or None;
         zero-valued term tying a dummy pass to the loss)."""
-        pixel_values, grid_thw = batch.pixel_values, batch.image_grid_thw
         device = self.adapter.input_embeddings().weight.device
         with self._grad_if("vision"):
-            if pixel_values is None:
-                dummy_pixels, dummy_grid = self.adapter.dummy_image(device)
-                dummy = self.adapter.image_features(dummy_pixels, dummy_grid)
+            if batch.pixel_values is None:
+                dummy = self.adapter.image_features(**self.adapter.dummy_image(device))
                 return None, 0.0 * dummy.float().sum()
-            features = self.adapter.image_features(pixel_values.to(device), grid_thw.to(device))
+            features = self.adapter.image_features(**self.adapter.image_inputs(batch, device))
         return features, features.new_zeros((), dtype=torch.float32)
 
     def encode_audio(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -174,12 +172,12 @@ class OmniModel(nn.Module):
         device = self.adapter.input_embeddings().weight.device
         with self._grad_if("audio", "projector"):  # requires_grad decides which of the tower's weights learn
             if batch.input_features is None:
-                dummy = self.adapter.audio_features(*self.adapter.dummy_audio(device))
+                dummy = self.adapter.audio_features(**self.adapter.dummy_audio(device))
                 return None, 0.0 * dummy.float().sum()
             if batch.audio_frames is None:
                 raise ValueError(f"a native audio tower needs each clip's mel frame count (batch.audio_frames); "
                                  f"batch of {batch.keys[:3]}... has none")
-            tokens = self.adapter.audio_features(batch.input_features.to(device), batch.audio_frames.cpu())
+            tokens = self.adapter.audio_features(**self.adapter.audio_inputs(batch, device))
         return tokens, tokens.new_zeros((), dtype=torch.float32)
 
     # --- sequence assembly -------------------------------------------------------------
@@ -189,8 +187,11 @@ class OmniModel(nn.Module):
         the device each would stall the host)."""
         input_ids, _, _ = batch.side(role)
         image_counts = (input_ids == self.image_token_id).sum(1)  # B
-        merge = self.processor.image_merge_size
-        expected = 0 if batch.image_grid_thw is None else int((batch.image_grid_thw.prod(-1) // merge**2).sum())
+        if batch.image_token_counts is not None:
+            expected = int(batch.image_token_counts.sum())
+        else:  # a batch made without the counts (Qwen grids give them)
+            merge = self.processor.image_merge_size
+            expected = 0 if batch.image_grid_thw is None else int((batch.image_grid_thw.prod(-1) // merge**2).sum())
         if int(image_counts.sum()) != expected:
             raise ValueError(f"{role}_input_ids hold {int(image_counts.sum())} <|image_pad|> tokens but the images give "
                              f"{expected} features; per sample key: {dict(zip(batch.keys, image_counts.tolist()))}")

@@ -57,6 +57,11 @@ def _qwen3_omni_audio_tokens(mel_frames: int, n_window: int) -> int:
     return ((after_conv - 1) // 2 + 1 - 1) // 2 + 1 + (mel_frames // chunk) * 13
 
 
+def _phi4_audio_tokens(mel_frames: int, n_window: int) -> int:
+    """Phi-4-multimodal's conformer: three stride-2 convolutions, ceil(frames / 8)."""
+    return -(-mel_frames // 8)
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """A native omni family's placeholder tokens and audio geometry."""
@@ -70,6 +75,8 @@ class Family:
     processor_class: str = ""  # the family's transformers processor
     turn_end: str = "<|im_end|>"  # the token that closes a chat turn (and ends an answer)
     encoder_positions_per_token: int = 1  # audio tower sequence positions behind one output token (FLOP counts)
+    mrope: bool = True  # 3-D multimodal rotary positions (Qwen); else plain 1-D positions
+    whisper_features: bool = True  # Whisper log-mel windows; else the family's own audio feature extractor
 
 
 FAMILIES = {
@@ -77,7 +84,11 @@ FAMILIES = {
                            n_window=100, processor_class="Qwen2_5OmniProcessor", encoder_positions_per_token=2),
     "qwen3_omni_moe": Family("<|image_pad|>", "<|audio_start|>", "<|audio_pad|>", "<|audio_end|>",
                              _qwen3_omni_audio_tokens, n_window=50, processor_class="Qwen3OmniMoeProcessor"),
+    # Phi-4-multimodal: bare repeated placeholders, 80-bin fbank at 100 Hz, 8x subsampling (a token per 80 ms).
+    "phi4_multimodal": Family("<|image|>", "", "<|audio|>", "", _phi4_audio_tokens, processor_class="Phi4MultimodalProcessor",
+                              turn_end="<|end|>", encoder_positions_per_token=1, mrope=False, whisper_features=False),
 }
+PHI4_AUDIO_SECONDS = 30  # clips are cut to this (the encoder itself takes longer audio in 500-frame chunks)
 
 
 class OmniProcessor:
@@ -92,7 +103,8 @@ class OmniProcessor:
         self.family = family
         native = FAMILIES.get(family)
         self.image_pad = native.image_pad if native else IMAGE_PAD
-        self.audio_span_tokens = (native.audio_start, native.audio_pad, native.audio_end) if native else AUDIO_TOKENS
+        span = (native.audio_start, native.audio_pad, native.audio_end) if native else AUDIO_TOKENS
+        self.audio_span_tokens = tuple(t for t in span if t)  # Phi-4 has a bare placeholder, no start/end
         missing = [t for t in self.audio_span_tokens if t not in tokenizer.get_vocab()]
         if missing and native:
             raise ValueError(f"the {family} tokenizer lacks its placeholder tokens {missing}")
@@ -102,11 +114,13 @@ class OmniProcessor:
         self.image_processor = image_processor
         self.feature_extractor = feature_extractor
         self.video_processor = video_processor  # native families only: kept so their processor files stay whole
+        self._log_mel = None  # Whisper features, made on first use
         self.audio_stack = int(audio_stack)
         if self.audio_stack < 1:
             raise ValueError(f"audio_stack must be >= 1, got {audio_stack}")
         vocab = tokenizer.get_vocab()
-        self.audio_start_id, self.audio_pad_id, self.audio_end_id = (vocab[t] for t in self.audio_span_tokens)
+        self.audio_pad_id = vocab[span[1]]
+        self.audio_start_id, self.audio_end_id = vocab.get(span[0]), vocab.get(span[2])
         if self.image_pad not in vocab:
             raise ValueError(f"the tokenizer lacks the image placeholder {self.image_pad}")
         self.image_pad_id = vocab[self.image_pad]
@@ -142,19 +156,44 @@ class OmniProcessor:
         return self.feature_extractor.feature_size
 
     @property
+    def whisper_features(self) -> bool:
+        return FAMILIES[self.family].whisper_features if self.native else True
+
+    @property
     def max_audio_samples(self) -> int:
         """Samples in one encoder window (30 s for real Whisper); longer clips are cut."""
+        if not self.whisper_features:
+            return PHI4_AUDIO_SECONDS * self.sampling_rate
         return self.feature_extractor.n_samples
 
     @property
     def window_frames(self) -> int:
         """Mel frames in one encoder window (3000 for real Whisper)."""
+        if not self.whisper_features:
+            return self.mel_frames(self.max_audio_samples)
         return self.feature_extractor.nb_max_frames
 
     def mel_frames(self, num_samples: int) -> int:
         """Valid mel frames for a clip of `num_samples` (clipped to the window)."""
         num_samples = min(num_samples, self.max_audio_samples)
+        if not self.whisper_features:  # Phi-4's fbank: 25 ms windows every 10 ms, no centring
+            fe = self.feature_extractor
+            return max(0, (num_samples - fe.win_length) // fe.hop_length + 1)
         return min(self.window_frames, math.ceil(num_samples / self.feature_extractor.hop_length))
+
+    def audio_features(self, audio) -> torch.Tensor:
+        """Mono float32 audio at `sampling_rate` -> (n_mels, frames): Whisper's log-mel over the
+        whole window (padding included, as Whisper's encoder expects), or the family's own
+        features over the clip's valid frames (the collator pads to the batch's longest)."""
+        if self.whisper_features:
+            if self._log_mel is None:
+                from trainer.data.features import LogMel
+
+                self._log_mel = LogMel(self.feature_extractor)
+            return self._log_mel(audio)
+        out = self.feature_extractor(audio[: self.max_audio_samples], sampling_rate=self.sampling_rate,
+                                     return_tensors="pt")
+        return out["audio_input_features"][0].T.contiguous()  # frames, n_mels -> n_mels, frames
 
     def encoder_frames(self, num_samples: int) -> int:
         """Valid Whisper encoder output frames for a clip of `num_samples`."""
@@ -170,6 +209,32 @@ class OmniProcessor:
         return max(1, math.ceil(self.encoder_frames(num_samples) / self.audio_stack))
 
     # --- images ----------------------------------------------------------------------
+    def encode_image(self, image) -> tuple[dict, int]:
+        """A PIL image -> (the tensors the family's vision tower takes, LLM tokens it becomes).
+        Qwen: pixel_values (patches, patch_dim) and image_grid_thw (1, 3). Phi-4: 448 px crops
+        (1, crops, 3, 448, 448), image_sizes (1, 2), image_attention_mask (1, crops, 32, 32)."""
+        if self.family == "phi4_multimodal":
+            out = self.image_processor(images=[image], return_tensors="pt")
+            fields = {"pixel_values": out["image_pixel_values"], "image_sizes": out["image_sizes"],
+                      "image_attention_mask": out["image_attention_mask"]}
+            return fields, int(out["num_img_tokens"][0])
+        out = self.image_processor(images=[image], return_tensors="pt")
+        fields = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+        return fields, self.image_token_count(out["image_grid_thw"][0])
+
+    @staticmethod
+    def collate_images(images: list[dict]) -> dict:
+        """Per-image tensors (encode_image) -> the batch's, images in order. Qwen's patches
+        concatenate; Phi-4's crops are zero-padded (mask 0) to the most crops of the batch."""
+        fields = {}
+        for key in images[0]:
+            tensors = [image[key] for image in images]
+            if tensors[0].dim() >= 4:  # (1, crops, ...): pad the crop axis
+                most = max(t.shape[1] for t in tensors)
+                tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2) + (0, most - t.shape[1])) for t in tensors]
+            fields[key] = torch.cat(tensors)
+        return fields
+
     @property
     def image_merge_size(self) -> int:
         return getattr(self.image_processor, "merge_size", 2)
@@ -186,7 +251,10 @@ class OmniProcessor:
         order of `image_grids`' (t, h, w) patch grids) takes (start + t, start + row, start +
         col) over its merged grid, and the text after it resumes at start + max(rows, cols).
         The same numbers as the VLM's get_rope_index (tested), computed per sample on the
-        CPU by the sample encoder, so the training step never reads them off the device."""
+        CPU by the sample encoder, so the training step never reads them off the device.
+        Families without M-RoPE (Phi-4) get 0..T-1 on all three rows."""
+        if self.native and not FAMILIES[self.family].mrope:
+            return torch.arange(len(token_ids)).expand(3, -1).clone()
         merge = self.image_merge_size
         positions = []
         start = 0
@@ -216,6 +284,10 @@ class OmniProcessor:
         import transformers
 
         cls = getattr(transformers, FAMILIES[self.family].processor_class)
+        if self.family == "phi4_multimodal":
+            hf = cls(image_processor=self.image_processor, audio_processor=self.feature_extractor, tokenizer=self.tokenizer)
+            hf.chat_template = self.tokenizer.chat_template
+            return hf
         video = self.video_processor
         if video is None:  # a tiny preset: the Qwen2-VL video processor at the image processor's patch size
             from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
@@ -274,7 +346,8 @@ class OmniProcessor:
             tokenizer.chat_template = hf.chat_template
         if tokenizer.chat_template is None:
             raise ValueError(f"{path}: neither the tokenizer nor the processor has a chat template")
-        return cls(tokenizer, hf.image_processor, hf.feature_extractor, audio_stack=1, family=family,
+        feature_extractor = getattr(hf, "feature_extractor", None) or hf.audio_processor  # Phi-4 names it audio_processor
+        return cls(tokenizer, hf.image_processor, feature_extractor, audio_stack=1, family=family,
                    video_processor=getattr(hf, "video_processor", None))
 
     @classmethod
@@ -291,7 +364,8 @@ class OmniProcessor:
 
 # A native checkpoint's config.json model_type (the full model or its thinker) -> family.
 NATIVE_MODEL_TYPES = {"qwen2_5_omni": "qwen2_5_omni", "qwen2_5_omni_thinker": "qwen2_5_omni",
-                      "qwen3_omni_moe": "qwen3_omni_moe", "qwen3_omni_moe_thinker": "qwen3_omni_moe"}
+                      "qwen3_omni_moe": "qwen3_omni_moe", "qwen3_omni_moe_thinker": "qwen3_omni_moe",
+                      "phi4_multimodal": "phi4_multimodal"}
 
 
 def native_family_of(path: str) -> str | None:
