@@ -1,5 +1,5 @@
-"""Native omni models (Qwen2.5-Omni and Qwen3-Omni thinkers) at toy size, random init, built
-from their real transformers classes: the trainer's piecewise path against the family's own
+"""Native omni models (Qwen2.5-Omni and Qwen3-Omni thinkers, Phi-4-multimodal) at toy size,
+random init, built from their real transformers classes: the trainer's piecewise path against the family's own
 forward, CPU positions against its get_rope_index, the chat templates' teacher/student
 alignment, trainable parts, the prefix-shared teacher, export to the family's layout and
 loading a full model's checkpoint (talker skipped)."""
@@ -22,7 +22,8 @@ from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni, save_omni
 from trainer.models.synthetic import make_batch, raw_sample
 
-PRESETS = ["tiny-qwen2_5_omni", "tiny-qwen3_omni"]
+PRESETS = ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm"]
+QWEN = PRESETS[:2]
 KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl")
 # Images with and without, of two shapes, so image counts, grids and DeepStack rows differ per sample.
 SIZES = [(56, 84), None, (96, 64)]
@@ -41,12 +42,20 @@ def built(request):
 def hf_logits(thinker, batch, role):
     """The family's own forward on one side of the batch: (B, T, V) logits."""
     input_ids, mask, _ = batch.side(role)
+    width = batch.input_features.shape[-1]
+    valid = torch.arange(width)[None] < batch.audio_frames[:, None]  # B, W
+    if thinker.config.model_type == "phi4_multimodal":
+        kwargs = dict(input_ids=input_ids, attention_mask=mask, image_pixel_values=batch.pixel_values,
+                      image_sizes=batch.image_sizes, image_attention_mask=batch.image_attention_mask)
+        if role == "student":
+            kwargs.update(audio_input_features=batch.input_features.transpose(1, 2),
+                          audio_embed_sizes=batch.audio_token_counts, audio_attention_mask=valid)
+        with torch.no_grad():
+            return thinker(**kwargs).logits
     kwargs = dict(input_ids=input_ids, attention_mask=mask, pixel_values=batch.pixel_values,
                   image_grid_thw=batch.image_grid_thw)
     if role == "student":
-        width = batch.input_features.shape[-1]
-        kwargs.update(input_features=batch.input_features,
-                      feature_attention_mask=(torch.arange(width)[None] < batch.audio_frames[:, None]).long())
+        kwargs.update(input_features=batch.input_features, feature_attention_mask=valid.long())
     with torch.no_grad():
         return thinker(**kwargs).logits
 
@@ -62,12 +71,38 @@ def our_logits(model, batch, role):
 @pytest.mark.parametrize("role", ["student", "teacher"])
 def test_trainer_path_equals_the_family_forward(built, role):
     """Audio tower on valid mel frames, image features (with DeepStack rows), placeholders
-    replaced in order, CPU M-RoPE positions: the same logits as the thinker's own forward."""
-    _, model, processor = built
-    batch = make_batch(processor, 3, image_size=SIZES, audio_seconds=(0.6, 3.0))
-    mask = batch.side(role)[1].bool()
-    torch.testing.assert_close(our_logits(model, batch, role)[mask], hf_logits(model.vlm, batch, role)[mask],
-                               rtol=1e-5, atol=1e-5)
+    replaced in order, CPU M-RoPE positions: the same logits as the thinker's own forward.
+    (Phi-4 picks its audio projection per batch where we pick it per clip: compared on
+    batches whose clips all have, or all lack, an image; mixed batches below.)"""
+    preset, model, processor = built
+    size_sets = [[SIZES[0], SIZES[2], SIZES[0]], None] if preset == "tiny-phi4mm" else [SIZES]
+    for sizes in size_sets:
+        batch = make_batch(processor, 3, image_size=sizes, with_image=sizes is not None, audio_seconds=(0.6, 3.0))
+        mask = batch.side(role)[1].bool()
+        torch.testing.assert_close(our_logits(model, batch, role)[mask], hf_logits(model.vlm, batch, role)[mask],
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_phi4_projects_each_clip_as_its_own_prompt_would():
+    """In a batch mixing image and text-only questions, each spoken question gets the audio
+    projection the model's forward gives it alone: vision-speech with an image, speech without."""
+    import numpy as np
+
+    from trainer.data.collate import collate_train
+
+    model, processor = build("tiny-phi4mm")
+    model.eval()
+    encoder = SampleEncoder(processor, Stage.SELFKD, 4096)
+    rng = np.random.default_rng(0)
+    raws = [raw_sample(f"k{i}", "what colour is the circle?", "red.", rng, image_size=size, audio_seconds=1.0,
+                       sampling_rate=processor.sampling_rate) for i, size in enumerate([(56, 84), None])]
+    samples = [encoder(raw)[0] for raw in raws]
+    mixed = collate_train(samples, processor.pad_id)
+    ours = our_logits(model, mixed, "student")
+    for i, sample in enumerate(samples):
+        alone = collate_train([sample], processor.pad_id)
+        n = int(alone.student_attention_mask.sum())
+        torch.testing.assert_close(ours[i, :n], hf_logits(model.vlm, alone, "student")[0, :n], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("role", ["student", "teacher"])
@@ -98,7 +133,12 @@ def test_chat_template_pairs_teacher_and_student_answers(built):
     student = processor.tokenizer.decode(batch.student_input_ids[0])
     teacher = processor.tokenizer.decode(batch.teacher_input_ids[0])
     assert processor.audio_span_tokens[0] in student and processor.audio_span_tokens[0] not in teacher
-    assert "what colour is the circle?" in teacher and "<|im_start|>assistant" in student
+    assert "what colour is the circle?" in teacher
+    prompt_ends = []
+    for role, labels in (("student", batch.student_labels), ("teacher", batch.teacher_labels)):
+        ids, mask, _ = batch.side(role)
+        prompt_ends.append(ids[0][mask[0].bool() & (labels[0] == IGNORE_INDEX)][-2:].tolist())
+    assert prompt_ends[0] == prompt_ends[1], "both prompts end in the template's assistant header"
 
 
 def test_prefix_shared_teacher_equals_the_full_teacher(built):
@@ -112,25 +152,38 @@ def test_prefix_shared_teacher_equals_the_full_teacher(built):
         torch.testing.assert_close(getattr(shared, name), getattr(full, name), rtol=1e-5, atol=1e-5)
 
 
+PHI4 = "vlm.model.embed_tokens_extend."
+PART_PREFIXES = {
+    "tiny-qwen2_5_omni": {"llm": ("vlm.model.language_model.", "vlm.lm_head."), "vision": ("vlm.model.visual.",),
+                          "audio": ("vlm.model.audio_tower.",), "projector": ("vlm.model.audio_tower.proj.",)},
+    "tiny-qwen3_omni": {"llm": ("vlm.model.language_model.", "vlm.lm_head."), "vision": ("vlm.model.visual.",),
+                        "audio": ("vlm.model.audio_tower.",),
+                        "projector": ("vlm.model.audio_tower.proj1.", "vlm.model.audio_tower.proj2.")},
+    "tiny-phi4mm": {"llm": ("vlm.model.embed_tokens.", "vlm.model.layers.", "vlm.model.norm.", "vlm.lm_head."),
+                    "vision": (PHI4 + "image_embed.",), "audio": (PHI4 + "audio_embed.encoder.",),
+                    "projector": tuple(f"{PHI4}audio_embed.{side}_proj_for_{kind}." for side in ("up", "down")
+                                       for kind in ("speech", "vision_speech"))},
+}
+# Never trained: unused by any forward (Qwen2.5-Omni's audio bos/eos table; SigLIP past its feature layer).
+NEVER = ("audio_bos_eos_token", "img_processor.encoder.layers.1.", "img_processor.post_layernorm.",
+         "img_processor.head.")
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("parts", [("llm",), ("projector",), ("audio",), ("vision",), ("llm", "projector")])
 def test_trainable_parts_map_to_the_family_modules(preset, parts):
     model, processor = build(preset, parts)
-    thinker = model.vlm.model
-    prefixes = {"llm": ("vlm.model.language_model.", "vlm.lm_head."), "vision": ("vlm.model.visual.",),
-                "audio": ("vlm.model.audio_tower.",),
-                "projector": tuple(f"vlm.model.audio_tower.{name}." for name in
-                                   (("proj",) if preset == "tiny-qwen2_5_omni" else ("proj1", "proj2")))}
-    expected = tuple(p for part in parts for p in prefixes[part])
+    expected = tuple(p for part in parts for p in PART_PREFIXES[preset][part])
     for name, param in model.named_parameters():
-        trains = name.startswith(expected) and "audio_bos_eos_token" not in name
+        trains = name.startswith(expected) and not any(never in name for never in NEVER)
         assert param.requires_grad == trains, name
     out = SelfKDObjective(model, KD)(make_batch(processor, 2), 1.0)
     out.loss.backward()
+    # Phi-4 projects speech with one of two pairs, per batch (these batches have images).
+    idle = "_proj_for_speech." if preset == "tiny-phi4mm" else None
     for name, param in model.named_parameters():
-        if param.requires_grad:
+        if param.requires_grad and not (idle and idle in name):
             assert param.grad is not None, f"{name} trains but got no gradient"
-    assert thinker is model.adapter.core
 
 
 def test_export_loads_with_the_family_class_and_auto_processor(built, tmp_path):
@@ -142,7 +195,8 @@ def test_export_loads_with_the_family_class_and_auto_processor(built, tmp_path):
     save_omni(model, processor, str(tmp_path))
     _, thinker_cls, _ = native.THINKERS[processor.family]
     reloaded = thinker_cls.from_pretrained(str(tmp_path)).eval()
-    batch = make_batch(processor, 2, image_size=SIZES[:2])
+    type(model.adapter)(reloaded)  # the upstream fixes the trainer applies (Phi-4's bidirectional SigLIP)
+    batch = make_batch(processor, 2, image_size=[SIZES[0], SIZES[2]])  # both with an image (Phi-4: one projection)
     mask = batch.student_attention_mask.bool()
     torch.testing.assert_close(hf_logits(reloaded, batch, "student")[mask], our_logits(model, batch, "student")[mask],
                                rtol=1e-5, atol=1e-5)
@@ -158,13 +212,14 @@ def test_export_loads_with_the_family_class_and_auto_processor(built, tmp_path):
     assert first["teacher_prompt_ids"] == second["teacher_prompt_ids"]
 
 
-def test_a_full_model_checkpoint_loads_its_thinker_only(built, tmp_path):
+@pytest.mark.parametrize("preset", QWEN)
+def test_a_full_model_checkpoint_loads_its_thinker_only(preset, tmp_path):
     """A released checkpoint holds the whole model (model_type qwen2_5_omni / qwen3_omni_moe,
     thinker_config inside, weights under "thinker.", talker and vocoder beside them) and the
     processor files: the thinker loads, the rest is skipped."""
     from safetensors.torch import save_file
 
-    _, model, processor = built
+    model, processor = build(preset)
     state = {f"thinker.{k}": v.contiguous() for k, v in model.vlm.state_dict().items()}
     state["talker.model.embed_tokens.weight"] = torch.zeros(4, 4)
     save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
@@ -180,8 +235,8 @@ def test_a_full_model_checkpoint_loads_its_thinker_only(built, tmp_path):
 
 
 def test_a_clip_too_short_for_the_audio_tower_is_a_counted_skip(built):
-    """Qwen2.5-Omni's tower gives no token for a few milliseconds of audio: the sample is a
-    counted bad_audio skip, not a placeholder-less prompt. Qwen3-Omni's gives one."""
+    """Qwen2.5-Omni's and Phi-4's towers give no token for a few milliseconds of audio: the
+    sample is a counted bad_audio skip, not a placeholder-less prompt. Qwen3-Omni's gives one."""
     preset, model, processor = built
     raw = raw_sample("short", "what colour?", "red.", __import__("numpy").random.default_rng(0), image_size=None,
                      audio_seconds=0.005, sampling_rate=processor.sampling_rate)

@@ -87,12 +87,12 @@ class SampleEncoder:
                 _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
                 rate = self.processor.sampling_rate
                 audio, notes = decode_audio(audio_bytes, rate, self.processor.max_audio_samples / rate)
-                sample["input_features"] = self.processor.audio_features(audio)  # n_mels, frames (Whisper: the window)
                 sample["audio_token_count"] = self.processor.audio_token_count(len(audio))
-                sample["audio_frames"] = self.processor.mel_frames(len(audio))
                 if sample["audio_token_count"] < 1:  # a native audio tower's output for a few milliseconds
                     raise SampleError("bad_audio", "audio", f"{len(audio) / rate * 1000:.0f} ms of audio is too short "
                                       f"for the {self.processor.family} audio tower (no output token)")
+                sample["audio_frames"] = self.processor.mel_frames(len(audio))
+                sample["input_features"] = self.processor.audio_features(audio)  # n_mels, frames (Whisper: the window)
                 sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)

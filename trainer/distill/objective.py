@@ -119,6 +119,9 @@ class SelfKDObjective(nn.Module):
         checkpointed = getattr(language_model, "gradient_checkpointing", False) and self.training
         if not (self.share_prefix and self.uses_teacher) or self.teacher.swaps_weights or checkpointed:
             return 0
+        limit = self.model.adapter.prefix_sharing_limit  # Phi-4's LongRoPE: factors change past it
+        if limit is not None and max(batch.student_input_ids.shape[1], batch.teacher_input_ids.shape[1]) > limit:
+            return 0
         return shared_prefix_length(batch)
 
     def forward(self, batch: Batch, normalizer: float, answer_chunks: int | None = None) -> ObjectiveOutput:

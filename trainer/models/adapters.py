@@ -8,6 +8,7 @@ another family means writing one more adapter and registering its `model_types`.
   QwenVLAdapter, Qwen25VLAdapter   VLMs composed with Whisper + a projector (trainer/models/omni.py)
   QwenOmniAdapter                  the Qwen2.5-Omni thinker: its own audio tower and placeholders
   Qwen3OmniAdapter                 the Qwen3-Omni thinker: MoE LLM, DeepStack image features
+  Phi4MMAdapter                    Phi-4-multimodal: HD image crops, a conformer audio encoder, 1-D positions
 
 The adapters use only APIs present from transformers 5.17 on; where signatures moved
 between releases (`get_rope_index` gained `mm_token_type_ids`, the KV-cache keyword
@@ -18,8 +19,9 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import (Qwen2_5_VLForConditionalGeneration, Qwen2_5OmniThinkerForConditionalGeneration,
-                          Qwen2VLForConditionalGeneration, Qwen3OmniMoeThinkerForConditionalGeneration)
+from transformers import (Phi4MultimodalForCausalLM, Qwen2_5_VLForConditionalGeneration,
+                          Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLForConditionalGeneration,
+                          Qwen3OmniMoeThinkerForConditionalGeneration)
 
 
 class QwenVLAdapter:
@@ -29,6 +31,8 @@ class QwenVLAdapter:
     vlm_class = Qwen2VLForConditionalGeneration
     family = None  # a native omni family (trainer/models/processing.py FAMILIES), or None: composed with Whisper
     deepstack = 0  # DeepStack layers: image features carry this many per-layer additions
+    z3_leaf_classes = ()  # modules ZeRO-3 must gather whole on entry (data-dependent calls inside)
+    prefix_sharing_limit = None  # longest sequence whose cached prefix another pass may reuse (None: any)
 
     def __init__(self, vlm: nn.Module):
         self.vlm = vlm
@@ -228,7 +232,152 @@ class Qwen3OmniAdapter(QwenOmniAdapter):
                 "deepstack_visual_embeds": list(image_tokens[:, 1:].unbind(1))}
 
 
-ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter)
+class Phi4MMAdapter(QwenVLAdapter):
+    """Phi-4-multimodal (Phi4MultimodalForCausalLM): `model.{embed_tokens, layers, norm}` is the
+    LLM, `model.embed_tokens_extend.{image_embed, audio_embed}` hold the SigLIP vision tower
+    with its HD-crop projection and the conformer audio encoder with its two projection
+    pairs (speech alone / speech with an image, chosen per batch as the model's own forward
+    does). Positions are 1-D (row 0 of the collator's (3, B, T)).
+    Upstream issues handled here (transformers 5.24):
+      - the SigLIP attention is marked causal, so under sdpa a batch without padded crops
+        runs causal image attention: set bidirectional (the checkpoint's SigLIP is);
+      - image_embed calls its projection once per image: ZeRO-3 gathers it as one leaf module
+        (so with --trainable vision under ZeRO-3 it is refused: DeepSpeed 0.19 frees a leaf
+        module's parameters before their gradients are accumulated); the audio projections
+        are called by the adapter itself, both pairs on every clip (per-clip choice below);
+      - LongRoPE switches factors at original_max_position_embeddings: a cached prefix is
+        reused only below it.
+    Known and left: the audio encoder adds its padding mask as 0/1 instead of masking, so a
+    clip's features depend slightly on the batch's longest clip (as in the model's own forward).
+    Trainable parts: llm, vision (SigLIP + the image projection and its separators), audio
+    (the conformer), projector (the audio projections). The released checkpoint's vision and
+    speech LoRA adapters (PEFT) must be merged into the weights before training."""
+
+    model_types = ("phi4_multimodal",)
+    vlm_class = Phi4MultimodalForCausalLM
+    family = "phi4_multimodal"
+
+    def __init__(self, vlm: nn.Module):
+        from transformers.models.phi4_multimodal import modeling_phi4_multimodal as phi4
+
+        self.vlm = vlm
+        self.config = vlm.config
+        self.image_token_id = int(vlm.config.vision_config.image_token_id)
+        self.audio_token_id = int(vlm.config.audio_config.audio_token_id)
+        self._cache_keyword = "cache" if "cache" in inspect.signature(vlm.model.forward).parameters else "past_key_values"
+        for module in vlm.modules():
+            if isinstance(module, phi4.Phi4MultimodalVisionAttention):
+                module.is_causal = False
+        self.z3_leaf_classes = (phi4.Phi4MultimodalImageEmbedding,)
+        rope = getattr(vlm.config, "rope_parameters", None) or {}
+        self.prefix_sharing_limit = rope.get("original_max_position_embeddings") or getattr(
+            vlm.config, "original_max_position_embeddings", None)
+
+    @property
+    def core(self) -> nn.Module:
+        return self.vlm.model
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.vlm.model  # the decoder; its multimodal embedding branch is skipped on inputs_embeds
+
+    @property
+    def image_embed(self) -> nn.Module:
+        return self.core.embed_tokens_extend.image_embed
+
+    @property
+    def audio_embed(self) -> nn.Module:
+        return self.core.embed_tokens_extend.audio_embed
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.image_embed
+
+    @property
+    def audio_tower(self) -> nn.Module:
+        return self.audio_embed.encoder
+
+    def parts(self) -> dict:
+        core, audio = self.core, self.audio_embed
+        return {"llm": [core.embed_tokens, core.layers, core.norm, self.vlm.lm_head], "vision": [self.image_embed],
+                "audio": [self.audio_tower],
+                "projector": [audio.up_proj_for_speech, audio.down_proj_for_speech, audio.up_proj_for_vision_speech,
+                              audio.down_proj_for_vision_speech]}
+
+    def frozen_always(self) -> list:
+        """SigLIP past its feature layer (-2): the last block, post norm and pooling head never run."""
+        tower = self.image_embed.img_processor
+        unused = [tower.encoder.layers[-1], getattr(tower, "post_layernorm", None), getattr(tower, "head", None)]
+        return [p for module in unused if module is not None for p in module.parameters()]
+
+    def _fake(self, token_id: int, count: int, weight: torch.Tensor) -> tuple:
+        """The embedding modules scatter into a token sequence: give them one of placeholders only."""
+        ids = torch.full((1, count), token_id, dtype=torch.long, device=weight.device)
+        return ids, torch.zeros(1, count, self.hidden_size, dtype=weight.dtype, device=weight.device)
+
+    def image_inputs(self, batch, device) -> dict:
+        return {"image_pixel_values": batch.pixel_values.to(device), "image_sizes": batch.image_sizes.to(device),
+                "image_attention_mask": batch.image_attention_mask.to(device),
+                "num_tokens": int(batch.image_token_counts.sum())}
+
+    def dummy_image(self, device) -> dict:
+        """A global view and one 2x2-patch crop (one crop alone is refused upstream): 5 tokens."""
+        vision = self.config.vision_config
+        side = 2 * vision.patch_size
+        return {"image_pixel_values": torch.zeros(1, 2, 3, side, side, device=device),
+                "image_sizes": torch.tensor([[vision.crop_size, vision.crop_size]], device=device),
+                "image_attention_mask": torch.ones(1, 2, 2, 2, dtype=torch.bool, device=device), "num_tokens": 5}
+
+    def image_features(self, image_pixel_values, image_sizes, image_attention_mask, num_tokens: int) -> torch.Tensor:
+        weight = self.image_embed.img_projection_up.weight
+        ids, embeds = self._fake(self.image_token_id, num_tokens, weight)
+        out = self.image_embed(ids, embeds, image_pixel_values=image_pixel_values.to(weight.dtype),
+                               image_sizes=image_sizes, image_attention_mask=image_attention_mask)
+        return out[0]  # all images' tokens in order: N, H
+
+    def audio_inputs(self, batch, device) -> dict:
+        frames = batch.audio_frames.cpu()
+        width = batch.input_features.shape[-1]
+        mask = (torch.arange(width)[None] < frames[:, None]) if len(frames) > 1 else None
+        # Which clips are asked about an image: their speech goes through the vision-speech projection.
+        input_ids = batch.student_input_ids.to(device)
+        return {"audio_input_features": batch.input_features.to(device).transpose(1, 2),  # B, W, M
+                "audio_embed_sizes": batch.audio_token_counts.cpu(),
+                "audio_attention_mask": None if mask is None else mask.to(device),
+                "with_image": (input_ids == self.image_token_id).any(1)}
+
+    def dummy_audio(self, device) -> dict:
+        """One fbank frame: one token."""
+        return {"audio_input_features": torch.zeros(1, 1, self.config.audio_config.input_size, device=device),
+                "audio_embed_sizes": torch.tensor([1]), "audio_attention_mask": None,
+                "with_image": torch.zeros(1, dtype=torch.bool, device=device)}
+
+    def audio_features(self, audio_input_features, audio_embed_sizes, audio_attention_mask, with_image) -> torch.Tensor:
+        """The conformer, then both projection pairs on every clip, each clip keeping the pair
+        for its prompt: with an image (vision-speech) or without (speech). The model's own
+        forward picks one pair for the whole batch (from whether any image was passed), which
+        is what it does for a single sample; per clip keeps that in mixed batches, and every
+        rank calls the same modules (no data-dependent call under ZeRO-3)."""
+        embed = self.audio_embed
+        dtype = embed.up_proj_for_speech.weight.dtype
+        hidden = embed.encoder(audio_input_features.to(dtype), audio_attention_mask)  # B, W/8, C
+        speech = embed.down_proj_for_speech(nn.functional.gelu(embed.up_proj_for_speech(hidden)))
+        vision = embed.down_proj_for_vision_speech(nn.functional.gelu(embed.up_proj_for_vision_speech(hidden)))
+        tokens = torch.where(with_image[:, None, None], vision, speech)  # B, W/8, H
+        index = torch.cat([i * tokens.shape[1] + torch.arange(int(n)) for i, n in enumerate(audio_embed_sizes.tolist())])
+        return tokens.reshape(-1, tokens.shape[-1]).index_select(0, index.to(tokens.device))  # sum(sizes), H
+
+    def position_ids(self, input_ids, image_grid_thw, attention_mask, audio_frames=None) -> torch.Tensor:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions[None].expand(3, -1, -1)
+
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids[0], attention_mask=attention_mask,
+                                  use_cache=use_cache, **{self._cache_keyword: cache}, **extra)
+        return out.last_hidden_state, getattr(out, self._cache_keyword, None)
+
+
+ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter, Phi4MMAdapter)
             for model_type in cls.model_types}
 
 

@@ -275,10 +275,32 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
         model = compose(cfg.vlm, cfg.audio_encoder, processor, projector=cfg.projector, dtype=dtype,
                         attn_impl=cfg.attn_impl, init_ctx=init_ctx)
     model.hf_deepspeed_config = hf_deepspeed_config
+    if model.adapter.z3_leaf_classes:  # gathered whole by ZeRO-3 (a flag on the modules; no effect otherwise)
+        from deepspeed.utils import set_z3_leaf_modules
+
+        set_z3_leaf_modules(model, list(model.adapter.z3_leaf_classes))
     set_trainable(model, cfg.trainable)
+    _check_leaf_modules_frozen(model, init_ctx)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, processor
+
+
+def _check_leaf_modules_frozen(model: OmniModel, init_ctx) -> None:
+    """Under ZeRO-3 a leaf module (gathered whole: Phi-4's image embedding) must not train:
+    DeepSpeed 0.19 re-partitions its parameters before their gradients are accumulated
+    (seen as "size of tensor a (0) must match ..." in backward). Refused up front."""
+    if type(init_ctx).__name__ != "Init":
+        return
+    leaf = tuple(model.adapter.z3_leaf_classes)
+    training = sorted({type(m).__name__ for m in model.modules() if leaf and isinstance(m, leaf)
+                       and any(p.requires_grad for p in m.parameters())})
+    if training:
+        from trainer.config import ConfigError
+
+        raise ConfigError(f"--trainable: {', '.join(training)} would train under ZeRO-3 as a leaf module, which "
+                          f"DeepSpeed 0.19 does not support; leave the {model.adapter.family} vision part frozen "
+                          f"(--trainable without vision), or use ZeRO stage 2 (ds_configs/zero2.json)")
 
 
 def _hf_zero3_config(init_ctx, ds_config):

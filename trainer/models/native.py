@@ -4,6 +4,7 @@ is, with its own placeholders, processor and chat template. The talker and the v
 
   --model tiny-qwen2_5_omni          random-init Qwen2.5-Omni thinker at toy size (tests, CPU)
   --model tiny-qwen3_omni            random-init Qwen3-Omni thinker (mixture-of-experts LLM)
+  --model tiny-phi4mm                random-init Phi-4-multimodal (448 px crops: 545 tokens per image)
   --model synthetic-qwen2_5_omni-7b  the Qwen2.5-Omni-7B thinker's architecture, random weights
   --model DIR                        a Hugging Face checkpoint of the full model or of its thinker
 
@@ -17,7 +18,9 @@ import json
 import os
 
 import torch
-from transformers import (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration,
+from transformers import (Phi4MultimodalConfig, Phi4MultimodalFeatureExtractor, Phi4MultimodalForCausalLM,
+                          Phi4MultimodalImageProcessor, Qwen2_5OmniThinkerConfig,
+                          Qwen2_5OmniThinkerForConditionalGeneration,
                           Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration,
                           WhisperFeatureExtractor)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
@@ -29,9 +32,11 @@ from trainer.models.tiny import build_tiny_tokenizer
 THINKERS = {
     "qwen2_5_omni": (Qwen2_5OmniThinkerConfig, Qwen2_5OmniThinkerForConditionalGeneration, "thinker_config"),
     "qwen3_omni_moe": (Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration, "thinker_config"),
+    "phi4_multimodal": (Phi4MultimodalConfig, Phi4MultimodalForCausalLM, None),  # no thinker: the model itself
 }
-FAMILY_PROCESSORS = {"qwen2_5_omni": "Qwen2_5OmniProcessor", "qwen3_omni_moe": "Qwen3OmniMoeProcessor"}
-TINY = {"tiny-qwen2_5_omni": "qwen2_5_omni", "tiny-qwen3_omni": "qwen3_omni_moe"}
+FAMILY_PROCESSORS = {"qwen2_5_omni": "Qwen2_5OmniProcessor", "qwen3_omni_moe": "Qwen3OmniMoeProcessor",
+                     "phi4_multimodal": "Phi4MultimodalProcessor"}
+TINY = {"tiny-qwen2_5_omni": "qwen2_5_omni", "tiny-qwen3_omni": "qwen3_omni_moe", "tiny-phi4mm": "phi4_multimodal"}
 SYNTHETIC = {"synthetic-qwen2_5_omni-7b": "qwen2_5_omni"}
 PRESETS = (*TINY, *SYNTHETIC)
 
@@ -70,20 +75,39 @@ def _chat_template(image: str, audio: str, video: str, default_system: str | Non
     )
 
 
+PHI4_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|tool|>", "<|/tool|>",
+               "<|image|>", "<|audio|>"]
+# Phi-4-multimodal's template: <|role|>content<|end|>, images and audio as bare placeholders.
+PHI4_TEMPLATE = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<|image|>' }}"
+    "{% elif content['type'] == 'audio' %}{{ '<|audio|>' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|end|>' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
 TEMPLATES = {
+    "phi4_multimodal": PHI4_TEMPLATE,
     "qwen2_5_omni": _chat_template("<|vision_bos|><|IMAGE|><|vision_eos|>", "<|audio_bos|><|AUDIO|><|audio_eos|>",
                                    "<|vision_bos|><|VIDEO|><|vision_eos|>", "You are a helpful assistant."),
     "qwen3_omni_moe": _chat_template("<|vision_start|><|image_pad|><|vision_end|>",
                                      "<|audio_start|><|audio_pad|><|audio_end|>",
                                      "<|vision_start|><|video_pad|><|vision_end|>", None),
 }
-SPECIAL_TOKENS = {"qwen2_5_omni": QWEN2_5_OMNI_TOKENS, "qwen3_omni_moe": QWEN3_OMNI_TOKENS}
+SPECIAL_TOKENS = {"qwen2_5_omni": QWEN2_5_OMNI_TOKENS, "qwen3_omni_moe": QWEN3_OMNI_TOKENS, "phi4_multimodal": PHI4_TOKENS}
+NAMED_TOKENS["phi4_multimodal"] = {"image_token": "<|image|>", "audio_token": "<|audio|>"}
 
 
 def tiny_processor(family: str, *, max_pixels: int = 112 * 112, num_mel_bins: int = 80,
                    chunk_seconds: int = 10, vocab_size: int = 512) -> OmniProcessor:
     """A locally built processor of `family`: tokenizer, image processor at the family's
-    patch size, Whisper-style log-mel feature extractor."""
+    patch size, Whisper-style log-mel feature extractor (Phi-4: its own image processor and
+    fbank extractor at their released settings; its crops are fixed at 448 px)."""
+    if family == "phi4_multimodal":
+        tokenizer = build_tiny_tokenizer(vocab_size, PHI4_TOKENS, PHI4_TEMPLATE, NAMED_TOKENS[family],
+                                         eos_token="<|endoftext|>")
+        return OmniProcessor(tokenizer, Phi4MultimodalImageProcessor(), Phi4MultimodalFeatureExtractor(), family=family)
     tokenizer = build_tiny_tokenizer(vocab_size, SPECIAL_TOKENS[family], TEMPLATES[family], NAMED_TOKENS[family])
     patch = 16 if family == "qwen3_omni_moe" else 14
     image_processor = Qwen2VLImageProcessor(patch_size=patch, merge_size=2, min_pixels=(2 * patch) ** 2,
@@ -102,10 +126,36 @@ def _token_ids(processor: OmniProcessor) -> dict:
                 vision_end_token_id=vocab[named["vision_eos_token"]])
 
 
+def tiny_phi4_config(processor: OmniProcessor) -> Phi4MultimodalConfig:
+    """A 2-layer Phi-4-multimodal: 64-d LLM with LongRoPE (partial rotary 0.75, as released),
+    2-layer 32-d SigLIP on 448 px crops (the processor's fixed geometry), 2-block 32-d conformer."""
+    tokenizer = processor.tokenizer
+    head_dim = 16
+    rotary = int(head_dim * 0.75) // 2
+    return Phi4MultimodalConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=131072, original_max_position_embeddings=4096,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
+                         "short_factor": [1.0] * rotary, "long_factor": [1.5] * rotary,
+                         "original_max_position_embeddings": 4096},
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=[tokenizer.convert_tokens_to_ids("<|end|>"), tokenizer.eos_token_id],
+        pad_token_id=processor.pad_id, tie_word_embeddings=False, embd_pdrop=0.0,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=448, patch_size=14, crop_size=448, image_token_id=processor.image_pad_id,
+                           feature_layer=-2),
+        audio_config=dict(hidden_size=32, intermediate_size=48, num_blocks=2, num_attention_heads=4,
+                          ext_pw_out_channel=32, depthwise_separable_out_channel=32, nemo_conv_channels=16,
+                          bias_max_distance=500, input_size=processor.num_mel_bins, time_reduction=8, chunk_size=-1,
+                          left_chunk=18, audio_token_id=processor.audio_pad_id),
+    )
+
+
 def tiny_config(family: str, processor: OmniProcessor):
     """A 2-layer thinker: 64-d LLM, 2-block 32-d vision tower, 2-layer 32-d audio tower. The
     Qwen3-Omni one has 8 experts, 2 per token, in both LLM layers, and a DeepStack feature
     from the first vision block."""
+    if family == "phi4_multimodal":
+        return tiny_phi4_config(processor)
     ids = _token_ids(processor)
     special = {"eos_token_id": processor.tokenizer.convert_tokens_to_ids("<|im_end|>"), "pad_token_id": processor.pad_id}
     text = dict(vocab_size=len(processor.tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -165,7 +215,7 @@ def thinker_config_of(path: str):
     config_cls, _, attribute = THINKERS[family]
     with open(os.path.join(path, "config.json")) as f:
         raw = json.load(f)
-    if raw.get("model_type") == config_cls.model_type:
+    if raw.get("model_type") == config_cls.model_type or attribute is None:
         return config_cls.from_pretrained(path)
     return config_cls(**{k: v for k, v in raw[attribute].items() if k != "model_type"})
 
@@ -177,7 +227,7 @@ def load_thinker(path: str, *, dtype=torch.bfloat16, attn_impl: str = "sdpa"):
     _, thinker_cls, _ = THINKERS[family]
     config = thinker_config_of(path)
     with open(os.path.join(path, "config.json")) as f:
-        full = json.load(f).get("model_type") == family
+        full = json.load(f).get("model_type") != config.model_type  # a whole model holding the thinker
     kwargs = {"key_mapping": {r"^thinker\.": ""}} if full else {}
     thinker, info = thinker_cls.from_pretrained(path, config=config, dtype=dtype, attn_implementation=attn_impl,
                                                 output_loading_info=True, **kwargs)

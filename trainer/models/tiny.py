@@ -63,7 +63,7 @@ A B C D E F G H I J K L M N O P Q R S T U V W X Y Z You are a helpful assistant.
 
 
 def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = None, chat_template: str | None = None,
-                         named_tokens: dict | None = None) -> PreTrainedTokenizerFast:
+                         named_tokens: dict | None = None, eos_token: str = "<|im_end|>") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on the built-in corpus. Default: Qwen2-VL's special
     tokens (ids 0..13, then the three audio tokens) and chat template; the native omni tiny
     presets pass their family's tokens (in that family's id order), template, and the named
@@ -82,7 +82,7 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = No
     extra = {"extra_special_tokens": named_tokens} if named_tokens else {}
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
-        eos_token="<|im_end|>",
+        eos_token=eos_token,
         pad_token="<|endoftext|>",
         additional_special_tokens=[t for t in special_tokens if t not in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")],
         chat_template=chat_template or QWEN2VL_CHAT_TEMPLATE,
