@@ -46,11 +46,13 @@ def main() -> None:
     # The run's own settings, so the checkpoint (data position included) loads as saved.
     config = load_config(["--model", run["model"], "--train_shards", run["train_shards"], "--ds_config", run["ds_config"],
                           "--max_steps", str(run["max_steps"]), "--micro_batch_size", str(run["micro_batch_size"]),
-                          "--num_workers", str(run["num_workers"]), "--seed", str(run["seed"]), "--resume", args.checkpoint])
+                          "--num_workers", str(run["num_workers"]), "--seed", str(run["seed"]), "--teacher", run["teacher"],
+                          "--ema_decay", str(run["ema_decay"]), "--resume", args.checkpoint])
     trainer = Trainer(config)
     # The same batch on both ranks: each computes the full logits through ZeRO-3 gathers.
     batch = next(iter(build_train_loader(args.shards, trainer.processor, stage="selfkd", micro_batch_size=2,
-                                         max_seq_len=512, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False)))
+                                         max_seq_len=run["max_seq_len"], rank=0, world_size=1, num_workers=0, seed=0,
+                                         shuffle=False)))
     trainer.model.eval()
     logits = answer_logits(trainer.model, batch)
     if dist.is_main():
