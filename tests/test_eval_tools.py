@@ -109,3 +109,24 @@ def test_evaluate_two_ranks_matches_one(assets):
     assert two.pop("settings")["world_size"] == 2 and one.pop("settings")["world_size"] == 1
     assert one == two
     assert (root / "one" / "report.predictions.jsonl").read_text() == (root / "two" / "report.predictions.jsonl").read_text()
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm"])
+def test_both_tools_take_a_native_export(assets, preset, tmp_path):
+    """tools/evaluate.py and tools/attention_analysis.py on a native model saved in its
+    family's layout (what tools/export_hf.py writes for it)."""
+    from trainer.config import ModelConfig
+    from trainer.models.build import build_model
+
+    model, processor = build_model(ModelConfig(model=preset, attn_impl="sdpa"))
+    save_omni(model, processor, str(tmp_path / "model"))
+    out = tmp_path / "eval" / "report.json"
+    evaluate.main(["--model", str(tmp_path / "model"), "--shards", assets["shards"], "--out", str(out),
+                   "--batch_size", "2", "--max_new_tokens", "3"])
+    report = json.loads(out.read_text())
+    assert report["n"] == assets["n"] and report["settings"]["modes"] == ["text", "audio"]
+    report = attention_analysis.main(["--model", str(tmp_path / "model"), "--shards", assets["shards"],
+                                      "--out", str(tmp_path / "attn"), "--limit", "2", "--dtype", "fp32"])
+    shares = report["models"]["model"]
+    assert shares["n"] == 2 and set(shares["shares"]) == {"typed", "spoken"}
+    assert len(shares["shares"]["typed"]["question->image"]) == 2  # one share per decoder layer

@@ -54,8 +54,8 @@ SHARE_PAIRS = (("question", "image"), ("answer", "image"), ("answer", "question"
 
 def token_groups(input_ids: torch.Tensor, processor, mode: str, num_answer_tokens: int) -> dict[str, torch.Tensor]:
     """Bool[T] masks partitioning one unpadded sequence (prompt + answer):
-    image (<|image_pad|>), question (typed: the text between <|vision_end|> and the user
-    turn's <|im_end|>; spoken: the <|audio_pad|> tokens), answer (the last
+    image (the image placeholders), question (typed: the text between the image, or its end
+    marker, and the user turn's end; spoken: the audio placeholders), answer (the last
     `num_answer_tokens`), other (system prompt, chat markup)."""
     tokenizer = processor.tokenizer
     positions = torch.arange(input_ids.shape[0])
@@ -64,11 +64,13 @@ def token_groups(input_ids: torch.Tensor, processor, mode: str, num_answer_token
     if mode == "audio":
         question = input_ids == processor.audio_pad_id
     else:
-        vision_end = (input_ids == tokenizer.convert_tokens_to_ids("<|vision_end|>")).nonzero()
+        image_at = image.nonzero().flatten()
         im_end = (input_ids == tokenizer.convert_tokens_to_ids(processor.turn_end)).nonzero().flatten()
-        if len(vision_end) == 0:
-            raise ValueError("typed prompt has no <|vision_end|>: not an image question")
-        start = int(vision_end[-1]) + 1
+        if len(image_at) == 0:
+            raise ValueError(f"typed prompt has no {processor.image_pad}: not an image question")
+        start = int(image_at[-1]) + 1
+        if start < len(input_ids) and int(input_ids[start]) in tokenizer.all_special_ids:
+            start += 1  # the family's image end marker (<|vision_end|>, <|vision_eos|>; Phi-4 has none)
         end = int(im_end[im_end > start][0])
         question = (positions >= start) & (positions < end)
     question &= ~answer
@@ -101,8 +103,8 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
     embeds = model.embed(input_ids, image_tokens, audio_tokens)
     grids = [] if batch.image_grid_thw is None else list(batch.image_grid_thw)
     position_ids = processor.rope_positions(input_ids[0].tolist(), grids)[:, None].to(device)  # 3, 1, T
-    out = model.adapter.language_model(inputs_embeds=embeds, position_ids=position_ids, attention_mask=attention_mask,
-                                       output_attentions=True, **model.decoder_extras(input_ids, image_tokens))
+    out = model.adapter.decoder_outputs(embeds, position_ids, attention_mask, output_attentions=True,
+                                        **model.decoder_extras(input_ids, image_tokens))
     if not out.attentions or out.attentions[0] is None:
         raise RuntimeError("the language model returned no attention weights; load it with attn_impl='eager'")
     groups = token_groups(input_ids[0].cpu(), processor, mode, len(answer_ids))

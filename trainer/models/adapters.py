@@ -110,10 +110,11 @@ class QwenVLAdapter:
         "projector": Whisper's encoder and our projector)."""
         return {"llm": [self.language_model, self.lm_head], "vision": [self.vision_tower]}
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
-        """Decoder on input embeddings -> (last hidden states (B, T, H), cache or None).
-        `extra`: family inputs beyond the embeddings (Qwen3-Omni's DeepStack features)."""
-        out = self.language_model(
+    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        """The decoder's own output object on input embeddings (positions (3, B, T)). `extra`:
+        family inputs beyond the embeddings (Qwen3-Omni's DeepStack features), or flags such as
+        output_attentions."""
+        return self.language_model(
             inputs_embeds=inputs_embeds,
             position_ids=position_ids,
             attention_mask=attention_mask,
@@ -121,6 +122,10 @@ class QwenVLAdapter:
             **{self._cache_keyword: cache},
             **extra,
         )
+
+    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        """Decoder on input embeddings -> (last hidden states (B, T, H), cache or None)."""
+        out = self.decoder_outputs(inputs_embeds, position_ids, attention_mask, cache=cache, use_cache=use_cache, **extra)
         new_cache = getattr(out, "cache", None) if hasattr(out, "cache") else getattr(out, "past_key_values", None)
         return out.last_hidden_state, new_cache
 
@@ -269,6 +274,16 @@ class Phi4MMAdapter(QwenVLAdapter):
             if isinstance(module, phi4.Phi4MultimodalVisionAttention):
                 module.is_causal = False
         self.z3_leaf_classes = (phi4.Phi4MultimodalImageEmbedding,)
+        # SigLIP's features come from transformers' output capturing (hidden state -2). Its hooks are
+        # installed lazily per submodel; a later output_attentions call on the decoder installs them
+        # a second time on the vision layers, after which the feature comes back None. Installing
+        # them once, from the top, now, keeps every later call consistent.
+        try:
+            from transformers.utils.output_capturing import maybe_install_capturing_hooks
+        except ImportError:  # releases without lazy capturing hooks
+            maybe_install_capturing_hooks = None
+        if maybe_install_capturing_hooks is not None:
+            maybe_install_capturing_hooks(vlm.model)
         rope = getattr(vlm.config, "rope_parameters", None) or {}
         self.prefix_sharing_limit = rope.get("original_max_position_embeddings") or getattr(
             vlm.config, "original_max_position_embeddings", None)
@@ -371,10 +386,9 @@ class Phi4MMAdapter(QwenVLAdapter):
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return positions[None].expand(3, -1, -1)
 
-    def decode(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
-        out = self.language_model(inputs_embeds=inputs_embeds, position_ids=position_ids[0], attention_mask=attention_mask,
-                                  use_cache=use_cache, **{self._cache_keyword: cache}, **extra)
-        return out.last_hidden_state, getattr(out, self._cache_keyword, None)
+    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        return super().decoder_outputs(inputs_embeds, position_ids[0], attention_mask, cache=cache, use_cache=use_cache,
+                                       **extra)  # 1-D positions: row 0
 
 
 ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter, Phi4MMAdapter)
