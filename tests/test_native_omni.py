@@ -265,3 +265,19 @@ def test_processor_files_round_trip(built, tmp_path):
     assert (again.family, again.audio_pad_id, again.image_pad_id) == (processor.family, processor.audio_pad_id,
                                                                       processor.image_pad_id)
     assert again.audio_token_count(48_000) == processor.audio_token_count(48_000)
+
+
+def test_synthetic_qwen2_5_omni_7b_is_the_released_thinker_architecture():
+    """Built on the meta device (no memory): the Qwen2.5-Omni-7B thinker's parameter counts
+    (7.07B LLM with embeddings, 0.68B ViT, 0.64B audio tower, 0.54B LM head; 8.93B)."""
+    processor = native.tiny_processor("qwen2_5_omni", max_pixels=448 * 448, num_mel_bins=128, chunk_seconds=30)
+    config = native.synthetic_config("synthetic-qwen2_5_omni-7b", processor)
+    with torch.device("meta"):
+        thinker = native.build_thinker(config, dtype=torch.bfloat16)
+
+    def billions(module):
+        return round(sum(p.numel() for p in module.parameters()) / 1e9, 2)
+
+    core = thinker.model
+    assert (billions(core.language_model), billions(core.visual), billions(core.audio_tower),
+            billions(thinker.lm_head), billions(thinker)) == (7.07, 0.68, 0.64, 0.54, 8.93)
