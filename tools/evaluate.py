@@ -7,9 +7,11 @@ Run:
 Under a launcher (WORLD_SIZE > 1) every rank holds the whole model and answers its share
 of the samples; rank 0 writes the outputs.
 
-Writes report.json ({"vl_score", "va_score", "gap", "n", "by_task", ["by_source"], "settings"},
-points out of 100, gap = VL - VA), report.predictions.jsonl (one line per sample and mode)
-and report.png (VL vs VA per task).
+Writes report.json ({"vl_score", "va_score", "gap", "n", "by_task", ["by_source"], ["benchmarks"],
+"settings"}, points out of 100, gap = VL - VA), report.predictions.jsonl (one line per sample and
+mode) and report.png (VL vs VA per task). On shards from tools/make_eval_shards.py each benchmark
+is also scored by its own rule (trainer/eval/benchmarks.py) and the paper-style table is printed:
+benchmark x (VL, VA, gap) and the average.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import torch
 
 from trainer import dist
 from trainer.data import build_eval_loader
+from trainer.eval.benchmarks import format_table
 from trainer.eval.harness import evaluate
 from trainer.eval.plots import plot_scores
 from trainer.eval.scoring import MODES
@@ -86,6 +89,8 @@ def main(argv=None) -> None:
             vl = "n/a" if report["vl_score"] is None else f"{report['vl_score']:.2f}"
             va = "n/a" if report["va_score"] is None else f"{report['va_score']:.2f}"
             print(f"VL {vl} | VA {va} | gap {gap} | n {report['n']} -> {', '.join(paths.values())}", flush=True)
+            if report.get("benchmarks"):
+                print(format_table(report["benchmarks"]), flush=True)
     finally:
         dist.shutdown()
 

@@ -58,6 +58,7 @@ class Batch:
     choices: list | None = None  # B option lists or None
     ids: list | None = None  # B sample ids
     sources: list | None = None  # B source data sets or None
+    benches: list | None = None  # B benchmark grouping dicts ({"benchmark", ...}; tools/make_eval_shards.py) or None
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -123,7 +123,7 @@ class SampleEncoder:
         sample["student_prompt_ids"] = self._prompt_ids(student, num_image_tokens, sample.get("audio_token_count", 0))
         if self.stage == Stage.EVAL:
             sample.update(question=question, answer=answer, task=meta.get("task"), choices=meta.get("choices"),
-                          source=meta.get("source"), id=meta.get("id", sample["key"]),
+                          source=meta.get("source"), id=meta.get("id", sample["key"]), bench=meta.get("bench"),
                           answers=meta.get("answers") or ([answer] if answer else []))
             longest = max(len(sample["student_prompt_ids"]), len(sample["teacher_prompt_ids"]))
         else:
@@ -227,4 +227,5 @@ def collate_eval(samples: list[dict], pad_id: int) -> Batch:
         fields[f"{side}_position_ids"] = _pad_positions(samples, side, left=True)
     return Batch(**fields, questions=[s["question"] for s in samples], answers=[s["answers"] for s in samples],
                  tasks=[s["task"] for s in samples], choices=[s["choices"] for s in samples],
-                 ids=[s["id"] for s in samples], sources=[s["source"] for s in samples])
+                 ids=[s["id"] for s in samples], sources=[s["source"] for s in samples],
+                 benches=[s["bench"] for s in samples])

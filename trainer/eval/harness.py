@@ -64,6 +64,8 @@ def _sample_meta(batch: Batch, i: int) -> dict:
         meta["choices"] = list(batch.choices[i])
     if batch.sources is not None and batch.sources[i]:
         meta["source"] = batch.sources[i]
+    if batch.benches is not None and batch.benches[i]:
+        meta["bench"] = batch.benches[i]
     return meta
 
 

@@ -250,6 +250,10 @@ def aggregate(records: list[dict]) -> dict:
             report["by_task"]["yesno"][key] = _mean_points([float(a == "yes") for a in answers])
     if by_source:
         report["by_source"] = {src: _summary(rs) for src, rs in sorted(by_source.items())}
+    if any(r.get("bench") for r in records):  # benchmark shards: each scored by its own rule
+        from trainer.eval.benchmarks import benchmark_report
+
+        report["benchmarks"] = benchmark_report(records)
     return report
 
 
