@@ -29,7 +29,9 @@ def naive_reference(student_hidden_btH, teacher_hidden_btH, labels_bt, lm_head, 
     kd = (per_token * mask).sum()
     teacher_ce = F.cross_entropy(teacher_logits.reshape(-1, V), targets.reshape(-1), ignore_index=-100, reduction="sum")
     agree = ((teacher_logits.argmax(-1) == student_logits.argmax(-1)) & mask).sum()
-    return ce, kd, teacher_ce, agree, mask.sum()
+    p_teacher = torch.softmax(teacher_logits, -1)  # T = 1: the teacher's own answer distribution
+    teacher_entropy = (-(p_teacher * p_teacher.log()).sum(-1) * mask).sum()
+    return ce, kd, teacher_ce, agree, mask.sum(), teacher_entropy
 
 
 def make_inputs(seed=0):
@@ -80,6 +82,7 @@ def test_matches_full_logits_reference(divergence, temperature, chunk_size, teac
     torch.testing.assert_close(sums["teacher_ce_sum"], ref[2], rtol=1e-5, atol=1e-5)
     assert sums["agree_count"].item() == ref[3].item()
     assert sums["n_tokens"].item() == ref[4].item()
+    torch.testing.assert_close(sums["teacher_entropy_sum"], ref[5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
 

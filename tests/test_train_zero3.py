@@ -51,10 +51,12 @@ def test_loss_falls_and_everything_is_logged(tmp_path, shards):
     losses = [metrics[s]["train/loss"] for s in range(1, 21)]
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first - 0.5, f"loss did not fall: {losses}"
-    for tag in ("train/loss", "train/kd_loss", "train/ce_loss", "train/teacher_ce", "train/agreement", "train/lr",
-                "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s", "perf/data_wait_frac", "mem/peak_gib"):
+    for tag in ("train/loss", "train/kd_loss", "train/ce_loss", "train/teacher_ce", "train/agreement",
+                "train/teacher_entropy", "train/lr", "train/grad_norm", "perf/samples_per_s", "perf/tokens_per_s",
+                "perf/data_wait_frac", "mem/peak_gib"):
         assert tag in metrics[20], tag
     assert 0.0 <= metrics[20]["train/agreement"] <= 1.0
+    assert 0.0 < metrics[20]["train/teacher_entropy"] < 20.0  # nats: below log(V) for any vocabulary here
     assert metrics[20]["perf/samples_per_s"] > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

@@ -256,7 +256,7 @@ class Trainer:
         with record_function("step/reduce"):
             rows = dist.all_gather_rows(closing)
         summed = rows[:, :OUTPUT_SUMS + 1].sum(dim=0).tolist()
-        ce_sum, kd_sum, teacher_ce_sum, agree, n, teacher_tokens_computed = summed
+        ce_sum, kd_sum, teacher_ce_sum, agree, teacher_entropy, n, teacher_tokens_computed = summed
         peak_gib, stop = rows[:, OUTPUT_SUMS + 1:].max(dim=0).values.tolist()
         self.stop_agreed = stop > 0
         self.stop.announce()
@@ -268,7 +268,7 @@ class Trainer:
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
         metrics = {
-            "train/loss": combine_sums([ce_sum, kd_sum, teacher_ce_sum, agree, n], self.kd),
+            "train/loss": combine_sums(summed[:OUTPUT_SUMS], self.kd),
             "train/ce_loss": ce_sum / n,
             "train/lr": self.engine.get_lr()[0],
             "perf/samples_per_s": samples / step_time,
@@ -283,6 +283,7 @@ class Trainer:
             metrics["train/kd_loss"] = kd_sum / n
             metrics["train/teacher_ce"] = teacher_ce_sum / n
             metrics["train/agreement"] = agree / n
+            metrics["train/teacher_entropy"] = teacher_entropy / n
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

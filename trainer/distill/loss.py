@@ -60,22 +60,24 @@ def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, d
 
 
 def _chunk_sums(student_hidden, teacher_hidden, teacher_logits, target_ids, lm_head, divergence, temperature):
-    """One chunk: (ce_sum, kd_sum, teacher_ce_sum, agree_count). Run under checkpoint, so
-    its logits are freed after the forward and recomputed in the backward."""
+    """One chunk: (ce_sum, kd_sum, teacher_ce_sum, agree_count, teacher_entropy_sum). Run under
+    checkpoint, so its logits are freed after the forward and recomputed in the backward."""
     student_logits = lm_head(student_hidden).float()  # n, H -> n, V
     ce_sum = F.cross_entropy(student_logits, target_ids, reduction="sum")
     zero = student_logits.new_zeros(())
     if teacher_hidden is None and teacher_logits is None:
-        return ce_sum, zero, zero, zero
+        return ce_sum, zero, zero, zero, zero
     if teacher_logits is None:
         with torch.no_grad():
             teacher_logits = lm_head(teacher_hidden)  # n, H -> n, V
     teacher_logits = teacher_logits.float().detach()
     kd_sum = divergence_sum(student_logits, teacher_logits, divergence, temperature)
     with torch.no_grad():
-        teacher_ce_sum = F.cross_entropy(teacher_logits, target_ids, reduction="sum")
+        teacher_logp = F.log_softmax(teacher_logits, dim=-1)  # the teacher's own distribution (T = 1)
+        teacher_ce_sum = F.nll_loss(teacher_logp, target_ids, reduction="sum")
+        teacher_entropy_sum = -(teacher_logp.exp() * teacher_logp).sum()
         agree_count = (teacher_logits.argmax(-1) == student_logits.argmax(-1)).sum().float()
-    return ce_sum, kd_sum, teacher_ce_sum, agree_count
+    return ce_sum, kd_sum, teacher_ce_sum, agree_count, teacher_entropy_sum
 
 
 def chunk_bounds(n_tokens: int, chunk_size: int, num_chunks: int | None = None) -> list[tuple[int, int]]:
@@ -113,8 +115,9 @@ def answer_token_loss(
     with its own weights, computed inside its context). Neither: SFT.
     The LM head runs on chunks of at most `chunk_size` answer tokens (bounds the live
     logits, SFT and KD alike), or on exactly `num_chunks` chunks when given.
-    Returns ce_sum, kd_sum (not yet scaled by T^2), teacher_ce_sum, agree_count, n_tokens;
-    ce_sum and kd_sum carry grad, the rest are detached.
+    Returns ce_sum, kd_sum (not yet scaled by T^2), teacher_ce_sum, agree_count,
+    teacher_entropy_sum (the teacher's answer-token entropy in nats, at T = 1: how sure the
+    distilled targets are), n_tokens; ce_sum and kd_sum carry grad, the rest are detached.
     """
     n_tokens = student_hidden.shape[0]
     if target_ids.shape != (n_tokens,):
@@ -131,7 +134,7 @@ def answer_token_loss(
     divergence = settings.divergence if settings is not None else "fkl"
     temperature = settings.temperature if settings is not None else 1.0
 
-    totals = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(4)]
+    totals = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(5)]
     for start, end in chunk_bounds(n_tokens, chunk_size, num_chunks):
         sums = checkpoint(
             _chunk_sums,
@@ -145,12 +148,13 @@ def answer_token_loss(
             use_reentrant=False,
         )
         totals = [total + part for total, part in zip(totals, sums)]
-    ce_sum, kd_sum, teacher_ce_sum, agree_count = totals
+    ce_sum, kd_sum, teacher_ce_sum, agree_count, teacher_entropy_sum = totals
     return dict(
         ce_sum=ce_sum,
         kd_sum=kd_sum,
         teacher_ce_sum=teacher_ce_sum.detach(),
         agree_count=agree_count.detach(),
+        teacher_entropy_sum=teacher_entropy_sum.detach(),
         n_tokens=torch.tensor(float(n_tokens), device=student_hidden.device),
     )
 

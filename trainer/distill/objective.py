@@ -53,20 +53,22 @@ class ObjectiveOutput(NamedTuple):
     kd_sum: torch.Tensor  # divergence summed over answer tokens, before alpha * T^2 (detached)
     teacher_ce_sum: torch.Tensor  # the teacher's CE on the same tokens (0 without a teacher pass)
     agree_count: torch.Tensor  # answer tokens where teacher and student argmax agree
+    teacher_entropy_sum: torch.Tensor  # the teacher's answer-token entropy (nats, T = 1) summed
     n_tokens: torch.Tensor  # answer tokens
     teacher_tokens: float  # tokens the teacher pass computed (the prefix it shared with the student excluded)
 
     def sums(self) -> torch.Tensor:
-        """The five device sums as one float64 vector (OUTPUT_SUMS long), in combine_sums' order."""
-        return torch.stack([self.ce_sum, self.kd_sum, self.teacher_ce_sum, self.agree_count, self.n_tokens]).double()
+        """The six device sums as one float64 vector (OUTPUT_SUMS long), in combine_sums' order."""
+        return torch.stack([self.ce_sum, self.kd_sum, self.teacher_ce_sum, self.agree_count,
+                            self.teacher_entropy_sum, self.n_tokens]).double()
 
 
-OUTPUT_SUMS = 5
+OUTPUT_SUMS = 6
 
 
 def combine_sums(sums, kd: KDSettings | None) -> float:
     """The per-token loss from reduced sums (ObjectiveOutput.sums(), summed over ranks)."""
-    ce_sum, kd_sum, _, _, n_tokens = [float(v) for v in sums]
+    ce_sum, kd_sum, _, _, _, n_tokens = [float(v) for v in sums]
     return float(combine({"ce_sum": ce_sum, "kd_sum": kd_sum}, kd, n_tokens))
 
 
@@ -195,6 +197,7 @@ class SelfKDObjective(nn.Module):
             kd_sum=sums["kd_sum"].detach(),
             teacher_ce_sum=sums["teacher_ce_sum"],
             agree_count=sums["agree_count"],
+            teacher_entropy_sum=sums["teacher_entropy_sum"],
             n_tokens=sums["n_tokens"],
             teacher_tokens=teacher_tokens,
         )

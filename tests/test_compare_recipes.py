@@ -1,0 +1,100 @@
+"""tools/compare_recipes.py: the interval arithmetic against a reference written here, the grid's
+checks, and a real 2-recipe x 1-seed grid of short 2-rank ZeRO-3 runs (train through the
+launcher, export, evaluate typed and spoken), rerun to show finished runs are not redone."""
+
+import json
+import math
+import os
+import statistics
+
+import pytest
+import yaml
+
+from tools import compare_recipes
+from tools.compare_recipes import GridError, alpha_curve_recipes, load_grid, mean_ci95
+
+
+def test_mean_ci95_is_the_student_t_interval():
+    values = [61.0, 64.5, 58.0, 70.0]
+    stats = mean_ci95(values)
+    # t(0.975, 3) = 3.182 (any table); the sample standard deviation from the statistics module.
+    assert stats["mean"] == pytest.approx(statistics.mean(values))
+    assert stats["std"] == pytest.approx(statistics.stdev(values))
+    assert stats["ci95"] == pytest.approx(3.182 * statistics.stdev(values) / math.sqrt(4))
+    assert mean_ci95([3.0]) == {"n": 1, "mean": 3.0, "std": None, "ci95": None}
+    assert mean_ci95([1.0] * 40)["ci95"] == 0.0
+
+
+def write_grid(path, **grid):
+    path.write_text(yaml.safe_dump(grid, sort_keys=False))
+    return str(path)
+
+
+def test_the_grid_owns_start_budget_and_seed(tmp_path):
+    base = {"start": "model", "heldout_shards": "h.tar", "budgets": {"full": "t.tar"}}
+    with pytest.raises(GridError, match=r"kd75 sets \['seed'\], which the grid owns"):
+        load_grid(write_grid(tmp_path / "g.yaml", **base, recipes={"kd75": {"kd_alpha": 0.75, "seed": 3}}), {})
+    with pytest.raises(GridError, match="no start"):
+        load_grid(write_grid(tmp_path / "g.yaml", heldout_shards="h", budgets={"a": "t"}, recipes={"a": {}}), {})
+    with pytest.raises(GridError, match=r"unknown key\(s\) \['recipe'\]"):
+        load_grid(write_grid(tmp_path / "g.yaml", **base, recipe={}), {})
+    grid = load_grid(write_grid(tmp_path / "g.yaml", **base, recipes={"sft": {"kd_alpha": 0}}),
+                     {"budgets": {"tenth": "s.tar"}, "seeds": [4, 5], "start": None})
+    assert grid["budgets"] == {"full": "t.tar", "tenth": "s.tar"} and grid["seeds"] == [4, 5]
+    assert grid["start"] == "model"
+
+
+def test_the_alpha_curve_takes_the_recipes_that_differ_only_in_alpha():
+    grid = {"common": {"lr": 1e-3}, "recipes": {
+        "sft": {"kd_alpha": 0}, "kd25": {"kd_alpha": 0.25, "teacher": "shared"}, "kd75": {"kd_alpha": 0.75},
+        "kd75_ema": {"kd_alpha": 0.75, "teacher": "ema"}, "kd75_lr": {"kd_alpha": 0.75, "lr": 2e-3}}}
+    assert alpha_curve_recipes(grid) == ["sft", "kd25", "kd75"]
+
+
+@pytest.mark.slow
+def test_a_two_recipe_grid_trains_scores_and_resumes(tmp_path, capsys):
+    from datagen.demo import make_demo_data
+    from trainer.models.build import build_tiny
+    from trainer.models.serialize import save_omni
+    from trainer.models.tiny import build_tiny_processor
+
+    data = make_demo_data(str(tmp_path / "data"), num_train=24, num_heldout=6, seed=1, samples_per_shard=12)
+    processor = build_tiny_processor()
+    save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / "start"))
+    grid = write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
+                      common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": 3,
+                              "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
+                              "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
+                      recipes={"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
+                      eval={"batch_size": 3, "max_new_tokens": 3})
+    args = ["--grid", grid, "--out", str(tmp_path / "study"), "--start", str(tmp_path / "start"),
+            "--heldout_shards", data["heldout_shards"], "--budget", f"full={data['train_shards']}",
+            "--master_port", "29741"]
+    document = compare_recipes.main(args)
+    runs = document["runs"]
+    assert [(r["recipe"], r["seed"], r["budget"], r["steps"]) for r in runs] == [("sft", 0, "full", 3),
+                                                                              ("selfkd", 0, "full", 3)]
+    for run in runs:
+        report = json.loads((tmp_path / "study" / "runs" / "full" / run["recipe"] / "seed0" / "eval" /
+                             "report.json").read_text())
+        assert (run["vl"], run["va"], run["gap"], run["n"]) == (report["vl_score"], report["va_score"],
+                                                                report["gap"], 6)
+        assert run["by_task"] == report["by_task"] and run["config"]["kd_alpha"] in (0.0, 0.75)
+    sft, selfkd = runs
+    assert sft["signals"]["teacher_ce"] is None and sft["signals"]["ce_loss"] > 0
+    assert selfkd["signals"]["teacher_ce"] > 0 and 0 <= selfkd["signals"]["agreement"] <= 1
+    assert selfkd["signals"]["teacher_entropy"] > 0
+    summary = document["summary"]["full"]
+    assert list(summary) == ["sft", "selfkd"] and summary["selfkd"]["va"]["mean"] == selfkd["va"]
+    assert summary["sft"]["va"]["n"] == 1 and summary["sft"]["va"]["ci95"] is None
+    saved = json.loads((tmp_path / "study" / "results.json").read_text())
+    assert saved["runs"] == runs and saved["summary"] == json.loads(json.dumps(document["summary"]))
+    assert os.path.getsize(tmp_path / "study" / "results.png") > 0
+    table = (tmp_path / "study" / "results.md").read_text().splitlines()
+    assert table[2].startswith("| full | sft | 1 |") and table[3].startswith("| full | selfkd | 1 |")
+    # Rerun: both runs are finished, so nothing trains again and the results are the same.
+    train_log = tmp_path / "study" / "runs" / "full" / "sft" / "seed0" / "train.log"
+    before = train_log.stat().st_mtime_ns
+    capsys.readouterr()
+    assert compare_recipes.main(args)["runs"] == runs
+    assert train_log.stat().st_mtime_ns == before and "running in" not in capsys.readouterr().out
