@@ -18,7 +18,8 @@ The grid file (YAML):
     recipes: {NAME: {FLAG: VALUE}}   # what differs: kd_alpha, teacher, ...
     eval: {FLAG: VALUE}         # tools/evaluate.py flags (optional: batch_size, max_new_tokens, ...)
 Everything but the recipe's own flags is the same for every run: a recipe may not set the
-flags the grid owns (model, train_shards, seed, save_dir, log_dir, resume).
+flags the grid owns (model, train_shards, seed, save_dir, log_dir, resume). Relative paths are
+taken from the directory the tool runs in, as trainer/main.py takes them.
 
 Each run lives in OUT/runs/BUDGET/RECIPE/seedS/: run.yaml (its whole trainer config, passed as
 --config), train.log, ckpt/, tb/ (TensorBoard and metrics.jsonl), export/, eval/report.json and,
@@ -139,12 +140,13 @@ def run_commands(run: dict, grid: dict, port: int) -> list[tuple[str, list[str]]
     """(log name, command) for training, export and evaluation of one run."""
     d = run["dir"]
     train = [sys.executable, "-m", "trainer.supervise", "--", _deepspeed(), "--num_gpus", str(grid["num_gpus"]),
-             "--master_port", str(port), "trainer/main.py", "--config", os.path.join(d, "run.yaml"),
-             "--resume", "auto"]
-    export = [sys.executable, "tools/export_hf.py", "--checkpoint", os.path.join(d, "ckpt"),
-              "--out", os.path.join(d, "export")]
-    evaluate = [sys.executable, "tools/evaluate.py", "--model", os.path.join(d, "export"), "--shards",
-                grid["heldout_shards"], "--out", os.path.join(d, "eval", "report.json"), *_flag_args(grid["eval"])]
+             "--master_port", str(port), os.path.join(ROOT, "trainer", "main.py"),
+             "--config", os.path.join(d, "run.yaml"), "--resume", "auto"]
+    export = [sys.executable, os.path.join(ROOT, "tools", "export_hf.py"),
+              "--checkpoint", os.path.join(d, "ckpt"), "--out", os.path.join(d, "export")]
+    evaluate = [sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--model", os.path.join(d, "export"),
+                "--shards", grid["heldout_shards"], "--out", os.path.join(d, "eval", "report.json"),
+                *_flag_args(grid["eval"])]
     return [("train.log", train), ("export.log", export), ("eval.log", evaluate)]
 
 
@@ -152,7 +154,7 @@ def _run_logged(command: list[str], log_path: str, env: dict) -> None:
     with open(log_path, "a") as log:
         log.write(f"$ {' '.join(command)}\n")
         log.flush()
-        code = subprocess.call(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        code = subprocess.call(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL)
     if code != 0:
         with open(log_path, errors="replace") as f:
