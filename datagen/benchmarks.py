@@ -13,7 +13,7 @@ Questions follow lmms-eval's default prompts:
                   id mme-<image_id>-<0|1>
   pope            question + SHORT_ANSWER; yesno; bench: category (adversarial/popular/
                   random); id pope-<category>-<question_id>
-  textvqa         question + SHORT_ANSWER; open: the most common of the 10 answers, all 10
+  textvqa         question.capitalize() + SHORT_ANSWER; open: the most common of the 10 answers, all 10
                   in answers; id textvqa-<question_id>; rows without answers (the test
                   split) are refused
   hallusionbench  the question as given; yesno (gt_answer "1" is yes); bench: category,
@@ -122,7 +122,7 @@ def _textvqa_item(row: dict, where: str, seen: collections.Counter) -> dict:
         raise ValueError(f"{where}: no answers (TextVQA's test split has none); convert the validation split")
     answers = [str(a) for a in row["answers"]]
     return {"id": f"textvqa-{_field(row, 'question_id', where)}",
-            "question": str(_field(row, "question", where)) + SHORT_ANSWER,
+            "question": str(_field(row, "question", where)).capitalize() + SHORT_ANSWER,  # as lmms-eval asks it
             "answer": collections.Counter(answers).most_common(1)[0][0],  # a tie goes to the first given
             "answers": answers, "task": "open", "bench": {"benchmark": "textvqa"}}
 

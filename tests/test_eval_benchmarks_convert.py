@@ -191,9 +191,9 @@ TEXT = ["copenhagen"] * 4 + ["thursday"] * 4 + ["copenhagen thursday", "cph"]  #
 
 def textvqa_expected() -> dict:
     return {
-        "textvqa-34602": expect("textvqa", "what is the brand of this camera?" + SHORT, "nous les gosses", "open",
+        "textvqa-34602": expect("textvqa", "What is the brand of this camera?" + SHORT, "nous les gosses", "open",
                                 {"benchmark": "textvqa"}, answers=CAMERA),
-        "textvqa-34603": expect("textvqa", "what does the small white text spell?" + SHORT, "copenhagen", "open",
+        "textvqa-34603": expect("textvqa", "What does the small white text spell?" + SHORT, "copenhagen", "open",
                                 {"benchmark": "textvqa"}, answers=TEXT),
     }
 
