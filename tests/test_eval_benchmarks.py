@@ -4,7 +4,8 @@ values worked out here by hand, and the paper-style table."""
 import pytest
 
 from trainer.eval.benchmarks import (benchmark_report, format_table, mme_parse, pope_parse, score_hallusionbench,
-                                     score_mme, score_pope, score_scienceqa, score_textvqa)
+                                     score_mme, score_pope, score_scienceqa, score_textvqa, evalai_normalize,
+                                     textvqa_accuracy)
 from trainer.eval.scoring import aggregate
 
 
@@ -60,6 +61,32 @@ def test_textvqa_soft_accuracy_over_ten_answers():
     assert out["accuracy"] == pytest.approx(60.0)
 
 
+@pytest.mark.parametrize("text, normalised", [
+    ("The Coca-Cola", "coca cola"),        # "-" has no space beside it: replaced by a space; article dropped
+    ("coca - cola", "coca cola"),          # a mark beside a space is deleted
+    ("1,000 (approx)", "1000 approx"),     # commas dropped first; " (" deleted, ")" -> space
+    ("Two.", "2"),                         # period not before a digit deleted; number word -> digit
+    ("3.5", "3.5"),                        # a decimal point stays
+    ("$20", "$20"),                        # "$" and ":" are not in the EvalAI list: kept
+    ("10:30", "10:30"),
+    ("it's", "it 's"),                     # "'s" split off
+    ("Dont", "don't"),                     # contraction restored
+    ("eleven", "eleven"),                  # number words only up to ten
+    ("Yes!\n", "yes"),
+])
+def test_evalai_normalisation(text, normalised):
+    assert evalai_normalize(text) == normalised
+
+
+def test_textvqa_counts_only_evalai_equal_answers():
+    """"$20" vs "20": EvalAI keeps the "$", so they differ (the generic VQA normaliser would
+    strip it); "Two" vs "2" agree."""
+    answers = ["$20"] * 4 + ["2"] * 6
+    assert textvqa_accuracy("20", answers) == 0.0
+    assert textvqa_accuracy("$20", answers) == 1.0
+    assert textvqa_accuracy("two", answers) == 1.0
+
+
 def test_hallusionbench_question_pair_and_figure_accuracy():
     """Question q0 asked of figures 0 and 1 (VD), q1 of figure 0; a VS question without a figure.
     Right: q0/f0, q1/f0, VS; wrong: q0/f1. aAcc 3/4; pairs: (q0: no), (q1: yes), (VS q0: yes) -> 2/3;
@@ -75,10 +102,15 @@ def test_hallusionbench_question_pair_and_figure_accuracy():
     assert out["figure_accuracy"] == 50.0
 
 
-def test_scienceqa_option_accuracy():
+def test_scienceqa_option_accuracy_is_lmms_evals_letter_rule():
+    """Right: "B", " b ", "B. a dog"; wrong: "(B) a dog", "a dog" (text alone), "b. a dog"
+    (lower-case letter with text), "A", "C." -> 3 of 8."""
     choices = ["a cat", "a dog", "a fish"]
-    records = [{"prediction": p, "answer": "B", "choices": choices} for p in ("B", "(B) a dog", "a dog", "A", "C.")]
-    assert score_scienceqa(records)["accuracy"] == 60.0
+    predictions = ("B", " b ", "B. a dog", "(B) a dog", "a dog", "b. a dog", "A", "C.")
+    records = [{"prediction": p, "answer": "B", "choices": choices} for p in predictions]
+    assert score_scienceqa(records)["accuracy"] == pytest.approx(100 * 3 / 8)
+    # the reference may be the option text: it names the letter
+    assert score_scienceqa([{"prediction": "B", "answer": "a dog", "choices": choices}])["accuracy"] == 100.0
 
 
 def test_report_and_table_have_vl_va_gap_and_the_average():

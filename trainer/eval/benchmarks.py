@@ -12,14 +12,17 @@ tools/make_eval_shards.py wrote into the shard: {"benchmark": name, ...grouping 
                   predictions, overall and per category (adversarial, popular, random); headline
                   F1. Answers parsed by LLaVA's rule (eval_pope.py): the first sentence says "no"
                   if it has the word "no" or "not", else "yes".
-  textvqa         VQA soft accuracy against the 10 human answers (VQA normalisation,
-                  leave-one-out average of min(1, matches / 3)).
+  textvqa         VQA soft accuracy against the 10 human answers: prediction and answers
+                  normalised by the EvalAI answer processor's rules (evalai_normalize), then the
+                  leave-one-out average of min(1, matches / 3), as lmms-eval scores it.
   hallusionbench  yes/no correctness without a judge model (lmms-eval's non-GPT rule: "yes"
                   anywhere in the answer is yes); question accuracy (aAcc, the headline),
                   question-pair accuracy (qAcc: every figure's version of a question right) and
                   figure accuracy (fAcc: every question about a figure right; visual-supplement
                   questions without a figure excluded).
-  scienceqa       option accuracy: the option named by letter or text (trainer/eval/scoring.py).
+  scienceqa       option accuracy by lmms-eval's (LLaVA's) rule: the stripped answer is the option
+                  letter (any case), or starts with the upper-case letter and a period ("B. ...");
+                  anything else is wrong (an option's text alone does not count).
 
 The table's average takes each headline in percent (MME: its total out of 200 per category
 present, e.g. 2800 for all 14).
@@ -27,7 +30,9 @@ present, e.g. 2800 for all 14).
 
 from collections import defaultdict
 
-from trainer.eval.scoring import MODES, choice_reference_index, parse_choice, vqa_soft_accuracy
+import re
+
+from trainer.eval.scoring import MODES, choice_reference_index
 
 BENCHMARKS = ("mme", "pope", "textvqa", "hallusionbench", "scienceqa")
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -53,6 +58,75 @@ def pope_parse(prediction: str) -> str:
     "no" or "not" (any case), else "yes"."""
     words = str(prediction).split(".")[0].replace(",", "").split(" ")
     return "no" if any(w in ("No", "not", "no") for w in words) else "yes"
+
+
+# The EvalAI / VQA answer processor's tables: number words up to ten, articles, the
+# punctuation it strips, and the contractions it restores (the official VQA list).
+EVALAI_NUMBERS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
+                  "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
+EVALAI_ARTICLES = ("a", "an", "the")
+EVALAI_PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                      "?", "!")
+# Restored forms of apostrophe-less words ("dont" -> "don't"), as the VQA evaluation lists them.
+EVALAI_CONTRACTIONS = dict(pair.split(":") for pair in """
+aint:ain't arent:aren't cant:can't couldve:could've couldnt:couldn't couldn'tve:couldn't've couldnt've:couldn't've
+didnt:didn't doesnt:doesn't dont:don't hadnt:hadn't hadnt've:hadn't've hadn'tve:hadn't've hasnt:hasn't
+havent:haven't hed:he'd hed've:he'd've he'dve:he'd've hes:he's howd:how'd howll:how'll hows:how's Id've:I'd've
+I'dve:I'd've Im:I'm Ive:I've isnt:isn't itd:it'd itd've:it'd've it'dve:it'd've itll:it'll let's:let's maam:ma'am
+mightnt:mightn't mightnt've:mightn't've mightn'tve:mightn't've mightve:might've mustnt:mustn't mustve:must've
+neednt:needn't notve:not've oclock:o'clock oughtnt:oughtn't ow's'at:'ow's'at 'ows'at:'ow's'at 'ow'sat:'ow's'at
+shant:shan't shed've:she'd've she'dve:she'd've she's:she's shouldve:should've shouldnt:shouldn't
+shouldnt've:shouldn't've shouldn'tve:shouldn't've somebody'd:somebodyd somebodyd've:somebody'd've
+somebody'dve:somebody'd've somebodyll:somebody'll somebodys:somebody's someoned:someone'd
+someoned've:someone'd've someone'dve:someone'd've someonell:someone'll someones:someone's
+somethingd:something'd somethingd've:something'd've something'dve:something'd've somethingll:something'll
+thats:that's thered:there'd thered've:there'd've there'dve:there'd've therere:there're theres:there's
+theyd:they'd theyd've:they'd've they'dve:they'd've theyll:they'll theyre:they're theyve:they've twas:'twas
+wasnt:wasn't wed've:we'd've we'dve:we'd've weve:we've werent:weren't whatll:what'll whatre:what're whats:what's
+whatve:what've whens:when's whered:where'd wheres:where's whereve:where've whod:who'd whod've:who'd've
+who'dve:who'd've wholl:who'll whos:who's whove:who've whyll:why'll whyre:why're whys:why's wont:won't
+wouldve:would've wouldnt:wouldn't wouldnt've:wouldn't've wouldn'tve:wouldn't've yall:y'all yall'll:y'all'll
+y'allll:y'all'll yall'd've:y'all'd've y'alld've:y'all'd've y'all'dve:y'all'd've youd:you'd youd've:you'd've
+you'dve:you'd've youll:you'll youre:you're youve:you've""".split())
+_EVALAI_DIGIT_COMMA = re.compile(r"(?<=\d)(,)+(?=\d)")
+_EVALAI_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")  # sic: "(?!<=" is a lookahead, so "2." loses its period too
+
+
+def evalai_normalize(text: str) -> str:
+    """An answer as the EvalAI answer processor (the VQA / TextVQA evaluation, used by
+    lmms-eval) normalises it, quirks included: lower case; commas and "?" dropped and "'s"
+    split off; each listed punctuation mark deleted if the text has it beside a space or has a
+    digit-comma-digit, else replaced by a space; periods not before a digit deleted (at most
+    32 of them: the original passes re.UNICODE as the count); number words -> digits,
+    articles dropped, contractions restored."""
+    text = str(text).lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for mark in EVALAI_PUNCTUATION:
+        if mark + " " in text or " " + mark in text or _EVALAI_DIGIT_COMMA.search(text):
+            out = out.replace(mark, "")
+        else:
+            out = out.replace(mark, " ")
+    out = _EVALAI_PERIOD.sub("", out, count=re.UNICODE)
+    words = [EVALAI_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(EVALAI_CONTRACTIONS.get(w, w) for w in words if w not in EVALAI_ARTICLES)
+
+
+def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """lmms-eval's TextVQA score of one prediction: for each human answer left out, min(1,
+    matches among the others / 3), averaged (1.0 = at least 4 of 10 annotators agree)."""
+    pred = evalai_normalize(prediction)
+    refs = [evalai_normalize(a) for a in answers]
+    return sum(min(1.0, sum(r == pred for j, r in enumerate(refs) if j != i) / 3) for i in range(len(refs))) / len(refs)
+
+
+def scienceqa_right(prediction: str, letter: str) -> bool:
+    """lmms-eval's ScienceQA rule: the stripped prediction is the option letter (any case),
+    or begins with the upper-case letter and a period."""
+    pred = str(prediction).strip()
+    if pred.lower() == letter.lower():
+        return True
+    return len(pred) >= 2 and pred[0].isupper() and pred[1] == "." and pred[0].lower() == letter.lower()
 
 
 def _percent(numerator: float, denominator: float) -> float | None:
@@ -104,7 +178,7 @@ def score_pope(records: list[dict]) -> dict:
 
 
 def score_textvqa(records: list[dict]) -> dict:
-    scores = [vqa_soft_accuracy(r["prediction"], r.get("answers") or [r["answer"]]) for r in records]
+    scores = [textvqa_accuracy(r["prediction"], r.get("answers") or [r["answer"]]) for r in records]
     return {"accuracy": _percent(sum(scores), len(scores)), "n": len(records)}
 
 
@@ -124,7 +198,7 @@ def score_hallusionbench(records: list[dict]) -> dict:
 
 
 def score_scienceqa(records: list[dict]) -> dict:
-    right = [parse_choice(r["prediction"], r["choices"]) == choice_reference_index(r["answer"], r["choices"])
+    right = [scienceqa_right(r["prediction"], "ABCDEFGHIJ"[choice_reference_index(r["answer"], r["choices"])])
              for r in records]
     return {"accuracy": _percent(sum(right), len(right)), "n": len(records)}
 
