@@ -398,3 +398,34 @@ def test_collator_positions_equal_the_vlm_rope_index(model, processor, stage):
         ours = batch.position_ids(role)
         assert ours.shape == reference.shape
         assert torch.equal(ours[:, mask.bool()], reference[:, mask.bool()]), role
+
+
+def test_the_toy_preset_is_the_tiny_classes_larger_and_round_trips(tmp_path):
+    """`--model toy` (the toy study's start): 4-layer 128-d LLM, 4-block 64-d vision tower, 64-d
+    Whisper, pictures up to 224x224 px (64 image tokens for a square picture); it trains, and an
+    export loads back with the same processor and outputs."""
+    from types import SimpleNamespace
+
+    from trainer.data.collate import image_max_pixels
+    from trainer.models.build import build_model
+
+    cfg = SimpleNamespace(model="toy", vlm=None, audio_encoder=None, audio_stack=4, projector="mlp",
+                          trainable=("llm", "projector", "vision", "audio"), attn_impl="sdpa",
+                          gradient_checkpointing=False)
+    model, processor = build_model(cfg)
+    text = model.vlm.config.get_text_config()
+    assert (text.hidden_size, text.num_hidden_layers) == (128, 4)
+    assert (model.vlm.config.vision_config.depth, model.vlm.config.vision_config.embed_dim) == (4, 64)
+    assert model.audio_encoder.config.d_model == 64
+    assert image_max_pixels(processor.image_processor) == 224 * 224
+    batch = make_batch(processor, 2, seed=1, image_size=(224, 224))
+    assert int(batch.image_grid_thw[0].prod()) // 4 == 64
+    out = run(model, batch, KD, float(batch.answer_tokens()))
+    out.loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    save_omni(model, processor, str(tmp_path))
+    loaded, loaded_processor = load_omni(str(tmp_path), attn_impl="sdpa")
+    assert image_max_pixels(loaded_processor.image_processor) == 224 * 224
+    with torch.no_grad():
+        before, after = run(model, batch, KD), run(loaded, batch, KD)
+    torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)

@@ -2,7 +2,7 @@
 architecture an export or a checkpoint recorded, and the trainer's dispatch between them
 (`build_model`); which parts train; gradient checkpointing; attention kernels.
 
-  build_tiny(processor, ...)                                 random-init real classes, tiny configs
+  build_tiny(processor, ...)                                 random-init real classes, tiny (or toy) configs
   compose(vlm_path, audio_encoder_path, processor, ...)      from_pretrained weights + a new projector
   build_from_spec(spec, processor, ...)                      the architecture omni_spec recorded
   build_native(config, processor, ...) / load_native(dir)    a native omni thinker (trainer/models/native.py)
@@ -27,7 +27,7 @@ from trainer.models import native
 from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 
-NAMED_MODELS = ("tiny", *PRESETS, *native.PRESETS)  # --model values that build without a directory
+NAMED_MODELS = ("tiny", "toy", *PRESETS, *native.PRESETS)  # --model values that build without a directory
 ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
 TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
 DEFAULT_TRAINABLE = ("llm", "projector")
@@ -150,14 +150,19 @@ def _check_zero3_setup(init_ctx) -> None:
 
 
 def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32, attn_impl="auto",
-               init_ctx=contextlib.nullcontext, seed: int = 0) -> OmniModel:
-    """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights."""
+               init_ctx=contextlib.nullcontext, seed: int = 0, size: dict | None = None) -> OmniModel:
+    """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights;
+    size=trainer.models.tiny.TOY gives the `toy` preset (its processor from
+    build_tiny_processor(max_pixels=TOY["max_pixels"]))."""
     from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
 
+    size = dict(size or {})
+    size.pop("max_pixels", None)
+    audio = {"d_model": size.pop("audio_dim")} if "audio_dim" in size else {}
     torch.manual_seed(seed)
     return build_from_configs(
-        tiny_vlm_config(len(processor.tokenizer)),
-        tiny_whisper_config(processor.num_mel_bins, processor.window_frames),
+        tiny_vlm_config(len(processor.tokenizer), **size),
+        tiny_whisper_config(processor.num_mel_bins, processor.window_frames, **audio),
         processor,
         projector=projector,
         dtype=dtype,
@@ -247,11 +252,13 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
     hf_deepspeed_config = _hf_zero3_config(init_ctx, ds_config)
     if cfg.model not in (None, *NAMED_MODELS) and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"--model: {cfg.model} is neither one of {NAMED_MODELS} nor an existing directory")
-    if cfg.model == "tiny":
-        from trainer.models.tiny import build_tiny_processor
+    if cfg.model in ("tiny", "toy"):
+        from trainer.models.tiny import TOY, build_tiny_processor
 
-        processor = build_tiny_processor(audio_stack=cfg.audio_stack)
-        model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
+        size = TOY if cfg.model == "toy" else {}
+        processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY["max_pixels"]} if size else {}))
+        model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx,
+                           size=size)
     elif cfg.model in PRESETS:
         processor = preset_processor(cfg.audio_stack)
         model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,

@@ -1,7 +1,8 @@
 """The `tiny` preset: real Qwen2-VL and Whisper classes at toy size, random weights, and
 a tokenizer trained here from a built-in corpus. Nothing is downloaded, so tests and the
 demo run on any machine. The image processor keeps pictures small (at most 112x112 px,
-i.e. 16 image tokens) so a CPU step stays cheap.
+i.e. 16 image tokens) so a CPU step stays cheap. The `toy` preset (TOY) is the same classes
+larger, for the toy Self-KD vs SFT study.
 """
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -91,32 +92,44 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = No
     )
 
 
-def build_tiny_processor(audio_stack: int = 4) -> OmniProcessor:
-    """Tiny tokenizer + Qwen2-VL image processor (<= 112x112 px) + an 80-bin Whisper
+# The `toy` preset: the tiny classes at the size the toy study needs to really see its shapes
+# (a 4-layer 128-d LLM, a 4-block 64-d vision tower, pictures up to 224x224 px = 64 image
+# tokens, a 64-d Whisper). `tiny` cannot: at 112 px and a 2-layer 64-d LLM it memorises the
+# training scenes and answers held-out ones at chance (README, "Self-KD vs SFT").
+TOY = dict(max_pixels=224 * 224, hidden_size=128, layers=4, heads=4, vision_depth=4, vision_dim=64, audio_dim=64)
+
+
+def build_tiny_processor(audio_stack: int = 4, max_pixels: int = 112 * 112) -> OmniProcessor:
+    """Tiny tokenizer + Qwen2-VL image processor (<= 112x112 px by default) + an 80-bin Whisper
     feature extractor with a 10 s window."""
-    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=112 * 112)
+    image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
     feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=10)
     return OmniProcessor(build_tiny_tokenizer(), image_processor, feature_extractor, audio_stack=audio_stack)
 
 
-def tiny_vlm_config(vocab_size: int) -> Qwen2VLConfig:
-    """A 2-layer Qwen2-VL: 64-d LLM, 2-block 32-d vision tower."""
+def tiny_vlm_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, vision_depth: int = 2,
+                    vision_dim: int = 32) -> Qwen2VLConfig:
+    """A Qwen2-VL at toy size; by default a 2-layer 64-d LLM and a 2-block 32-d vision tower."""
+    half_head = hidden_size // heads // 2  # mrope sections (temporal, height, width) split half a head
+    temporal = half_head // 4
+    mrope_section = [temporal, (half_head - temporal) // 2, half_head - temporal - (half_head - temporal) // 2]
     return Qwen2VLConfig(
         text_config=dict(
             vocab_size=vocab_size,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
+            hidden_size=hidden_size,
+            intermediate_size=2 * hidden_size,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=heads // 2,
             max_position_embeddings=4096,
-            rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]},
+            rope_scaling={"type": "mrope", "mrope_section": mrope_section},
             tie_word_embeddings=False,
             bos_token_id=None,
             eos_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|im_end|>"),
             pad_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|endoftext|>"),
         ),
-        vision_config=dict(depth=2, embed_dim=32, num_heads=2, mlp_ratio=2, hidden_size=64, patch_size=14,
+        vision_config=dict(depth=vision_depth, embed_dim=vision_dim, num_heads=2, mlp_ratio=2, hidden_size=hidden_size,
+                           patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|image_pad|>"),
         video_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|video_pad|>"),
@@ -126,14 +139,14 @@ def tiny_vlm_config(vocab_size: int) -> Qwen2VLConfig:
     )
 
 
-def tiny_whisper_config(num_mel_bins: int = 80, window_frames: int = 1000) -> WhisperConfig:
-    """A 2-layer, 32-d Whisper whose encoder window matches the tiny feature extractor."""
+def tiny_whisper_config(num_mel_bins: int = 80, window_frames: int = 1000, d_model: int = 32) -> WhisperConfig:
+    """A 2-layer Whisper (32-d by default) whose encoder window matches the tiny feature extractor."""
     return WhisperConfig(
         num_mel_bins=num_mel_bins,
-        d_model=32,
+        d_model=d_model,
         encoder_layers=2,
         encoder_attention_heads=2,
-        encoder_ffn_dim=64,
+        encoder_ffn_dim=2 * d_model,
         decoder_layers=1,
         decoder_attention_heads=2,
         decoder_ffn_dim=64,
