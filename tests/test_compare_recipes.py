@@ -13,6 +13,8 @@ import yaml
 from tools import compare_recipes
 from tools.compare_recipes import GridError, alpha_curve_recipes, load_grid, mean_ci95
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_mean_ci95_is_the_student_t_interval():
     values = [61.0, 64.5, 58.0, 70.0]
@@ -98,3 +100,21 @@ def test_a_two_recipe_grid_trains_scores_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert compare_recipes.main(args)["runs"] == runs
     assert train_log.stat().st_mtime_ns == before and "running in" not in capsys.readouterr().out
+
+
+def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
+    """Every run of every grid in launch_scripts/grids/ (the toy study's included) is a config
+    trainer/main.py accepts: no unknown key, no refused combination."""
+    from trainer.config import load_config
+
+    grids = os.path.join(ROOT, "launch_scripts", "grids")
+    names = sorted(os.listdir(grids))
+    assert "study_selfkd_vs_sft.yaml" in names
+    for name in names:
+        grid = load_grid(os.path.join(grids, name), {"start": "tiny", "heldout_shards": "heldout.tar",
+                                                     "budgets": {"full": "train.tar"}})
+        for run in compare_recipes.planned_runs(grid, str(tmp_path / name)):
+            path = tmp_path / f"{name}-{run['recipe']}-{run['seed']}.yaml"
+            path.write_text(yaml.safe_dump(run["config"]))
+            config = load_config(["--config", str(path)])
+            assert config.distill.kd_alpha == run["config"]["kd_alpha"], (name, run["recipe"])

@@ -2,7 +2,7 @@
 trainer/main.py run through the deepspeed launcher from the same starting model, each exported
 and scored typed (VL) and spoken (VA) on the same held-out shards.
 
-    python tools/compare_recipes.py --grid launch_scripts/recipes/study_selfkd_vs_sft.yaml --out runs/study \
+    python tools/compare_recipes.py --grid launch_scripts/grids/study_selfkd_vs_sft.yaml --out runs/study \
         --start demo_out/export_vl --heldout_shards 'demo_out/data/shards/heldout/shard-{000000..000001}.tar' \
         --budget full='demo_out/data/shards/train/shard-{000000..000007}.tar'
     python tools/compare_recipes.py --grid GRID --out runs/study --dry_run      # print the runs' commands

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Does Self-KD beat spoken-question SFT through this trainer? The toy study, protocol fixed before
+# it was run (README, "Self-KD vs SFT: the toy study"); CPU-only is fine (2 ranks over gloo).
+#   1. demo data: 40,000 training scenes and 400 held-out ones, questions typed and spoken (eSpeak NG),
+#   2. the start: the random `toy` model (tiny's classes at 128-d, 4 layers, 224 px) taught the
+#      typed-question skill (--stage vl, vision tower trained), exported and scored; the study
+#      refuses a start under START_MIN_VL (70) on held-out,
+#   3. the grid (launch_scripts/grids/study_selfkd_vs_sft.yaml) through tools/compare_recipes.py:
+#      SFT (alpha 0) and Self-KD alpha 0.25/0.5/0.75/1.0 with the shared teacher, alpha 0.75 with the
+#      frozen and the EMA teacher; spoken budgets "full" (all training shards) and "10pct" (a tenth);
+#      3 seeds each; each run exported and scored typed and spoken on the 400 held-out questions,
+#   4. OUT/grid/results.{json,md,png}. Every step resumes: finished work is not redone.
+#
+#   bash launch_scripts/study_selfkd_vs_sft.sh                  # everything under study_out/
+#   OUT=/tmp/study SEEDS=0 bash launch_scripts/study_selfkd_vs_sft.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source launch_scripts/setup_env.sh
+
+OUT=${OUT:-study_out}
+TRAIN_SAMPLES=${TRAIN_SAMPLES:-40000}
+HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-400}
+SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
+START_STEPS=${START_STEPS:-5000}
+START_MIN_VL=${START_MIN_VL:-70}
+GRID=${GRID:-launch_scripts/grids/study_selfkd_vs_sft.yaml}
+if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
+else
+  NUM_GPUS=${NUM_GPUS:-2}   # CPU ranks over gloo
+fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+PORT=${MASTER_PORT:-29531}
+mkdir -p "$OUT"
+
+echo "== [1/4] demo data -> $OUT/data"
+if [ ! -f "$OUT/data.json" ]; then
+  python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
+    --workers 2 --samples_per_shard "$SAMPLES_PER_SHARD" > "$OUT/data.json.tmp"
+  mv "$OUT/data.json.tmp" "$OUT/data.json"
+fi
+cat "$OUT/data.json"
+spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }
+TRAIN_SHARDS=$(spec train_shards)
+HELDOUT_SHARDS=$(spec heldout_shards)
+# The 10% budget: the first tenth of the training shards (same scenes for every run).
+TENTH=$(python - "$TRAIN_SHARDS" <<'PY'
+import sys
+from trainer.data.shards import expand_shard_spec
+shards = expand_shard_spec(sys.argv[1])
+print(",".join(shards[: max(1, len(shards) // 10)]))
+PY
+)
+
+echo "== [2/4] the start: typed-question training of the random toy model (--stage vl), $NUM_GPUS ranks"
+if [ ! -f "$OUT/start/eval/report.json" ]; then
+  python -m trainer.supervise -- deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" trainer/main.py \
+    --ds_config ds_configs/zero3.json --train_shards "$TRAIN_SHARDS" --model toy --stage vl --kd_alpha 0 \
+    --trainable llm,projector,vision --lr 1e-3 --warmup_steps 100 --max_steps "$START_STEPS" \
+    --micro_batch_size 16 --grad_accum 1 --num_workers 1 --max_seq_len 512 --log_every 50 --seed 0 \
+    --save_dir "$OUT/start/ckpt" --save_every 1000 --keep_last 1 --resume auto --log_dir "$OUT/start/tb"
+  python tools/export_hf.py --checkpoint "$OUT/start/ckpt" --out "$OUT/start/export"
+  python tools/evaluate.py --model "$OUT/start/export" --shards "$HELDOUT_SHARDS" --batch_size 32 \
+    --out "$OUT/start/eval/report.json"
+fi
+START_VL=$(python -c "import json; print(json.load(open('$OUT/start/eval/report.json'))['vl_score'])")
+echo "start: VL $START_VL on held-out (needed: $START_MIN_VL)"
+if ! python -c "import sys; sys.exit(0 if $START_VL >= $START_MIN_VL else 1)"; then
+  echo "the start does not have the typed-question skill (VL $START_VL < $START_MIN_VL): a gap measured from it" \
+       "would say little; see $OUT/start/eval/report.json" >&2
+  exit 1
+fi
+
+echo "== [3/4] the grid: recipes x budgets x seeds ($GRID)"
+python tools/compare_recipes.py --grid "$GRID" --out "$OUT/grid" --start "$OUT/start/export" \
+  --heldout_shards "$HELDOUT_SHARDS" --budget full="$TRAIN_SHARDS" --budget 10pct="$TENTH" \
+  --num_gpus "$NUM_GPUS" --master_port "$((PORT + 1))" --prune_checkpoints ${SEEDS:+--seeds "$SEEDS"}
+
+echo "== [4/4] results"
+cat "$OUT/grid/results.md"
+echo "every run: $OUT/grid/results.json   plot: $OUT/grid/results.png"
