@@ -19,12 +19,7 @@ TRAIN_SAMPLES=${TRAIN_SAMPLES:-800}
 HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-120}
 VL_STEPS=${VL_STEPS:-300}
 KD_STEPS=${KD_STEPS:-450}
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
-else
-  NUM_GPUS=${NUM_GPUS:-2}   # CPU ranks over gloo
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source launch_scripts/local_ranks.sh
 PORT=${MASTER_PORT:-29511}
 
 echo "== [1/5] demo data -> $OUT/data"

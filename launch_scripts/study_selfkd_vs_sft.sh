@@ -24,12 +24,7 @@ SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
 START_STEPS=${START_STEPS:-5000}
 START_MIN_VL=${START_MIN_VL:-70}
 GRID=${GRID:-launch_scripts/grids/study_selfkd_vs_sft.yaml}
-if python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-  NUM_GPUS=${NUM_GPUS:-$(python -c "import torch; print(torch.cuda.device_count())")}
-else
-  NUM_GPUS=${NUM_GPUS:-2}   # CPU ranks over gloo
-fi
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+source launch_scripts/local_ranks.sh
 PORT=${MASTER_PORT:-29531}
 mkdir -p "$OUT"
 

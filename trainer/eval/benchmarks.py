@@ -198,7 +198,7 @@ def score_hallusionbench(records: list[dict]) -> dict:
 
 
 def score_scienceqa(records: list[dict]) -> dict:
-    right = [scienceqa_right(r["prediction"], "ABCDEFGHIJ"[choice_reference_index(r["answer"], r["choices"])])
+    right = [scienceqa_right(r["prediction"], chr(ord("A") + choice_reference_index(r["answer"], r["choices"])))
              for r in records]
     return {"accuracy": _percent(sum(right), len(right)), "n": len(records)}
 

@@ -150,18 +150,15 @@ def _check_zero3_setup(init_ctx) -> None:
 
 
 def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32, attn_impl="auto",
-               init_ctx=contextlib.nullcontext, seed: int = 0, size: dict | None = None) -> OmniModel:
+               init_ctx=contextlib.nullcontext, seed: int = 0, toy: bool = False) -> OmniModel:
     """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights;
-    size=trainer.models.tiny.TOY gives the `toy` preset (its processor from
-    build_tiny_processor(max_pixels=TOY["max_pixels"]))."""
-    from trainer.models.tiny import tiny_vlm_config, tiny_whisper_config
+    toy=True gives the larger `toy` preset (its processor: build_tiny_processor(max_pixels=TOY_MAX_PIXELS))."""
+    from trainer.models.tiny import TOY, TOY_AUDIO_DIM, tiny_vlm_config, tiny_whisper_config
 
-    size = dict(size or {})
-    size.pop("max_pixels", None)
-    audio = {"d_model": size.pop("audio_dim")} if "audio_dim" in size else {}
+    audio = {"d_model": TOY_AUDIO_DIM} if toy else {}
     torch.manual_seed(seed)
     return build_from_configs(
-        tiny_vlm_config(len(processor.tokenizer), **size),
+        tiny_vlm_config(len(processor.tokenizer), **(TOY if toy else {})),
         tiny_whisper_config(processor.num_mel_bins, processor.window_frames, **audio),
         processor,
         projector=projector,
@@ -253,12 +250,12 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
     if cfg.model not in (None, *NAMED_MODELS) and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"--model: {cfg.model} is neither one of {NAMED_MODELS} nor an existing directory")
     if cfg.model in ("tiny", "toy"):
-        from trainer.models.tiny import TOY, build_tiny_processor
+        from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor
 
-        size = TOY if cfg.model == "toy" else {}
-        processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY["max_pixels"]} if size else {}))
+        toy = cfg.model == "toy"
+        processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY_MAX_PIXELS} if toy else {}))
         model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx,
-                           size=size)
+                           toy=toy)
     elif cfg.model in PRESETS:
         processor = preset_processor(cfg.audio_stack)
         model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,

@@ -1,7 +1,7 @@
 """The `tiny` preset: real Qwen2-VL and Whisper classes at toy size, random weights, and
 a tokenizer trained here from a built-in corpus. Nothing is downloaded, so tests and the
 demo run on any machine. The image processor keeps pictures small (at most 112x112 px,
-i.e. 16 image tokens) so a CPU step stays cheap. The `toy` preset (TOY) is the same classes
+i.e. 16 image tokens) so a CPU step stays cheap. The `toy` preset (TOY, TOY_AUDIO_DIM, TOY_MAX_PIXELS) is the same classes
 larger, for the toy Self-KD vs SFT study.
 """
 
@@ -96,7 +96,9 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = No
 # (a 4-layer 128-d LLM, a 4-block 64-d vision tower, pictures up to 224x224 px = 64 image
 # tokens, a 64-d Whisper). `tiny` cannot: at 112 px and a 2-layer 64-d LLM it memorises the
 # training scenes and answers held-out ones at chance (README, "Self-KD vs SFT").
-TOY = dict(max_pixels=224 * 224, hidden_size=128, layers=4, heads=4, vision_depth=4, vision_dim=64, audio_dim=64)
+TOY = dict(hidden_size=128, layers=4, heads=4, vision_depth=4, vision_dim=64)  # tiny_vlm_config sizes
+TOY_AUDIO_DIM = 64
+TOY_MAX_PIXELS = 224 * 224
 
 
 def build_tiny_processor(audio_stack: int = 4, max_pixels: int = 112 * 112) -> OmniProcessor:
