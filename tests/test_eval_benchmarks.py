@@ -87,6 +87,12 @@ def test_textvqa_counts_only_evalai_equal_answers():
     assert textvqa_accuracy("two", answers) == 1.0
 
 
+def test_textvqa_with_one_reference_is_an_exact_match_not_zero():
+    assert score_textvqa([{"prediction": "Red.", "answer": "red", "answers": ["red"]}])["accuracy"] == 100.0
+    assert score_textvqa([{"prediction": "red", "answer": "red", "answers": []}])["accuracy"] == 100.0
+    assert score_textvqa([{"prediction": "blue", "answer": "red", "answers": ["red"]}])["accuracy"] == 0.0
+
+
 def test_hallusionbench_question_pair_and_figure_accuracy():
     """Question q0 asked of figures 0 and 1 (VD), q1 of figure 0; a VS question without a figure.
     Right: q0/f0, q1/f0, VS; wrong: q0/f1. aAcc 3/4; pairs: (q0: no), (q1: yes), (VS q0: yes) -> 2/3;

@@ -32,7 +32,7 @@ from collections import defaultdict
 
 import re
 
-from trainer.eval.scoring import MODES, choice_reference_index
+from trainer.eval.scoring import MODES, choice_reference_index, vqa_soft_accuracy
 
 BENCHMARKS = ("mme", "pope", "textvqa", "hallusionbench", "scienceqa")
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -113,11 +113,11 @@ def evalai_normalize(text: str) -> str:
 
 
 def textvqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """lmms-eval's TextVQA score of one prediction: for each human answer left out, min(1,
-    matches among the others / 3), averaged (1.0 = at least 4 of 10 annotators agree)."""
-    pred = evalai_normalize(prediction)
-    refs = [evalai_normalize(a) for a in answers]
-    return sum(min(1.0, sum(r == pred for j, r in enumerate(refs) if j != i) / 3) for i in range(len(refs))) / len(refs)
+    """lmms-eval's TextVQA score of one prediction: EvalAI-normalised, for each human answer
+    left out min(1, matches among the others / 3), averaged (1.0 = at least 4 of 10 annotators
+    agree). Fewer than 10 answers (a converted subset) use scoring.vqa_soft_accuracy's bar,
+    min(3, k - 1): a single answer is an exact match, not a silent 0."""
+    return vqa_soft_accuracy(prediction, answers, normalize=evalai_normalize)
 
 
 def scienceqa_right(prediction: str, letter: str) -> bool:

@@ -148,10 +148,12 @@ def score_choice(prediction: str, reference: str, choices: list[str]) -> float:
 
 
 # --- open-ended -------------------------------------------------------------------------
-def vqa_soft_accuracy(prediction: str, references: list[str]) -> float:
-    """VQA accuracy, averaged over the leave-one-out subsets of the references."""
-    pred = normalize_vqa(prediction)
-    refs = [normalize_vqa(r) for r in references]
+def vqa_soft_accuracy(prediction: str, references: list[str], normalize=None) -> float:
+    """VQA accuracy, averaged over the leave-one-out subsets of the references; `normalize`
+    (default normalize_vqa) is applied to the prediction and every reference."""
+    normalize = normalize or normalize_vqa
+    pred = normalize(prediction)
+    refs = [normalize(r) for r in references]
     if len(refs) == 1:
         return float(pred == refs[0])
     bar = min(3, len(refs) - 1)
