@@ -2,8 +2,8 @@
 # Does Self-KD beat spoken-question SFT through this trainer? The toy study, protocol fixed before
 # it was run (README, "Self-KD vs SFT: the toy study"); CPU-only is fine (2 ranks over gloo).
 #   1. demo data: 40,000 training scenes and 400 held-out ones, questions typed and spoken (eSpeak NG),
-#   2. the start: the random `toy` model (tiny's classes at 128-d, 4 layers, 224 px) taught the
-#      typed-question skill (--stage vl, vision tower trained), exported and scored; the study
+#   2. the start: the random `toy` model (tiny's classes at 128-d, 4 layers, 224 px, M-RoPE theta 10)
+#      taught the typed-question skill (--stage vl, vision tower trained), exported and scored; the study
 #      refuses a start under START_MIN_VL (70) on held-out,
 #   3. the grid (launch_scripts/grids/study_selfkd_vs_sft.yaml) through tools/compare_recipes.py:
 #      SFT (alpha 0) and Self-KD alpha 0.25/0.5/0.75/1.0 with the shared teacher, alpha 0.75 with the

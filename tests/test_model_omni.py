@@ -2,6 +2,7 @@
 around it, on synthetic batches made by the trainer's own sample encoder and collator."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -429,3 +430,41 @@ def test_the_toy_preset_is_the_tiny_classes_larger_and_round_trips(tmp_path):
     with torch.no_grad():
         before, after = run(model, batch, KD), run(loaded, batch, KD)
     torch.testing.assert_close(after.loss, before.loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "toy"])
+def test_the_toy_llm_tells_picture_rows_and_columns_apart(preset):
+    """M-RoPE places an image token in row i, column j at (t, s + i, s + j) and gives the height
+    and width sections of a head's frequencies to those axes. The LLM can only tell columns apart
+    if the width frequencies turn by a usable angle across the picture (8 tokens at 224 px).
+    Reference: the rotary angles computed by hand from head_dim, theta and the sections, and
+    the model's own rotary embedding on two tokens of one row, columns 0 and 7."""
+    from types import SimpleNamespace
+
+    from trainer.models.build import build_model
+
+    cfg = SimpleNamespace(model=preset, vlm=None, audio_encoder=None, audio_stack=4, projector="mlp",
+                          trainable=("llm", "projector"), attn_impl="sdpa", gradient_checkpointing=False)
+    model, _ = build_model(cfg)
+    text = model.vlm.config.get_text_config()
+    head_dim = text.hidden_size // text.num_attention_heads
+    theta = text.rope_parameters["rope_theta"]
+    sections = text.rope_parameters["mrope_section"]
+    freqs = [theta ** (-2 * k / head_dim) for k in range(head_dim // 2)]
+    width = freqs[sum(sections[:2]):]
+    assert len(width) == sections[2]
+    span = 7  # columns 0 and 7 of a 224 px picture
+    # The model's rotary embedding: the same row, columns 0 and 7, differ only in the width section.
+    rotary = model.vlm.model.language_model.rotary_emb
+    position_ids = torch.tensor([[[20, 20]], [[20, 20]], [[20, 20 + span]]])  # (t, h, w), batch 1, 2 tokens
+    cos, sin = rotary(torch.zeros(1, 2, head_dim), position_ids)
+    angle = torch.atan2(sin[0, 1, : head_dim // 2], cos[0, 1, : head_dim // 2]) - \
+        torch.atan2(sin[0, 0, : head_dim // 2], cos[0, 0, : head_dim // 2])
+    angle = torch.remainder(angle + math.pi, 2 * math.pi) - math.pi
+    expected = torch.tensor([0.0] * sum(sections[:2]) + [math.remainder(f * span, 2 * math.pi) for f in width])
+    torch.testing.assert_close(angle, expected, atol=1e-5, rtol=0)
+    if preset == "tiny":  # Qwen2-VL's theta: left and right look the same to the LLM
+        assert max(width) * span < 0.01
+    else:  # the toy study's start must answer "Where is the red square?"
+        assert theta == 10.0
+        assert min(width) * span > 0.75

@@ -96,7 +96,13 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = No
 # (a 4-layer 128-d LLM, a 4-block 64-d vision tower, pictures up to 224x224 px = 64 image
 # tokens, a 64-d Whisper). `tiny` cannot: at 112 px and a 2-layer 64-d LLM it memorises the
 # training scenes and answers held-out ones at chance (README, "Self-KD vs SFT").
-TOY = dict(hidden_size=128, layers=4, heads=4, vision_depth=4, vision_dim=64)  # tiny_vlm_config sizes
+# rope_theta 10, not Qwen2-VL's 1e6: M-RoPE gives an image token in row i, column j the
+# positions (t, s + i, s + j) and splits a head's rotary frequencies into temporal, height and
+# width sections, fastest first. At head_dim 32 and theta 1e6 the width section's fastest
+# frequency is 1.8e-4 rad per token, 0.0013 rad across a 64-token picture: the LLM cannot tell
+# left from right, and the vision tower (relative 2-D RoPE only, no absolute embedding) cannot
+# either on a plain background. At theta 10 every section turns by at least 0.8 rad across it.
+TOY = dict(hidden_size=128, layers=4, heads=4, vision_depth=4, vision_dim=64, rope_theta=10.0)  # tiny_vlm_config sizes
 TOY_AUDIO_DIM = 64
 TOY_MAX_PIXELS = 224 * 224
 
@@ -110,8 +116,9 @@ def build_tiny_processor(audio_stack: int = 4, max_pixels: int = 112 * 112) -> O
 
 
 def tiny_vlm_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, vision_depth: int = 2,
-                    vision_dim: int = 32) -> Qwen2VLConfig:
-    """A Qwen2-VL at toy size; by default a 2-layer 64-d LLM and a 2-block 32-d vision tower."""
+                    vision_dim: int = 32, rope_theta: float = 1e6) -> Qwen2VLConfig:
+    """A Qwen2-VL at toy size; by default a 2-layer 64-d LLM and a 2-block 32-d vision tower,
+    M-RoPE at Qwen2-VL's theta (1e6)."""
     half_head = hidden_size // heads // 2  # mrope sections (temporal, height, width) split half a head
     temporal = half_head // 4
     mrope_section = [temporal, (half_head - temporal) // 2, half_head - temporal - (half_head - temporal) // 2]
@@ -124,7 +131,7 @@ def tiny_vlm_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, hea
             num_attention_heads=heads,
             num_key_value_heads=heads // 2,
             max_position_embeddings=4096,
-            rope_scaling={"type": "mrope", "mrope_section": mrope_section},
+            rope_parameters={"rope_type": "default", "rope_theta": rope_theta, "mrope_section": mrope_section},
             tie_word_embeddings=False,
             bos_token_id=None,
             eos_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|im_end|>"),
