@@ -118,3 +118,51 @@ def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
             path.write_text(yaml.safe_dump(run["config"]))
             config = load_config(["--config", str(path)])
             assert config.distill.kd_alpha == run["config"]["kd_alpha"], (name, run["recipe"])
+
+
+@pytest.mark.slow
+def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_path):
+    """launch_scripts/study_selfkd_vs_sft.sh end to end at toy size: its demo data, a start given
+    by START_FROM (scored, not trained), the bar on the start's VL, and a 1-recipe grid over both
+    budgets through tools/compare_recipes.py. The same script, sizes and grid aside."""
+    import subprocess
+
+    from trainer.models.build import build_tiny
+    from trainer.models.serialize import save_omni
+    from trainer.models.tiny import build_tiny_processor
+
+    processor = build_tiny_processor()
+    save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / "trained_start"))
+    grid = write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
+                      common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": 2,
+                              "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
+                              "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
+                      recipes={"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
+                      eval={"batch_size": 4, "max_new_tokens": 3})
+    out = tmp_path / "study"
+    env = {**os.environ, "OUT": str(out), "TRAIN_SAMPLES": "40", "HELDOUT_SAMPLES": "6", "SAMPLES_PER_SHARD": "4",
+           "START_FROM": str(tmp_path / "trained_start"), "GRID": grid, "MASTER_PORT": "29761"}
+
+    def study(min_vl):
+        return subprocess.run(["bash", "launch_scripts/study_selfkd_vs_sft.sh"], cwd=ROOT, capture_output=True,
+                              text=True, env={**env, "START_MIN_VL": str(min_vl)})
+
+    refused = study(101)  # no start can score over 100: refused before any grid run
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "the start does not have the typed-question skill" in refused.stderr
+    assert "using the trained start" in refused.stdout and not (out / "start" / "ckpt").exists()
+    assert not (out / "grid").exists()
+    report = json.loads((out / "start" / "eval" / "report.json").read_text())
+    assert report["n"] == 6 and report["vl_score"] is not None
+
+    done = study(0)  # the same scored start now passes; the grid runs once per budget
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "using the trained start" not in done.stdout, "a scored start is not copied or scored again"
+    results = json.loads((out / "grid" / "results.json").read_text())
+    assert sorted((r["budget"], r["recipe"], r["steps"]) for r in results["runs"]) == [("10pct", "selfkd", 2),
+                                                                                    ("full", "selfkd", 2)]
+    shards = json.loads((out / "data.json").read_text())
+    tenth = results["runs"][0]["config"]["train_shards"] if results["runs"][0]["budget"] == "10pct" else \
+        results["runs"][1]["config"]["train_shards"]
+    assert tenth.split(",") == [shards["train_shards"].replace("{000000..000009}", "000000")]
+    assert "| full | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
