@@ -15,6 +15,8 @@
 #   OUT=/tmp/study SEEDS=0 bash launch_scripts/study_selfkd_vs_sft.sh
 #   START_FROM=docs/results/selfkd_vs_sft/start bash launch_scripts/study_selfkd_vs_sft.sh   # skip [2]'s training
 set -euo pipefail
+# A relative START_FROM is the caller's; the script runs from the repository root.
+START_FROM=${START_FROM:+$(realpath "$START_FROM")}
 cd "$(dirname "$0")/.."
 source launch_scripts/setup_env.sh
 
@@ -49,13 +51,24 @@ PY
 )
 
 echo "== [2/4] the start: typed-question training of the random toy model (--stage vl), $NUM_GPUS ranks"
+# Where OUT's start came from ("trained" here, or START_FROM's path): a rerun must not mix starts.
+START_SOURCE=${START_FROM:-trained}
+if [ -f "$OUT/start/source" ] && [ "$(cat "$OUT/start/source")" != "$START_SOURCE" ]; then
+  echo "$OUT/start came from $(cat "$OUT/start/source"), not $START_SOURCE: use another OUT" >&2
+  exit 1
+fi
 if [ ! -f "$OUT/start/eval/report.json" ]; then
+  mkdir -p "$OUT/start"
+  echo "$START_SOURCE" > "$OUT/start/source"
   if [ -n "${START_FROM:-}" ]; then
     # A start trained earlier by this step (docs/results/selfkd_vs_sft/start is the committed one):
     # it is scored here like a new one and must pass the same bar.
+    if [ ! -d "$START_FROM" ] || [ "$START_FROM" = "$(realpath -m "$OUT/start/export")" ]; then
+      echo "START_FROM=$START_FROM: expected an exported model directory (tools/export_hf.py) outside $OUT/start" >&2
+      exit 1
+    fi
     echo "using the trained start $START_FROM (no start training)"
     rm -rf "$OUT/start/export"
-    mkdir -p "$OUT/start"
     cp -r "$START_FROM" "$OUT/start/export"
   else
     python -m trainer.supervise -- deepspeed --num_gpus "$NUM_GPUS" --master_port "$PORT" trainer/main.py \

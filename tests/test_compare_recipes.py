@@ -166,3 +166,7 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
         results["runs"][1]["config"]["train_shards"]
     assert tenth.split(",") == [shards["train_shards"].replace("{000000..000009}", "000000")]
     assert "| full | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
+
+    env.pop("START_FROM")  # the same OUT with a start of another origin: refused, nothing mixed
+    mixed = study(0)
+    assert mixed.returncode == 1 and "came from" in mixed.stderr and "use another OUT" in mixed.stderr

@@ -36,7 +36,7 @@ from trainer.models.omni import PROJECTORS
 @dataclass(frozen=True)
 class ModelConfig:
     model: Optional[str] = None
-    """`tiny` (random toy model, no download), `toy` (the same classes larger: 128-d, 224 px; the toy study), `synthetic-2b` / `synthetic-8b` (random weights at Qwen2-VL-2B / -7B
+    """`tiny` (random toy model, no download), `toy` (the same classes larger: 128-d, 224 px, M-RoPE theta 10; the toy study), `synthetic-2b` / `synthetic-8b` (random weights at Qwen2-VL-2B / -7B
     + Whisper-large-v3 size, for throughput), a directory written by tools/export_hf.py, or a native omni model:
     a Hugging Face checkpoint directory of Qwen2.5-Omni or Qwen3-Omni (the full model or its thinker; the thinker
     is trained), `tiny-qwen2_5_omni` / `tiny-qwen3_omni` (random toy thinkers) or `synthetic-qwen2_5_omni-7b`.
