@@ -32,6 +32,21 @@ def write_grid(path, **grid):
     return str(path)
 
 
+def tiny_start_and_grid(tmp_path, start_name, max_steps, recipes, eval_settings):
+    """A saved random tiny model (the start) and a short 2-rank Self-KD grid over `recipes`."""
+    from trainer.models.build import build_tiny
+    from trainer.models.serialize import save_omni
+    from trainer.models.tiny import build_tiny_processor
+
+    processor = build_tiny_processor()
+    save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / start_name))
+    return write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
+                      common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": max_steps,
+                              "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
+                              "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
+                      recipes=recipes, eval=eval_settings)
+
+
 def test_the_grid_owns_start_budget_and_seed(tmp_path):
     base = {"start": "model", "heldout_shards": "h.tar", "budgets": {"full": "t.tar"}}
     with pytest.raises(GridError, match=r"kd75 sets \['seed'\], which the grid owns"):
@@ -56,19 +71,10 @@ def test_the_alpha_curve_takes_the_recipes_that_differ_only_in_alpha():
 @pytest.mark.slow
 def test_a_two_recipe_grid_trains_scores_and_resumes(tmp_path, capsys):
     from datagen.demo import make_demo_data
-    from trainer.models.build import build_tiny
-    from trainer.models.serialize import save_omni
-    from trainer.models.tiny import build_tiny_processor
 
     data = make_demo_data(str(tmp_path / "data"), num_train=24, num_heldout=6, seed=1, samples_per_shard=12)
-    processor = build_tiny_processor()
-    save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / "start"))
-    grid = write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
-                      common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": 3,
-                              "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
-                              "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
-                      recipes={"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
-                      eval={"batch_size": 3, "max_new_tokens": 3})
+    recipes = {"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75, "teacher": "shared"}}
+    grid = tiny_start_and_grid(tmp_path, "start", 3, recipes, {"batch_size": 3, "max_new_tokens": 3})
     args = ["--grid", grid, "--out", str(tmp_path / "study"), "--start", str(tmp_path / "start"),
             "--heldout_shards", data["heldout_shards"], "--budget", f"full={data['train_shards']}",
             "--master_port", "29741"]
@@ -127,18 +133,8 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
     budgets through tools/compare_recipes.py. The same script, sizes and grid aside."""
     import subprocess
 
-    from trainer.models.build import build_tiny
-    from trainer.models.serialize import save_omni
-    from trainer.models.tiny import build_tiny_processor
-
-    processor = build_tiny_processor()
-    save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / "trained_start"))
-    grid = write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
-                      common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": 2,
-                              "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
-                              "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
-                      recipes={"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
-                      eval={"batch_size": 4, "max_new_tokens": 3})
+    grid = tiny_start_and_grid(tmp_path, "trained_start", 2, {"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
+                               {"batch_size": 4, "max_new_tokens": 3})
     out = tmp_path / "study"
     env = {**os.environ, "OUT": str(out), "TRAIN_SAMPLES": "40", "HELDOUT_SAMPLES": "6", "SAMPLES_PER_SHARD": "4",
            "START_FROM": str(tmp_path / "trained_start"), "GRID": grid, "MASTER_PORT": "29761"}
