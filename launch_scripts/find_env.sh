@@ -6,6 +6,7 @@ VENV=${VENV:-$REPO_ROOT/.venv}
 if [ -f "$VENV/bin/activate" ]; then
   # shellcheck disable=SC1091
   source "$VENV/bin/activate"
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"   # as setup_env.sh
 fi
 if [ "${DRY_RUN:-0}" != "1" ] && ! command -v deepspeed >/dev/null; then
   echo "$(basename "$0"): deepspeed not found: no environment at $VENV and none on PATH." >&2

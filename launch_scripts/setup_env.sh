@@ -11,6 +11,10 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
+# DeepSpeed JIT-builds its ops (shm_comm on CPU ranks) into torch's extension cache, by default one
+# per user: two environments (two checkouts, a clean clone beside a working tree) would overwrite
+# each other's build and rebuild at every start. One cache per environment.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"
 STAMP="$VENV/.requirements.sha256"
 WANT="$(cat "$REPO_ROOT/requirements.txt" "$REPO_ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then

@@ -61,11 +61,12 @@ def test_a_requeued_slurm_job_resumes(tmp_path):
 
 def test_launch_scripts_use_the_project_environment(tmp_path):
     """Submitted from a shell without the environment activated, the scripts find .venv
-    themselves; without any environment they say how to make one."""
+    themselves (and give it its own torch extension cache); without any environment they say
+    how to make one."""
     bare_path = "/usr/bin:/bin"
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
-    (venv / "bin" / "deepspeed").write_text("#!/bin/sh\necho fake-deepspeed \"$@\"\n")
+    (venv / "bin" / "deepspeed").write_text("#!/bin/sh\necho fake-deepspeed \"$@\"\necho extensions=$TORCH_EXTENSIONS_DIR\n")
     (venv / "bin" / "deepspeed").chmod(0o755)
     real_venv = os.path.dirname(os.path.dirname(sys.executable))  # the test's own environment, for python
     (venv / "bin" / "activate").write_text(f'source "{real_venv}/bin/activate"\nexport PATH="{venv}/bin:$PATH"\n')
@@ -73,6 +74,8 @@ def test_launch_scripts_use_the_project_environment(tmp_path):
     out = subprocess.run(["bash", "launch_scripts/train.sh", "--max_steps", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert "fake-deepspeed --num_nodes 1 --num_gpus 1" in out.stdout, out.stdout + out.stderr
+    # DeepSpeed's JIT-built ops go to this environment's own cache, not one shared by every environment.
+    assert f"extensions={venv}/torch_extensions\n" in out.stdout, out.stdout
     out = subprocess.run(["bash", "launch_scripts/train.sh"], cwd=ROOT, capture_output=True, text=True,
                          env={"PATH": bare_path, "HOME": str(tmp_path), "VENV": str(tmp_path / "none")})
     assert out.returncode == 127 and "deepspeed not found" in out.stderr and "VENV=" in out.stderr
