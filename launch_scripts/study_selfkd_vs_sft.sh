@@ -10,10 +10,14 @@
 #      frozen and the EMA teacher; spoken budgets "full" (all training shards) and "10pct" (a tenth);
 #      3 seeds each; each run exported and scored typed and spoken on the 400 held-out questions,
 #   4. OUT/grid/results.{json,md,png}. Every step resumes: finished work is not redone.
+# GRID, GRID_OUT and BUDGETS run another grid from the same data and start (the labelled follow-up in
+# launch_scripts/grids/followup_llm_frozen.yaml); the study itself is the defaults.
 #
 #   bash launch_scripts/study_selfkd_vs_sft.sh                  # everything under study_out/
 #   OUT=/tmp/study SEEDS=0 bash launch_scripts/study_selfkd_vs_sft.sh
 #   START_FROM=docs/results/selfkd_vs_sft/start bash launch_scripts/study_selfkd_vs_sft.sh   # skip [2]'s training
+#   GRID=launch_scripts/grids/followup_llm_frozen.yaml GRID_OUT=study_out/followup_llm_frozen BUDGETS=full \
+#     bash launch_scripts/study_selfkd_vs_sft.sh                # the follow-up, after the study
 set -euo pipefail
 # A relative START_FROM is the caller's; the script runs from the repository root.
 START_FROM=${START_FROM:+$(realpath "$START_FROM")}
@@ -27,6 +31,8 @@ SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
 START_STEPS=${START_STEPS:-5000}
 START_MIN_VL=${START_MIN_VL:-70}
 GRID=${GRID:-launch_scripts/grids/study_selfkd_vs_sft.yaml}
+GRID_OUT=${GRID_OUT:-$OUT/grid}
+BUDGETS=${BUDGETS:-full,10pct}
 source launch_scripts/local_ranks.sh
 PORT=${MASTER_PORT:-29531}
 mkdir -p "$OUT"
@@ -89,11 +95,19 @@ if ! python -c "import sys; sys.exit(0 if $START_VL >= $START_MIN_VL else 1)"; t
   exit 1
 fi
 
-echo "== [3/4] the grid: recipes x budgets x seeds ($GRID)"
-python tools/compare_recipes.py --grid "$GRID" --out "$OUT/grid" --start "$OUT/start/export" \
-  --heldout_shards "$HELDOUT_SHARDS" --budget full="$TRAIN_SHARDS" --budget 10pct="$TENTH" \
+echo "== [3/4] the grid: recipes x budgets ($BUDGETS) x seeds ($GRID)"
+BUDGET_ARGS=()
+for budget in ${BUDGETS//,/ }; do
+  case "$budget" in
+    full) BUDGET_ARGS+=(--budget full="$TRAIN_SHARDS") ;;
+    10pct) BUDGET_ARGS+=(--budget 10pct="$TENTH") ;;
+    *) echo "BUDGETS=$BUDGETS: expected full and/or 10pct, got $budget" >&2; exit 1 ;;
+  esac
+done
+python tools/compare_recipes.py --grid "$GRID" --out "$GRID_OUT" --start "$OUT/start/export" \
+  --heldout_shards "$HELDOUT_SHARDS" "${BUDGET_ARGS[@]}" \
   --num_gpus "$NUM_GPUS" --master_port "$((PORT + 1))" --prune_checkpoints ${SEEDS:+--seeds "$SEEDS"}
 
 echo "== [4/4] results"
-cat "$OUT/grid/results.md"
-echo "every run: $OUT/grid/results.json   plot: $OUT/grid/results.png"
+cat "$GRID_OUT/results.md"
+echo "every run: $GRID_OUT/results.json   plot: $GRID_OUT/results.png"

@@ -130,7 +130,8 @@ def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
 def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_path):
     """launch_scripts/study_selfkd_vs_sft.sh end to end at toy size: its demo data, a start given
     by START_FROM (scored, not trained), the bar on the start's VL, and a 1-recipe grid over both
-    budgets through tools/compare_recipes.py. The same script, sizes and grid aside."""
+    budgets through tools/compare_recipes.py, then into another GRID_OUT on one budget (the
+    follow-up's use). The same script, sizes and grid aside."""
     import subprocess
 
     grid = tiny_start_and_grid(tmp_path, "trained_start", 2, {"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
@@ -162,6 +163,19 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
         results["runs"][1]["config"]["train_shards"]
     assert tenth.split(",") == [shards["train_shards"].replace("{000000..000009}", "000000")]
     assert "| full | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
+
+    # Another grid from the same data and start (as the follow-up runs): its own output, one budget.
+    grid_results = (out / "grid" / "results.json").read_text()
+    env.update(GRID_OUT=str(out / "followup"), BUDGETS="full")
+    followup = study(0)
+    assert followup.returncode == 0, followup.stdout[-3000:] + followup.stderr[-3000:]
+    runs = json.loads((out / "followup" / "results.json").read_text())["runs"]
+    assert [(r["budget"], r["recipe"]) for r in runs] == [("full", "selfkd")]
+    assert runs[0]["config"]["model"] == str(out / "start" / "export")
+    assert (out / "grid" / "results.json").read_text() == grid_results, "the study's grid is left as it was"
+    env["BUDGETS"] = "full,half"
+    unknown = study(0)
+    assert unknown.returncode == 1 and "expected full and/or 10pct, got half" in unknown.stderr
 
     env.pop("START_FROM")  # the same OUT with a start of another origin: refused, nothing mixed
     mixed = study(0)
