@@ -6,7 +6,12 @@ VENV=${VENV:-$REPO_ROOT/.venv}
 if [ -f "$VENV/bin/activate" ]; then
   # shellcheck disable=SC1091
   source "$VENV/bin/activate"
-  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$VENV/torch_extensions}"   # as setup_env.sh
+fi
+# DeepSpeed's JIT-built ops in the environment's own cache, as setup_env.sh does (a conda or other
+# active environment counts too; with none, torch's per-user default stays).
+ENV_PREFIX=${VIRTUAL_ENV:-${CONDA_PREFIX:-}}
+if [ -n "$ENV_PREFIX" ]; then
+  export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ENV_PREFIX/torch_extensions}"
 fi
 if [ "${DRY_RUN:-0}" != "1" ] && ! command -v deepspeed >/dev/null; then
   echo "$(basename "$0"): deepspeed not found: no environment at $VENV and none on PATH." >&2

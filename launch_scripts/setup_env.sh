@@ -22,5 +22,6 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q -r "$REPO_ROOT/requirements.txt"
   python -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT"
+  rm -rf "$VENV/torch_extensions"  # ops built against the old torch/deepspeed are rebuilt
   echo "$WANT" > "$STAMP"
 fi

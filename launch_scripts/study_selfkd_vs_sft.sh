@@ -11,7 +11,8 @@
 #      3 seeds each; each run exported and scored typed and spoken on the 400 held-out questions,
 #   4. OUT/grid/results.{json,md,png}. Every step resumes: finished work is not redone.
 # GRID, GRID_OUT and BUDGETS run another grid from the same data and start (the labelled follow-up in
-# launch_scripts/grids/followup_llm_frozen.yaml); the study itself is the defaults.
+# launch_scripts/grids/followup_llm_frozen.yaml); the study itself is the defaults. OUT, GRID and
+# GRID_OUT are relative to the repository root, START_FROM to the caller's directory.
 #
 #   bash launch_scripts/study_selfkd_vs_sft.sh                  # everything under study_out/
 #   OUT=/tmp/study SEEDS=0 bash launch_scripts/study_selfkd_vs_sft.sh
@@ -33,6 +34,13 @@ START_MIN_VL=${START_MIN_VL:-70}
 GRID=${GRID:-launch_scripts/grids/study_selfkd_vs_sft.yaml}
 GRID_OUT=${GRID_OUT:-$OUT/grid}
 BUDGETS=${BUDGETS:-full,10pct}
+IFS=, read -ra BUDGET_NAMES <<< "$BUDGETS"
+for budget in "${BUDGET_NAMES[@]}"; do
+  case "$budget" in
+    full | 10pct) ;;
+    *) echo "BUDGETS=$BUDGETS: expected full and/or 10pct, got '$budget'" >&2; exit 1 ;;
+  esac
+done
 source launch_scripts/local_ranks.sh
 PORT=${MASTER_PORT:-29531}
 mkdir -p "$OUT"
@@ -97,11 +105,10 @@ fi
 
 echo "== [3/4] the grid: recipes x budgets ($BUDGETS) x seeds ($GRID)"
 BUDGET_ARGS=()
-for budget in ${BUDGETS//,/ }; do
+for budget in "${BUDGET_NAMES[@]}"; do
   case "$budget" in
     full) BUDGET_ARGS+=(--budget full="$TRAIN_SHARDS") ;;
     10pct) BUDGET_ARGS+=(--budget 10pct="$TENTH") ;;
-    *) echo "BUDGETS=$BUDGETS: expected full and/or 10pct, got $budget" >&2; exit 1 ;;
   esac
 done
 python tools/compare_recipes.py --grid "$GRID" --out "$GRID_OUT" --start "$OUT/start/export" \

@@ -175,8 +175,10 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
     assert (out / "grid" / "results.json").read_text() == grid_results, "the study's grid is left as it was"
     env["BUDGETS"] = "full,half"
     unknown = study(0)
-    assert unknown.returncode == 1 and "expected full and/or 10pct, got half" in unknown.stderr
+    assert unknown.returncode == 1 and "expected full and/or 10pct, got 'half'" in unknown.stderr
+    assert "== [1/4]" not in unknown.stdout, "a wrong BUDGETS is refused before any data or start work"
 
-    env.pop("START_FROM")  # the same OUT with a start of another origin: refused, nothing mixed
+    for name in ("GRID_OUT", "BUDGETS", "START_FROM"):  # the study again, but the same OUT
+        env.pop(name)  # with a start of another origin: refused, nothing mixed
     mixed = study(0)
     assert mixed.returncode == 1 and "came from" in mixed.stderr and "use another OUT" in mixed.stderr

@@ -69,13 +69,17 @@ def test_launch_scripts_use_the_project_environment(tmp_path):
     (venv / "bin" / "deepspeed").write_text("#!/bin/sh\necho fake-deepspeed \"$@\"\necho extensions=$TORCH_EXTENSIONS_DIR\n")
     (venv / "bin" / "deepspeed").chmod(0o755)
     real_venv = os.path.dirname(os.path.dirname(sys.executable))  # the test's own environment, for python
-    (venv / "bin" / "activate").write_text(f'source "{real_venv}/bin/activate"\nexport PATH="{venv}/bin:$PATH"\n')
+    (venv / "bin" / "activate").write_text(f'source "{real_venv}/bin/activate"\nexport PATH="{venv}/bin:$PATH"\n'
+                                          f'export VIRTUAL_ENV="{venv}"\n')
     env = {"PATH": bare_path, "HOME": str(tmp_path), "VENV": str(venv), "NUM_GPUS": "1"}
     out = subprocess.run(["bash", "launch_scripts/train.sh", "--max_steps", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert "fake-deepspeed --num_nodes 1 --num_gpus 1" in out.stdout, out.stdout + out.stderr
     # DeepSpeed's JIT-built ops go to this environment's own cache, not one shared by every environment.
     assert f"extensions={venv}/torch_extensions\n" in out.stdout, out.stdout
+    out = subprocess.run(["bash", "launch_scripts/train.sh", "--max_steps", "1"], cwd=ROOT, capture_output=True,
+                         text=True, env={**env, "TORCH_EXTENSIONS_DIR": str(tmp_path / "mine")})
+    assert f"extensions={tmp_path}/mine\n" in out.stdout, "a cache the user set is kept"
     out = subprocess.run(["bash", "launch_scripts/train.sh"], cwd=ROOT, capture_output=True, text=True,
                          env={"PATH": bare_path, "HOME": str(tmp_path), "VENV": str(tmp_path / "none")})
     assert out.returncode == 127 and "deepspeed not found" in out.stderr and "VENV=" in out.stderr
