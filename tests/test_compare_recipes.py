@@ -27,6 +27,27 @@ def test_mean_ci95_is_the_student_t_interval():
     assert mean_ci95([1.0] * 40)["ci95"] == 0.0
 
 
+def test_each_recipe_is_compared_with_the_first_seed_by_seed():
+    """VA - baseline, paired: differences of the same seed only (a seed the baseline lacks is left
+    out), their mean and t interval; the baseline itself gets none; the table shows it."""
+    grid = {"budgets": {"full": "x"}, "recipes": {"sft": {}, "kd": {}, "kd_only_seed5": {}}}
+    va = {("sft", 0): 40.0, ("sft", 1): 30.0, ("sft", 2): 35.0, ("kd", 0): 43.0, ("kd", 1): 31.0,
+          ("kd", 2): 41.0, ("kd", 7): 99.0, ("kd_only_seed5", 5): 50.0}
+    results = [{"budget": "full", "recipe": r, "seed": seed, "vl": 50.0, "va": v, "gap": 50.0 - v,
+                "signals": {"teacher_ce": None}} for (r, seed), v in va.items()]
+    summary = compare_recipes.summarize(results, grid)["full"]
+    assert "va_paired" not in summary["sft"] and "va_paired" not in summary["kd_only_seed5"]
+    diffs = [3.0, 1.0, 6.0]  # seed 7 has no sft run
+    paired = summary["kd"]["va_paired"]
+    assert paired["baseline"] == "sft" and paired["n"] == 3
+    assert paired["mean"] == pytest.approx(statistics.mean(diffs))
+    assert paired["ci95"] == pytest.approx(4.303 * statistics.stdev(diffs) / math.sqrt(3), rel=1e-3)
+    assert summary["kd"]["va"]["n"] == 4, "the unpaired mean keeps every run"
+    table = compare_recipes.format_table({"full": summary}).splitlines()
+    assert table[2].split(" | ")[6] == "-" and table[3].split(" | ")[6] == f"{paired['mean']:.1f} ± {paired['ci95']:.1f}"
+    assert "the same seed's sft run's" in table[-1]
+
+
 def write_grid(path, **grid):
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     return str(path)

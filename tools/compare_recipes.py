@@ -217,15 +217,23 @@ def finished_result(run: dict) -> dict | None:
 # --- results ---------------------------------------------------------------------------------------
 
 def summarize(results: list[dict], grid: dict) -> dict:
-    """{budget: {recipe: {"vl", "va", "gap": mean_ci95, "signals": means}}} in the grid's order."""
+    """{budget: {recipe: {"vl", "va", "gap": mean_ci95, "signals": means}}} in the grid's order.
+    Every recipe but the grid's first also gets "va_paired": its VA minus the first recipe's VA of
+    the same seed (same data order and new weights), mean_ci95 over the seeds both finished: seeds
+    differ a lot on a small model, and pairing takes out what they share."""
+    baseline = next(iter(grid["recipes"]))
     summary = {}
     for budget in grid["budgets"]:
         summary[budget] = {}
+        base_va = {r["seed"]: r["va"] for r in results if r["budget"] == budget and r["recipe"] == baseline}
         for recipe in grid["recipes"]:
             runs = [r for r in results if r["budget"] == budget and r["recipe"] == recipe]
             if not runs:
                 continue
             entry = {key: mean_ci95([r[key] for r in runs]) for key in ("vl", "va", "gap")}
+            paired = [r["va"] - base_va[r["seed"]] for r in runs if r["seed"] in base_va]
+            if recipe != baseline and paired:
+                entry["va_paired"] = {**mean_ci95(paired), "baseline": baseline}
             signals = {}
             for name in runs[0]["signals"]:
                 values = [r["signals"][name] for r in runs if r["signals"].get(name) is not None]
@@ -237,6 +245,8 @@ def summarize(results: list[dict], grid: dict) -> dict:
 
 def format_table(summary: dict) -> str:
     def cell(stat):
+        if stat is None:
+            return "-"
         if stat["ci95"] is None:
             return f"{stat['mean']:.1f}"
         return f"{stat['mean']:.1f} ± {stat['ci95']:.1f}"
@@ -244,15 +254,22 @@ def format_table(summary: dict) -> str:
     def signal(value):
         return "n/a" if value is None else f"{value:.3f}"
 
-    lines = ["| budget | recipe | runs | VL | VA | gap | teacher CE | agreement | teacher entropy |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| budget | recipe | runs | VL | VA | gap | VA - baseline, paired | teacher CE | agreement | teacher entropy |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    baselines = set()
     for budget, recipes in summary.items():
         for recipe, e in recipes.items():
             s = e["signals"]
+            if "va_paired" in e:
+                baselines.add(e["va_paired"]["baseline"])
             lines.append(f"| {budget} | {recipe} | {e['va']['n']} | {cell(e['vl'])} | {cell(e['va'])} | "
-                         f"{cell(e['gap'])} | {signal(s.get('teacher_ce'))} | {signal(s.get('agreement'))} | "
-                         f"{signal(s.get('teacher_entropy'))} |")
-    return "\n".join(lines) + "\n\nmean ± half-width of the 95% Student t interval over seeds\n"
+                         f"{cell(e['gap'])} | {cell(e.get('va_paired'))} | {signal(s.get('teacher_ce'))} | "
+                         f"{signal(s.get('agreement'))} | {signal(s.get('teacher_entropy'))} |")
+    notes = "\n\nmean ± half-width of the 95% Student t interval over seeds"
+    if baselines:
+        notes += (f"; VA - baseline, paired: the run's VA minus the same seed's {', '.join(sorted(baselines))} "
+                  "run's, over the seeds both have")
+    return "\n".join(lines) + notes + "\n"
 
 
 def alpha_curve_recipes(grid: dict) -> list[str]:
