@@ -292,6 +292,7 @@ def plot(summary: dict, grid: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    summary = {budget: entries for budget, entries in summary.items() if entries}  # no empty legend entry
     fig, (bars, curve) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 2]})
     recipes = list(grid["recipes"])
     width = 0.8 / max(1, len(summary))
