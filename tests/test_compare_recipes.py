@@ -68,6 +68,23 @@ def tiny_start_and_grid(tmp_path, start_name, max_steps, recipes, eval_settings)
                       recipes=recipes, eval=eval_settings)
 
 
+def test_signals_of_a_resumed_run_count_each_step_once(tmp_path):
+    """A run stopped at step 35 (logged as it stopped) and resumed from step 20 logs step 30
+    twice; the signals are those of the steps it went on from, over the last fifth of its 100
+    steps: steps 90 and 100 (naive reference)."""
+    def record(step, ce):
+        return {"step": step, "train/loss": ce, "train/ce_loss": ce, "train/teacher_ce": ce / 2}
+    first = [record(step, 9.0) for step in (10, 20, 30, 35)]  # step 30's record is lost to the resume
+    resumed = [record(step, float(step)) for step in range(30, 101, 10)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in first + [{"step": 30, "eval/x": 1.0}] + resumed))
+    got = compare_recipes.training_signals(str(path))
+    assert got["steps"] == 100
+    assert got["signals"]["ce_loss"] == pytest.approx((90 + 100) / 2)
+    assert got["signals"]["teacher_ce"] == pytest.approx((45 + 50) / 2)
+    assert got["signals"]["kd_loss"] is None
+
+
 def test_the_grid_owns_start_budget_and_seed(tmp_path):
     base = {"start": "model", "heldout_shards": "h.tar", "budgets": {"full": "t.tar"}}
     with pytest.raises(GridError, match=r"kd75 sets \['seed'\], which the grid owns"):

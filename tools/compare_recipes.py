@@ -47,7 +47,7 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID_OWNED = ("model", "train_shards", "seed", "save_dir", "log_dir", "resume", "config")
 GRID_KEYS = ("start", "heldout_shards", "budgets", "seeds", "num_gpus", "common", "recipes", "eval")
-# Training signals averaged over the last SIGNAL_TAIL share of a run's logged steps.
+# Training signals averaged over the logged steps in the last SIGNAL_TAIL share of a run.
 SIGNALS = ("train/ce_loss", "train/kd_loss", "train/teacher_ce", "train/agreement", "train/teacher_entropy")
 SIGNAL_TAIL = 0.2
 # Two-sided 95% Student t critical values by degrees of freedom (1..30); 1.96 beyond.
@@ -163,16 +163,22 @@ def _run_logged(command: list[str], log_path: str, env: dict) -> None:
 
 
 def training_signals(metrics_path: str) -> dict:
-    """The last step reached and, per signal, its mean over the last SIGNAL_TAIL of the steps."""
+    """The last step reached and, per signal, its mean over the logged steps in the last
+    SIGNAL_TAIL of the run (after step 160 of 200). A resumed run logs again the steps after its
+    checkpoint (a restart without one, every step): each step counts once, with the record of
+    the attempt the run went on from."""
     records = []
     with open(metrics_path) as f:
         for line in f:
             record = json.loads(line)
             if "train/loss" in record:
+                while records and records[-1]["step"] >= record["step"]:
+                    records.pop()  # logged before a resume from an earlier step: not the run's history
                 records.append(record)
     if not records:
         raise RuntimeError(f"{metrics_path}: no training step logged")
-    tail = records[-max(1, math.ceil(SIGNAL_TAIL * len(records))):]
+    last = records[-1]["step"]
+    tail = [r for r in records if r["step"] > (1 - SIGNAL_TAIL) * last] or records[-1:]
     signals = {}
     for name in SIGNALS:
         values = [r[name] for r in tail if r.get(name) is not None]
