@@ -178,7 +178,7 @@ def training_signals(metrics_path: str) -> dict:
     if not records:
         raise RuntimeError(f"{metrics_path}: no training step logged")
     last = records[-1]["step"]
-    tail = [r for r in records if r["step"] > (1 - SIGNAL_TAIL) * last] or records[-1:]
+    tail = [r for r in records if r["step"] > (1 - SIGNAL_TAIL) * last]  # the last record always
     signals = {}
     for name in SIGNALS:
         values = [r[name] for r in tail if r.get(name) is not None]
