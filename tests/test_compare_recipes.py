@@ -85,6 +85,19 @@ def test_signals_of_a_resumed_run_count_each_step_once(tmp_path):
     assert got["signals"]["kd_loss"] is None
 
 
+def test_a_torn_metrics_line_is_skipped_and_named(tmp_path, capsys):
+    """A rank killed mid-write leaves half a line, and the restart appends its first record to it:
+    that line is skipped with a message naming the file and line, the rest still counts."""
+    lines = [json.dumps({"step": step, "train/loss": 1.0, "train/ce_loss": float(step)}) for step in (10, 20)]
+    lines.append(lines[0][:15] + json.dumps({"step": 10, "train/loss": 1.0, "train/ce_loss": 99.0}))
+    lines += [json.dumps({"step": step, "train/loss": 1.0, "train/ce_loss": float(step)}) for step in (20, 30, 40, 50)]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    got = compare_recipes.training_signals(str(path))
+    assert got["steps"] == 50 and got["signals"]["ce_loss"] == pytest.approx(50.0)
+    assert f"{path}: skipped 1 unreadable line(s) (not JSON): [3]" in capsys.readouterr().err
+
+
 def test_the_grid_owns_start_budget_and_seed(tmp_path):
     base = {"start": "model", "heldout_shards": "h.tar", "budgets": {"full": "t.tar"}}
     with pytest.raises(GridError, match=r"kd75 sets \['seed'\], which the grid owns"):

@@ -167,14 +167,21 @@ def training_signals(metrics_path: str) -> dict:
     SIGNAL_TAIL of the run (after step 160 of 200). A resumed run logs again the steps after its
     checkpoint (a restart without one, every step): each step counts once, with the record of
     the attempt the run went on from."""
-    records = []
+    records, unreadable = [], []
     with open(metrics_path) as f:
-        for line in f:
-            record = json.loads(line)
+        for number, line in enumerate(f, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a kill mid-write, the next start's appended to it
+                unreadable.append(number)
+                continue
             if "train/loss" in record:
                 while records and records[-1]["step"] >= record["step"]:
                     records.pop()  # logged before a resume from an earlier step: not the run's history
                 records.append(record)
+    if unreadable:
+        print(f"{metrics_path}: skipped {len(unreadable)} unreadable line(s) (not JSON): {unreadable[:10]}",
+              file=sys.stderr)
     if not records:
         raise RuntimeError(f"{metrics_path}: no training step logged")
     last = records[-1]["step"]
