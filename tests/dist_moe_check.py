@@ -92,7 +92,7 @@ def main() -> None:
     from trainer.config import load_config
     from trainer.distill.objective import SelfKDObjective
     from trainer.loop import Trainer, answer_chunks_for
-    from trainer.models.build import build_model
+    from trainer.models.factory import build_model
     from trainer.models.synthetic import make_batch
 
     config = load_config(["--model", "tiny-qwen3_omni", "--train_shards", args.shards, "--ds_config", args.ds_config,

@@ -24,7 +24,7 @@ from trainer.config import ModelConfig
 from trainer.distill.loss import KDSettings
 from trainer.distill.objective import SelfKDObjective
 from trainer.distill.teachers import SharedTeacher, make_teacher
-from trainer.models.build import build_model
+from trainer.models.factory import build_model
 from trainer.models.serialize import load_omni, omni_spec, save_omni
 from trainer.models.synthetic import make_batch
 

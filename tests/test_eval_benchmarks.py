@@ -6,7 +6,7 @@ import pytest
 from trainer.eval.benchmarks import (benchmark_report, format_table, mme_parse, pope_parse, score_hallusionbench,
                                      score_mme, score_pope, score_scienceqa, score_textvqa, evalai_normalize,
                                      textvqa_accuracy)
-from trainer.eval.scoring import aggregate
+from trainer.eval.report import aggregate
 
 
 def record(benchmark, prediction, answer, mode="text", **bench):

@@ -4,8 +4,8 @@ import itertools
 
 import pytest
 
+from trainer.eval.report import aggregate
 from trainer.eval.scoring import (
-    aggregate,
     normalize_vqa,
     parse_choice,
     score,

@@ -14,7 +14,7 @@ from datagen.demo import make_split
 from datagen.writer import make_llava_shards
 from trainer.data import build_eval_loader
 from trainer.eval.attention import sample_attention_shares, token_groups
-from trainer.eval.scoring import aggregate
+from trainer.eval.report import aggregate
 from trainer.models.build import build_tiny
 from trainer.models.serialize import load_omni, save_omni
 from trainer.models.tiny import build_tiny_processor
@@ -116,7 +116,7 @@ def test_both_tools_take_a_native_export(assets, preset, tmp_path):
     """tools/evaluate.py and tools/attention_analysis.py on a native model saved in its
     family's layout (what tools/export_hf.py writes for it)."""
     from trainer.config import ModelConfig
-    from trainer.models.build import build_model
+    from trainer.models.factory import build_model
 
     model, processor = build_model(ModelConfig(model=preset, attn_impl="sdpa"))
     save_omni(model, processor, str(tmp_path / "model"))

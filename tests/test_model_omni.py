@@ -408,7 +408,7 @@ def test_the_toy_preset_is_the_tiny_classes_larger_and_round_trips(tmp_path):
     from types import SimpleNamespace
 
     from trainer.data.collate import image_max_pixels
-    from trainer.models.build import build_model
+    from trainer.models.factory import build_model
 
     cfg = SimpleNamespace(model="toy", vlm=None, audio_encoder=None, audio_stack=4, projector="mlp",
                           trainable=("llm", "projector", "vision", "audio"), attn_impl="sdpa",
@@ -441,7 +441,7 @@ def test_the_toy_llm_tells_picture_rows_and_columns_apart(preset):
     the model's own rotary embedding on two tokens of one row, columns 0 and 7."""
     from types import SimpleNamespace
 
-    from trainer.models.build import build_model
+    from trainer.models.factory import build_model
 
     cfg = SimpleNamespace(model=preset, vlm=None, audio_encoder=None, audio_stack=4, projector="mlp",
                           trainable=("llm", "projector"), attn_impl="sdpa", gradient_checkpointing=False)

@@ -17,7 +17,7 @@ from trainer.data.decode import SampleError
 from trainer.distill.loss import KDSettings
 from trainer.distill.objective import SelfKDObjective, answer_index, shared_prefix_length
 from trainer.models import native
-from trainer.models.build import build_model
+from trainer.models.factory import build_model
 from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni, save_omni
 from trainer.models.synthetic import make_batch, raw_sample

@@ -208,7 +208,7 @@ def bench_plain(args, spec: str) -> dict:
     from trainer.data import build_train_loader
     from trainer.distill.objective import SelfKDObjective
     from trainer.loop import batch_stats
-    from trainer.models.build import build_model
+    from trainer.models.factory import build_model
     from trainer.perf import flops_params, peak_bf16_flops, step_flops
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -29,6 +29,7 @@ import yaml
 from trainer.data.batch import TRAINING_STAGES
 from trainer.distill.loss import DIVERGENCES
 from trainer.distill.teachers import TEACHERS
+from trainer.errors import ConfigError
 from trainer.models.build import ATTN_IMPLS, DEFAULT_TRAINABLE, TRAINABLE_PARTS
 from trainer.models.omni import PROJECTORS
 
@@ -175,10 +176,6 @@ class Config:
             for key, value in dataclasses.asdict(getattr(self, name)).items():
                 flat[key] = list(value) if isinstance(value, tuple) else value
         return flat
-
-
-class ConfigError(ValueError):
-    """A configuration value is not allowed; the message says which and why."""
 
 
 def _field_index() -> dict:

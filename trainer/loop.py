@@ -40,7 +40,7 @@ from trainer.distill.loss import KDSettings
 from trainer.distill.objective import OUTPUT_SUMS, SelfKDObjective, combine_sums
 from trainer.distill.teachers import make_teacher
 from trainer.metrics import MetricsWriter
-from trainer.models.build import NAMED_MODELS, build_model
+from trainer.models.factory import NAMED_MODELS, build_model
 from trainer.models.serialize import omni_spec
 from trainer.perf import flops_params, peak_bf16_flops, step_flops
 from trainer.preemption import EXIT_OK, EXIT_STOPPED, EXIT_STOPPED_UNSAVED, StopRequest

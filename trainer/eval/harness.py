@@ -16,7 +16,8 @@ import torch
 
 from trainer import dist
 from trainer.data.batch import Batch
-from trainer.eval.scoring import MODES, aggregate, parsed_answer, score
+from trainer.eval.report import aggregate
+from trainer.eval.scoring import MODES, parsed_answer, score
 
 # Batch fields the eval loader fills for scoring (build_eval_loader; trainer/data/batch.py).
 _REQUIRED_FIELDS = ("ids", "questions", "answers", "tasks")
@@ -81,7 +82,7 @@ def evaluate(model, processor, loader, *, modes=MODES, max_new_tokens: int = 32,
     and floating tensors to `dtype` when given (the trainer passes its own).
 
     Returns (report, records). report: {"vl_score", "va_score", "gap", "n", "by_task",
-    ["by_source"]} (see scoring.aggregate; points out of 100). records: one dict per sample
+    ["by_source"]} (see report.aggregate; points out of 100). records: one dict per sample
     and mode, {"id", "mode", "task", "question", "answer", ["choices", "answers",
     "source"], "prediction", "parsed", "score"}, gathered from all ranks, sorted by id.
     The model is put in eval mode and restored afterwards. `max_batches` caps the steps

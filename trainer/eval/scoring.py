@@ -1,4 +1,5 @@
-"""Scoring of generated answers: one pure function per task type, and the aggregate report.
+"""Scoring of generated answers: one pure function per task type (the report over many samples
+is trainer/eval/report.py).
 
 Every sample is asked twice, with the question typed ("text" mode, the VL score) and
 spoken ("audio" mode, the VA score); both predictions go through the same scorer, so the
@@ -19,7 +20,6 @@ Anything else is scored as "open".
 """
 
 import re
-from collections import defaultdict
 
 MODES = ("text", "audio")
 
@@ -194,7 +194,7 @@ def score_asr(prediction: str, reference: str) -> float:
     return max(0.0, 1.0 - word_error_rate(prediction, reference))
 
 
-# --- dispatch and aggregation -----------------------------------------------------------
+# --- dispatch -----------------------------------------------------------------------
 def score(prediction: str, sample_meta: dict) -> float:
     """Score in [0, 1] of one prediction. `sample_meta` holds "answer" and optionally
     "task" (yesno|choice|open|asr; anything else is open), "choices", "answers"."""
@@ -210,53 +210,6 @@ def score(prediction: str, sample_meta: dict) -> float:
         return score_open(prediction, reference, sample_meta.get("answers"))
     except ValueError as e:
         raise ValueError(f"sample {sample_meta.get('id', '?')!r}, field 'answer': {e}") from None
-
-
-def _mean_points(scores: list[float]) -> float | None:
-    return 100.0 * sum(scores) / len(scores) if scores else None
-
-
-def _summary(records: list[dict]) -> dict:
-    by_mode = defaultdict(list)
-    for r in records:
-        by_mode[r["mode"]].append(float(r["score"]))
-    vl = _mean_points(by_mode["text"])
-    va = _mean_points(by_mode["audio"])
-    return {
-        "vl_score": vl,
-        "va_score": va,
-        "gap": None if vl is None or va is None else vl - va,
-        "n": len({r["id"] for r in records}),
-    }
-
-
-def aggregate(records: list[dict]) -> dict:
-    """Report from per-sample records ({"id", "task", "mode": text|audio, "score" in [0,1],
-    optional "source", optional "parsed"}): scores in points out of 100, gap = vl - va,
-    n = distinct samples; broken down by task and (when records carry one) by source.
-    For yes/no tasks the share of "yes" answers per mode shows the spoken-question yes bias."""
-    unknown = sorted({r["mode"] for r in records} - set(MODES))
-    if unknown:
-        raise ValueError(f"records with unknown mode(s) {unknown}; expected {MODES}")
-    report = _summary(records)
-    by_task = defaultdict(list)
-    by_source = defaultdict(list)
-    for r in records:
-        by_task[r.get("task") or "open"].append(r)
-        if r.get("source"):
-            by_source[r["source"]].append(r)
-    report["by_task"] = {task: _summary(rs) for task, rs in sorted(by_task.items())}
-    if "yesno" in by_task:
-        for mode, key in (("text", "vl_yes_rate"), ("audio", "va_yes_rate")):
-            answers = [r.get("parsed") for r in by_task["yesno"] if r["mode"] == mode]
-            report["by_task"]["yesno"][key] = _mean_points([float(a == "yes") for a in answers])
-    if by_source:
-        report["by_source"] = {src: _summary(rs) for src, rs in sorted(by_source.items())}
-    if any(r.get("bench") for r in records):  # benchmark shards: each scored by its own rule
-        from trainer.eval.benchmarks import benchmark_report
-
-        report["benchmarks"] = benchmark_report(records)
-    return report
 
 
 def parsed_answer(prediction: str, sample_meta: dict):

@@ -1,6 +1,7 @@
 """Building the omni model: the `tiny` preset, a new composition of pretrained parts, the
-architecture an export or a checkpoint recorded, and the trainer's dispatch between them
-(`build_model`); which parts train; gradient checkpointing; attention kernels.
+architecture an export or a checkpoint recorded; which parts train; gradient checkpointing;
+attention kernels. The trainer's dispatch between them is `build_model`
+(trainer/models/factory.py), which also loads directories through serialize.py.
 
   build_tiny(processor, ...)                                 random-init real classes, tiny (or toy) configs
   compose(vlm_path, audio_encoder_path, processor, ...)      from_pretrained weights + a new projector
@@ -9,13 +10,12 @@ architecture an export or a checkpoint recorded, and the trainer's dispatch betw
   load_omni(dir) (trainer/models/serialize.py)               an export or a native checkpoint, weights included
 ZeRO-3: pass `init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config)` so no rank ever
 holds the whole model. Hugging Face builds and loads its modules partitioned only while a
-`transformers.integrations.HfDeepSpeedConfig(ds_config)` object is alive: `build_model`
-creates one and keeps it on the model (init_ctx then only wraps the new projector).
+`transformers.integrations.HfDeepSpeedConfig(ds_config)` object is alive:
+`factory.build_model` creates one and keeps it on the model (init_ctx then only wraps the new projector).
 """
 
 import contextlib
 import importlib.util
-import os
 
 import torch
 from torch import nn
@@ -24,10 +24,8 @@ from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 from trainer.models.adapters import adapter_for
 from trainer.models.omni import AudioProjector, OmniModel, ZeroSafeWhisperEncoder
 from trainer.models import native
-from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 
-NAMED_MODELS = ("tiny", "toy", *PRESETS, *native.PRESETS)  # --model values that build without a directory
 ATTN_IMPLS = ("auto", "flash_attention_2", "sdpa", "eager")
 TRAINABLE_PARTS = ("llm", "projector", "vision", "audio")
 DEFAULT_TRAINABLE = ("llm", "projector")
@@ -237,85 +235,3 @@ def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32
         vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
         init_ctx=init_ctx,
     )
-
-
-def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds_config: dict | None = None):
-    """The trainer's entry: `cfg` has model, vlm, audio_encoder, audio_stack, projector,
-    trainable, attn_impl, gradient_checkpointing (trainer.config.ModelConfig).
-    Under ZeRO-3 pass init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config) AND the
-    filled `ds_config` dict: Hugging Face builds/loads its modules partitioned only while a
-    transformers HfDeepSpeedConfig is alive, so one is created here and kept on the model
-    (`model.hf_deepspeed_config`) for the rest of the run. -> (model, processor)."""
-    hf_deepspeed_config = _hf_zero3_config(init_ctx, ds_config)
-    if cfg.model not in (None, *NAMED_MODELS) and not os.path.isdir(cfg.model):
-        raise FileNotFoundError(f"--model: {cfg.model} is neither one of {NAMED_MODELS} nor an existing directory")
-    if cfg.model in ("tiny", "toy"):
-        from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor
-
-        toy = cfg.model == "toy"
-        processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY_MAX_PIXELS} if toy else {}))
-        model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx,
-                           toy=toy)
-    elif cfg.model in PRESETS:
-        processor = preset_processor(cfg.audio_stack)
-        model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,
-                                   dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
-    elif cfg.model in native.TINY:
-        processor = native.tiny_processor(native.TINY[cfg.model])
-        torch.manual_seed(0)
-        model = build_native(native.tiny_config(processor.family, processor), processor, dtype=dtype,
-                             attn_impl=cfg.attn_impl, init_ctx=init_ctx)
-    elif cfg.model in native.SYNTHETIC:
-        processor = native.tiny_processor(native.SYNTHETIC[cfg.model], max_pixels=448 * 448, num_mel_bins=128,
-                                          chunk_seconds=30)
-        model = build_native(native.synthetic_config(cfg.model, processor), processor, dtype=dtype,
-                             attn_impl=cfg.attn_impl, init_ctx=init_ctx)
-    elif cfg.model is not None:
-        from trainer.models.serialize import load_omni  # serialize builds through this module
-
-        model, processor = load_omni(cfg.model, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
-    else:
-        processor = OmniProcessor.compose(cfg.vlm, cfg.audio_encoder, cfg.audio_stack)
-        model = compose(cfg.vlm, cfg.audio_encoder, processor, projector=cfg.projector, dtype=dtype,
-                        attn_impl=cfg.attn_impl, init_ctx=init_ctx)
-    model.hf_deepspeed_config = hf_deepspeed_config
-    if model.adapter.z3_leaf_classes:  # gathered whole by ZeRO-3 (a flag on the modules; no effect otherwise)
-        from deepspeed.utils import set_z3_leaf_modules
-
-        set_z3_leaf_modules(model, list(model.adapter.z3_leaf_classes))
-    set_trainable(model, cfg.trainable)
-    _check_leaf_modules_frozen(model, init_ctx)
-    if cfg.gradient_checkpointing:
-        enable_gradient_checkpointing(model)
-    return model, processor
-
-
-def _check_leaf_modules_frozen(model: OmniModel, init_ctx) -> None:
-    """Under ZeRO-3 a leaf module (gathered whole: Phi-4's image embedding) must not train:
-    DeepSpeed 0.19 re-partitions its parameters before their gradients are accumulated
-    (seen as "size of tensor a (0) must match ..." in backward). Refused up front."""
-    if type(init_ctx).__name__ != "Init":
-        return
-    leaf = tuple(model.adapter.z3_leaf_classes)
-    training = sorted({type(m).__name__ for m in model.modules() if leaf and isinstance(m, leaf)
-                       and any(p.requires_grad for p in m.parameters())})
-    if training:
-        from trainer.config import ConfigError
-
-        raise ConfigError(f"--trainable: {', '.join(training)} would train under ZeRO-3 as a leaf module, which "
-                          f"DeepSpeed 0.19 does not support; leave the {model.adapter.family} vision part frozen "
-                          f"(--trainable without vision), or use ZeRO stage 2 (ds_configs/zero2.json)")
-
-
-def _hf_zero3_config(init_ctx, ds_config):
-    """An HfDeepSpeedConfig for a zero.Init build unless one is already alive (needs the
-    `accelerate` package, as all of transformers' DeepSpeed integration does)."""
-    from transformers.integrations import is_deepspeed_zero3_enabled
-
-    if type(init_ctx).__name__ != "Init" or is_deepspeed_zero3_enabled():
-        return None
-    if ds_config is None:
-        raise RuntimeError("build_model under deepspeed.zero.Init needs ds_config=<the filled DeepSpeed config dict>")
-    from transformers.integrations import HfDeepSpeedConfig
-
-    return HfDeepSpeedConfig(ds_config)
