@@ -17,7 +17,8 @@ Exit codes of trainer/main.py (and of the launch scripts, which pass them on):
   76  stopped on request with nothing saved (no --save_dir, or the last step was non-finite)
 
 Status files: when TRAINER_STATUS_DIR is set (trainer.supervise sets it), every rank writes
-`rank{R}.json` there: "running" at start, then its exit code, step and checkpoint. A rank
+`rank{R}.json` there: "running" at start, then its exit code, step and checkpoint; the
+supervisor records there a stop signal it received (`stop_file`). A rank
 that was killed leaves "running" behind, which is how the launch scripts tell a killed run
 from a finished one even when the deepspeed launcher itself reports success.
 """
@@ -44,6 +45,7 @@ STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 STACKS_SIGNAL = signal.SIGUSR2
 STATUS_DIR_ENV = "TRAINER_STATUS_DIR"
 SUPERVISOR_ENV = "TRAINER_SUPERVISOR_PID"
+
 # Command-line fragments of the processes that launch ranks: their death ends the run.
 LAUNCHER_MARKERS = ("deepspeed.launcher", "bin/deepspeed", "torch.distributed.run", "bin/torchrun", "trainer.supervise")
 
@@ -111,6 +113,11 @@ class StopRequest:
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
         faulthandler.register(STACKS_SIGNAL, all_threads=True)
+        directory, supervisor = os.environ.get(STATUS_DIR_ENV), int(os.environ.get(SUPERVISOR_ENV, "0") or 0)
+        if directory and supervisor and os.path.exists(stop_file(directory, supervisor)):
+            with open(stop_file(directory, supervisor)) as f:
+                self.request(f"{f.read().strip() or 'a stop signal'} received by the supervisor before this rank "
+                             "was listening")
         launchers = launcher_ancestors()
         if launchers:
             self._watch = threading.Thread(target=self._watch_launchers, args=(launchers,), daemon=True,
@@ -135,6 +142,14 @@ def finished() -> None:
     rank during its teardown: Python's finalization resets handled signals to SIG_DFL, whose
     action for SIGUSR1 is to terminate. SIGTERM keeps its meaning."""
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
+def stop_file(directory: str, supervisor_pid: int) -> str:
+    """Where trainer.supervise records the stop signal it received, for the ranks below it on
+    this host (a directory reused by another run holds other supervisors' files). A rank still
+    importing when the signal came ignores SIGUSR1 (the launcher's disposition, inherited) and
+    reads this file when it starts listening, so a warning during start-up is not lost."""
+    return os.path.join(directory, f"stop_requested-{socket.gethostname()}-{supervisor_pid}")
 
 
 def write_status(state: str, **fields) -> None:

@@ -10,7 +10,9 @@ SIGTERM it kills them after 30 s; and when its per-node launcher is killed it ex
   - the launcher processes start with SIGUSR1 ignored, so the SIGUSR1 that SLURM sends to
     every process of the step reaches only the ranks (which stop after their step and save);
   - SIGUSR1 or SIGTERM sent to this process is passed on as SIGUSR1 to the ranks (the
-    processes started by a launcher below it, or by it directly);
+    processes started by a launcher below it, or by it directly), and recorded in the status
+    directory for ranks still starting, which ignore SIGUSR1 until they listen (a warning
+    that comes during start-up is not lost);
   - this process is a child subreaper: ranks orphaned by a dead launcher are re-parented
     here, and it returns only once every process below it has exited; the ranks themselves
     stop when a launcher above them dies (trainer/preemption.py), and the launcher below
@@ -33,7 +35,8 @@ import tempfile
 
 import psutil
 
-from trainer.preemption import EXIT_CRASH, EXIT_STOPPED, STATUS_DIR_ENV, SUPERVISOR_ENV, is_launcher, read_statuses
+from trainer.preemption import (EXIT_CRASH, EXIT_STOPPED, STATUS_DIR_ENV, SUPERVISOR_ENV, is_launcher, read_statuses,
+                                stop_file)
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -67,10 +70,21 @@ def ranks_below(root: psutil.Process) -> list:
     return ranks
 
 
+_status_dir = None  # the launch's TRAINER_STATUS_DIR, for _forward_stop
+
+
 def _forward_stop(signum, frame) -> None:
     name = signal.Signals(signum).name
     # os.write, not print: a handler must not re-enter a buffered stream the main code may be using.
     os.write(2, f"[supervise] {name} received: asking every rank to stop after its step and save\n".encode())
+    if _status_dir is not None:  # for ranks not listening yet (preemption.stop_file)
+        try:
+            os.makedirs(_status_dir, exist_ok=True)
+            fd = os.open(stop_file(_status_dir, os.getpid()), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.write(fd, name.encode())
+            os.close(fd)
+        except OSError as exc:
+            os.write(2, f"[supervise] cannot record the stop in {_status_dir}: {exc}\n".encode())
     for proc in ranks_below(psutil.Process()):
         try:
             proc.send_signal(signal.SIGUSR1)
@@ -119,7 +133,8 @@ def _reap_all(child: subprocess.Popen) -> int:
 
 
 def supervise(command: list) -> int:
-    status_dir = os.environ.get(STATUS_DIR_ENV) or tempfile.mkdtemp(prefix="trainer-status-")
+    global _status_dir
+    status_dir = _status_dir = os.environ.get(STATUS_DIR_ENV) or tempfile.mkdtemp(prefix="trainer-status-")
     env = {**os.environ, STATUS_DIR_ENV: status_dir, SUPERVISOR_ENV: str(os.getpid())}
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     for sig in (signal.SIGUSR1, signal.SIGTERM):
