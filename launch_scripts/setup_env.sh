@@ -23,5 +23,8 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   python -m pip install -q -r "$REPO_ROOT/requirements.txt"
   python -m pip install -q --no-deps --no-build-isolation -e "$REPO_ROOT"
   rm -rf "$VENV/torch_extensions"  # ops built against the old torch/deepspeed are rebuilt
+  # DeepSpeed's shared-memory collective for CPU ranks (nothing on a GPU machine), built now
+  # rather than JIT-built by the first launch, about a minute into someone's first run.
+  python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" >/dev/null
   echo "$WANT" > "$STAMP"
 fi

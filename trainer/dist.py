@@ -63,10 +63,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_owns_group = False  # whether init() made the process group, so shutdown() is ours to do
+
+
 def init(timeout_s: int) -> None:
-    """Join the process group (gloo on CPU, nccl on GPU) with `timeout_s` on every collective."""
+    """Join the process group (gloo on CPU, nccl on GPU) with `timeout_s` on every collective.
+    A group the embedding process made already (several runs in one process: the test suite's
+    shared launch, a notebook) is used as it is, and left to that process to tear down."""
     import deepspeed
 
+    global _owns_group
+    if dist.is_initialized():
+        return
     os.environ.update(env_from_slurm())
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
@@ -83,11 +91,15 @@ def init(timeout_s: int) -> None:
         timeout=datetime.timedelta(seconds=timeout_s),
         verbose=False,
     )
+    _owns_group = True
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
+    """Tear down the process group init() made (one made by the embedding process stays)."""
+    global _owns_group
+    if _owns_group and dist.is_initialized():
         dist.destroy_process_group()
+    _owns_group = False
 
 
 def print0(*args, **kwargs) -> None:

@@ -443,3 +443,10 @@ class Trainer:
     def close(self) -> None:
         self.watchdog.stop()
         self.metrics.close()
+        if getattr(self.model, "hf_deepspeed_config", None) is not None:
+            # transformers registers it process-wide: a later build in this process (another
+            # run, an evaluation) must not inherit this run's ZeRO-3 settings.
+            from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+            self.model.hf_deepspeed_config = None
+            unset_hf_deepspeed_config()
