@@ -1,5 +1,6 @@
 """Answer-token logits of a checkpoint, computed by the 2-rank ZeRO-3 engine (helper of
-tests/test_train_zero3.py::test_export_reloads_to_the_same_logits).
+tests/test_train_zero3.py::test_export_reloads_to_the_same_logits and of the native-family
+export tests; in the suite, `main(argv)` is a step of the shared launch, tests/shared_launch.py).
 
     deepspeed --num_gpus 2 tests/dist_logits.py --checkpoint CKPT --shards SPEC --out logits.pt
 """
@@ -28,13 +29,13 @@ def answer_logits(model, batch) -> torch.Tensor:
     return model.adapter.lm_head(answers).float().cpu()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--checkpoint", required=True)
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from trainer import dist
     from trainer.config import load_config

@@ -1,5 +1,6 @@
 """The mixture-of-experts thinker under 2-rank ZeRO-3 when the ranks route to different
-experts (helper of tests/test_native_zero3.py::test_moe_experts_routed_on_one_rank_get_their_gradient).
+experts (helper of tests/test_native_zero3.py::test_moe_experts_routed_on_one_rank_get_their_gradient;
+in the suite, `main(argv)` is a step of the shared launch, tests/shared_launch.py).
 
     deepspeed --num_gpus 2 tests/dist_moe_check.py --shards SPEC --ds_config DS.json --out result.json
 
@@ -80,13 +81,13 @@ def record_gathers(model) -> list:
     return seen
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", required=True, help="any train shards: the Trainer wants a loader")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json")
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from trainer import dist
     from trainer.config import load_config

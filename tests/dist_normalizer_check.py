@@ -1,6 +1,7 @@
 """The loss normalisation of a real 2-rank ZeRO-3 step with gradient accumulation 2, against
 a single-process reference on the same four micro-batches (helper of
-tests/test_train_zero3.py::test_gradient_is_the_global_token_mean).
+tests/test_train_zero3.py::test_gradient_is_the_global_token_mean; in the suite, `main(argv)` is a
+step of the shared launch, tests/shared_launch.py).
 
     deepspeed --num_gpus 2 tests/dist_normalizer_check.py --shards SPEC --out result.json
 
@@ -15,12 +16,12 @@ import math
 import deepspeed
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--shards", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from trainer import dist
     from trainer.config import load_config

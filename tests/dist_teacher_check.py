@@ -1,6 +1,6 @@
 """Two-rank ZeRO-3 check of the frozen and EMA teachers on the tiny omni model (CPU, gloo).
 
-Run (pytest does this in tests/test_teacher_zero3.py):
+Run (tests/test_teacher_zero3.py does it as a step of the shared launch, `main([SAVE_DIR])`):
     deepspeed --num_gpus 2 tests/dist_teacher_check.py
 Each rank builds the tiny model inside deepspeed.zero.Init, trains a few Self-KD steps on
 its own synthetic batches with the EMA teacher as the teacher pass, and keeps a reference
@@ -51,7 +51,8 @@ def assert_close(label, got, want):
             raise AssertionError(f"{label}: parameter {i} differs by {(a - b).abs().max().item():.3e}")
 
 
-def main():
+def main(argv=None):
+    """argv: [save dir] (default $DIST_CHECK_DIR, else /tmp/dist_teacher_check)."""
     deepspeed.init_distributed(dist_backend="gloo")
     rank = deepspeed.comm.get_rank()
     # The trainer's own build path: HF modules partitioned at construction via the
@@ -110,7 +111,7 @@ def main():
 
     # Checkpoint for tools/export_hf.py, which the pytest wrapper runs afterwards in a fresh
     # process and compares against the gathered weights saved here.
-    save_dir = os.environ.get("DIST_CHECK_DIR", "/tmp/dist_teacher_check")
+    save_dir = argv[0] if argv else os.environ.get("DIST_CHECK_DIR", "/tmp/dist_teacher_check")
     # The trainer's own save (engine partitions, spec, processor, fsync, COMPLETE manifest).
     checkpoint.save(engine, save_dir, 3, {"step": 3}, {"note": "dist_teacher_check"}, omni_spec(model),
                     processor, keep_last=1)

@@ -190,6 +190,12 @@ class SlurmCluster:
                 fields[key] = value
         return fields
 
+    def update(self, job_id: int, **fields) -> None:
+        """`scontrol update JobId=... Key=Value...` (as the cluster's admin: root)."""
+        out = self._scontrol("update", f"JobId={job_id}", *(f"{key}={value}" for key, value in fields.items()))
+        if out.returncode != 0:
+            raise RuntimeError(f"scontrol update of job {job_id} failed: {out.stderr}")
+
     def wait(self, job_id: int, timeout_s: float, poll_s: float = 2.0) -> dict:
         """Poll until the job is finished (not requeued, not pending); returns its fields."""
         deadline = time.monotonic() + timeout_s

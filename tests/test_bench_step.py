@@ -1,6 +1,7 @@
 """tools/bench_step.py measures the path users run: the trainer's DeepSpeed engine, loader,
-objective and step (1 process and 2 CPU ranks), with the plain-PyTorch reference beside it.
-Timings are printed, never asserted; the report's shape and counts are."""
+objective and step (1 process, and 2 CPU ranks as a check of the session's shared launch),
+with the plain-PyTorch reference beside it. Timings are printed, never asserted; the report's
+shape and counts are."""
 
 import json
 import os
@@ -9,9 +10,12 @@ import sys
 
 import pytest
 
+from tests.shared_launch import Check, call
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 SHORT = ["--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--rounds", "1", "--samples", "16"]
+CHECKS = [Check("bench_two_ranks", [call("tests.test_bench_step:bench", *SHORT)])]
 BREAKDOWN = {"data_wait", "vision", "audio", "teacher", "student_forward", "loss_lm_head", "backward", "optimizer",
              "reduce", "host_blocked"}
 
@@ -35,7 +39,16 @@ def test_one_process_deepspeed_and_plain_reference():
     assert "breakdown" not in plain
 
 
-def test_two_ranks_under_the_deepspeed_launcher():
-    (report,) = run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", "29861",
-                     "tools/bench_step.py", *SHORT])
+def bench(args: list) -> None:
+    """tools/bench_step.py's command line in a rank of the shared launch (its JSON lines go to the step's log)."""
+    from tools import bench_step
+
+    bench_step.main(args)
+
+
+@pytest.mark.launch_checks("bench_two_ranks")
+def test_two_ranks_under_the_deepspeed_launcher(launch):
+    launch.records("bench_two_ranks")
+    output = launch.log("bench_two_ranks", "tests.test_bench_step:bench")
+    (report,) = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2

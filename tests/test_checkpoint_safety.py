@@ -3,7 +3,8 @@ every file listed with size and CRC-32 in the COMPLETE manifest and fsynced befo
 corrupt newest checkpoint skipped with a warning naming the file, the previous one resumed
 to the uninterrupted run's losses; a pickle payload in any checkpoint file refused by the
 trainer and by tools/export_hf.py with no code run; export from a save directory; a run
-that diverges stops before a save can replace good weights."""
+that diverges stops before a save can replace good weights. The 2-rank runs are checks of the
+session's shared launch (tests/shared_launch.py)."""
 
 import json
 import os
@@ -17,29 +18,74 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.shared_launch import Check, call, main
 from tests.test_data_bad_inputs import TouchOnUnpickle
-from tests.test_train_zero3 import deepspeed_train
 from trainer import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 COMMON = ("--max_steps", "4", "--save_every", "2", "--keep_last", "3", "--teacher", "ema", "--ema_decay", "0.9")
+RESUME = (*COMMON, "--save_dir", "{dir}/ckpt", "--resume", "auto")
+FULL = "{out}/ckpt_full/run/ckpt"  # the reference run's save directory
+
+
+def truncate_newest(args: list) -> None:
+    """[full run's save dir, into]: a copy whose step-4 model states are cut to 1000 bytes."""
+    source, into = args
+    shutil.copytree(source, into)
+    truncated = Path(into) / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+
+
+def plant_in_newest(args: list) -> None:
+    """[full run's save dir, into, marker]: a copy whose step-4 rank-1 model states carry a
+    payload that touches `marker`, the manifest rewritten to match."""
+    source, into, marker = args
+    shutil.copytree(source, into)
+    ckpt = Path(into) / "step_00000004"
+    plant_payload(ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt", Path(marker))
+    rewrite_manifest(ckpt)
+
+
+def strip_model_prefix(args: list) -> None:
+    """[full run's save dir, into]: a copy holding only step 2, its engine states written as
+    before the engine wrapped the objective (parameter names without "model.")."""
+    source, into = args
+    shutil.copytree(source, into)
+    shutil.rmtree(Path(into) / "step_00000004")
+    ckpt = Path(into) / "step_00000002"
+    for path in ckpt.glob("zero_pp_rank_*_model_states.pt"):
+        with checkpoint.safe_loading():
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        for key in ("module", "frozen_param_fragments"):
+            if state.get(key):
+                state[key] = {name.removeprefix("model."): value for name, value in state[key].items()}
+        torch.save(state, path)
+    rewrite_manifest(ckpt)
+
+
+CHECKS = [
+    # 4 steps, checkpoints at steps 2 and 4; its per-step losses are the reference.
+    Check("ckpt_full", [main("run", *COMMON, "--save_dir", "{dir}/run/ckpt")]),
+    Check("ckpt_corrupt_newest", [call("tests.test_checkpoint_safety:truncate_newest", FULL, "{dir}/ckpt", rank0_only=True),
+                                  main("resumed", *RESUME)], needs=("ckpt_full",)),
+    Check("ckpt_payload", [call("tests.test_checkpoint_safety:plant_in_newest", FULL, "{dir}/ckpt", "{dir}/payload_ran",
+                                rank0_only=True),
+                           main("resumed", *RESUME)], needs=("ckpt_full",)),
+    Check("ckpt_diverges", [main("run", "--max_steps", "30", "--lr", "1e9", "--warmup_steps", "0",
+                                 "--max_nonfinite_steps", "2", "--save_every", "1", "--save_dir", "{dir}/ckpt")]),
+    Check("ckpt_before_objective", [call("tests.test_checkpoint_safety:strip_model_prefix", FULL, "{dir}/ckpt",
+                                         rank0_only=True),
+                                    main("resumed", *RESUME)], needs=("ckpt_full",)),
+]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datagen.demo import make_demo_data
-
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=48, num_heldout=8, seed=1,
-                          samples_per_shard=12)
-
-
-@pytest.fixture(scope="module")
-def full_run(shards, tmp_path_factory):
-    """4 steps, checkpoints at steps 2 and 4; its per-step losses are the reference."""
-    tmp = tmp_path_factory.mktemp("full")
-    _, metrics, _ = deepspeed_train(tmp, shards, *COMMON, "--save_dir", str(tmp / "ckpt"))
-    return {"ckpt": tmp / "ckpt", "metrics": metrics}
+def full_run(launch):
+    """4 steps, checkpoints at steps 2 and 4; its per-step losses are the reference (a test
+    using it names "ckpt_full" in its launch_checks)."""
+    run = launch.ok("ckpt_full")
+    return {"ckpt": Path(run.dir) / "ckpt", "metrics": run.metrics}
 
 
 def copy_checkpoints(full_run, dest: Path) -> Path:
@@ -63,6 +109,7 @@ def rewrite_manifest(ckpt: Path) -> None:
     (ckpt / checkpoint.COMPLETE).write_text(json.dumps(checkpoint.build_manifest(str(ckpt), manifest["step"])))
 
 
+@pytest.mark.launch_checks("ckpt_full")
 def test_manifest_lists_every_file_with_size_and_crc(full_run):
     ckpt = full_run["ckpt"] / "step_00000004"
     manifest = json.loads((ckpt / checkpoint.COMPLETE).read_text())
@@ -75,6 +122,7 @@ def test_manifest_lists_every_file_with_size_and_crc(full_run):
     assert checkpoint.verify(str(ckpt)) is None
 
 
+@pytest.mark.launch_checks("ckpt_full")
 def test_verify_names_the_bad_file(full_run, tmp_path):
     save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
     ckpt = save_dir / "step_00000004"
@@ -90,20 +138,20 @@ def test_verify_names_the_bad_file(full_run, tmp_path):
     assert "not a manifest" in checkpoint.verify(str(ckpt))
 
 
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous(shards, full_run, tmp_path):
-    save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
+@pytest.mark.launch_checks("ckpt_full", "ckpt_corrupt_newest")
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(launch, full_run):
+    save_dir = Path(launch.dir("ckpt_corrupt_newest")) / "ckpt"
     truncated = save_dir / "step_00000004" / "zero_pp_rank_0_mp_rank_00_model_states.pt"
-    truncated.write_bytes(truncated.read_bytes()[:1000])
-    _, resumed, stdout = deepspeed_train(tmp_path, shards, *COMMON, "--save_dir", str(save_dir), "--resume", "auto",
-                                         name="resumed")
-    assert f"skipping {save_dir / 'step_00000004'}: {truncated} has 1000 bytes" in stdout
-    assert f"resumed from {save_dir / 'step_00000002'} at step 2" in stdout
+    resumed = launch.ok("ckpt_corrupt_newest", "resumed")
+    assert f"skipping {save_dir / 'step_00000004'}: {truncated} has 1000 bytes" in resumed.output
+    assert f"resumed from {save_dir / 'step_00000002'} at step 2" in resumed.output
     for step in (3, 4):
         for key in ("train/loss", "train/kd_loss", "train/ce_loss"):
-            assert resumed[step][key] == pytest.approx(full_run["metrics"][step][key], rel=1e-5, abs=1e-6)
+            assert resumed.metrics[step][key] == pytest.approx(full_run["metrics"][step][key], rel=1e-5, abs=1e-6)
     assert checkpoint.verify(str(save_dir / "step_00000004")) is None, "the re-run step 4 replaced the corrupt one"
 
 
+@pytest.mark.launch_checks("ckpt_full")
 def test_a_pickle_payload_in_any_checkpoint_file_is_refused(full_run, tmp_path):
     """Each .pt file of a real checkpoint (trainer states, DeepSpeed's model and optimizer
     partitions of both ranks), with a payload planted: the trainer's check names the file,
@@ -129,15 +177,16 @@ def test_a_pickle_payload_in_any_checkpoint_file_is_refused(full_run, tmp_path):
     checkpoint.check_safe(files)  # the untouched files pass
 
 
-def test_resume_and_export_refuse_a_payload_without_running_it(shards, full_run, tmp_path):
-    save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
-    ckpt = save_dir / "step_00000004"
+@pytest.mark.launch_checks("ckpt_payload")
+def test_resume_and_export_refuse_a_payload_without_running_it(launch, tmp_path):
+    check_dir = Path(launch.dir("ckpt_payload"))
+    ckpt = check_dir / "ckpt" / "step_00000004"
     target = ckpt / "zero_pp_rank_1_mp_rank_00_model_states.pt"
-    marker = tmp_path / "payload_ran"
-    plant_payload(target, marker)
-    rewrite_manifest(ckpt)  # the manifest matches: only the safe loader stands in the way
-    with pytest.raises(AssertionError, match=f"refusing to load {target}"):
-        deepspeed_train(tmp_path, shards, *COMMON, "--save_dir", str(save_dir), "--resume", "auto", name="resumed")
+    marker = check_dir / "payload_ran"
+    planted, resume = launch.steps("ckpt_payload")[0]
+    assert planted["error"] is None, planted["error"]
+    for rank, steps in enumerate(launch.steps("ckpt_payload")):  # the manifest matches: only the safe loader stops it
+        assert steps[1]["error"] and f"refusing to load {target}" in steps[1]["error"], (rank, steps[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(ckpt), "--out", str(tmp_path / "x")],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
@@ -145,6 +194,7 @@ def test_resume_and_export_refuse_a_payload_without_running_it(shards, full_run,
     assert not marker.exists(), "a checkpoint file ran code"
 
 
+@pytest.mark.launch_checks("ckpt_full")
 def test_export_takes_a_save_directory(full_run, tmp_path):
     """--checkpoint SAVE_DIR exports the newest checkpoint that verifies (step 4 is corrupt here)."""
     save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
@@ -158,18 +208,20 @@ def test_export_takes_a_save_directory(full_run, tmp_path):
     assert (tmp_path / "export" / "model.safetensors").exists()
 
 
-def test_divergence_stops_the_run_before_a_save(shards, tmp_path):
+@pytest.mark.launch_checks("ckpt_diverges")
+def test_divergence_stops_the_run_before_a_save(launch):
     """--lr 1e9: the gradient norm goes non-finite and stays so; the run stops with exit code 3
     after --max_nonfinite_steps such steps, counted in TensorBoard, and never saves after one."""
-    with pytest.raises(AssertionError, match=r"training failed \(3\)") as failure:
-        deepspeed_train(tmp_path, shards, "--max_steps", "30", "--lr", "1e9", "--warmup_steps", "0",
-                        "--max_nonfinite_steps", "2", "--save_every", "1", "--save_dir", str(tmp_path / "ckpt"))
-    assert "non-finite steps in a row (--max_nonfinite_steps 2)" in str(failure.value)
-    records = [json.loads(line) for line in (tmp_path / "run" / "tb" / "metrics.jsonl").read_text().splitlines()]
+    run = launch.run("ckpt_diverges")
+    assert run.code == 3, run.output[-4000:]
+    assert "non-finite steps in a row (--max_nonfinite_steps 2)" in run.output
+    with open(os.path.join(run.dir, "tb", "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f.read().splitlines()]
     finite = [r["step"] for r in records if r["train/nonfinite_steps"] == 0]
     last_good = max(finite)
     assert records[-1]["train/nonfinite_steps"] >= 1 and records[-1]["step"] == last_good + 1
-    saved = [int(p.name.split("_")[1]) for p in (tmp_path / "ckpt").iterdir() if p.name.startswith("step_")]
+    save_dir = Path(launch.dir("ckpt_diverges")) / "ckpt"
+    saved = [int(p.name.split("_")[1]) for p in save_dir.iterdir() if p.name.startswith("step_")]
     assert max(saved) == last_good, "a checkpoint was written after a non-finite step"
 
 
@@ -215,22 +267,12 @@ def test_every_file_is_fsynced_before_complete(tmp_path):
     assert ["fsync", path] in events[complete:], "COMPLETE's own directory entry is made durable"
 
 
-def test_a_checkpoint_from_before_the_objective_resumes(shards, full_run, tmp_path):
+@pytest.mark.launch_checks("ckpt_full", "ckpt_before_objective")
+def test_a_checkpoint_from_before_the_objective_resumes(launch, full_run):
     """Engine checkpoints written before the engine wrapped the Self-KD objective name the
     model's parameters without "model.": they still resume, to the same losses."""
-    save_dir = copy_checkpoints(full_run, tmp_path / "ckpt")
-    shutil.rmtree(save_dir / "step_00000004")
-    ckpt = save_dir / "step_00000002"
-    for path in ckpt.glob("zero_pp_rank_*_model_states.pt"):
-        with checkpoint.safe_loading():
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        for key in ("module", "frozen_param_fragments"):
-            if state.get(key):
-                state[key] = {name.removeprefix("model."): value for name, value in state[key].items()}
-        torch.save(state, path)
-    rewrite_manifest(ckpt)
-    _, resumed, stdout = deepspeed_train(tmp_path, shards, *COMMON, "--save_dir", str(save_dir), "--resume", "auto",
-                                         name="resumed")
-    assert f"resumed from {ckpt} at step 2" in stdout
+    ckpt = Path(launch.dir("ckpt_before_objective")) / "ckpt" / "step_00000002"
+    resumed = launch.ok("ckpt_before_objective", "resumed")
+    assert f"resumed from {ckpt} at step 2" in resumed.output
     for step in (3, 4):
-        assert resumed[step]["train/loss"] == pytest.approx(full_run["metrics"][step]["train/loss"], rel=1e-5)
+        assert resumed.metrics[step]["train/loss"] == pytest.approx(full_run["metrics"][step]["train/loss"], rel=1e-5)

@@ -54,14 +54,16 @@ def write_grid(path, **grid):
 
 
 def tiny_start_and_grid(tmp_path, start_name, max_steps, recipes, eval_settings):
-    """A saved random tiny model (the start) and a short 2-rank Self-KD grid over `recipes`."""
+    """A saved random tiny model (the start) and a short Self-KD grid over `recipes`, one rank a
+    run: the grid's path (launcher, supervisor, ZeRO-3, export, scoring) is the same with one, and
+    multi-rank training is tested in the shared launch (tests/shared_launch.py)."""
     from trainer.models.build import build_tiny
     from trainer.models.serialize import save_omni
     from trainer.models.tiny import build_tiny_processor
 
     processor = build_tiny_processor()
     save_omni(build_tiny(processor, attn_impl="sdpa", seed=0), processor, str(tmp_path / start_name))
-    return write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=2,
+    return write_grid(tmp_path / "grid.yaml", seeds=[0], num_gpus=1,
                       common={"ds_config": "ds_configs/zero3.json", "stage": "selfkd", "max_steps": max_steps,
                               "micro_batch_size": 2, "num_workers": 1, "max_seq_len": 512, "lr": 1e-3,
                               "warmup_steps": 1, "trainable": "projector,audio", "log_every": 1},
@@ -128,7 +130,7 @@ def test_a_two_recipe_grid_trains_scores_and_resumes(tmp_path, capsys):
     grid = tiny_start_and_grid(tmp_path, "start", 3, recipes, {"batch_size": 3, "max_new_tokens": 3})
     args = ["--grid", grid, "--out", str(tmp_path / "study"), "--start", str(tmp_path / "start"),
             "--heldout_shards", data["heldout_shards"], "--budget", f"full={data['train_shards']}",
-            "--master_port", "29741"]
+            "--master_port", "29641"]
     document = compare_recipes.main(args)
     runs = document["runs"]
     assert [(r["recipe"], r["seed"], r["budget"], r["steps"]) for r in runs] == [("sft", 0, "full", 3),
@@ -182,14 +184,14 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
     """launch_scripts/study_selfkd_vs_sft.sh end to end at toy size: its demo data, a start given
     by START_FROM (scored, not trained), the bar on the start's VL, and a 1-recipe grid over both
     budgets through tools/compare_recipes.py, then into another GRID_OUT on one budget (the
-    follow-up's use). The same script, sizes and grid aside."""
+    follow-up's use). The same script, sizes, one rank a run (NUM_GPUS=1) and grid aside."""
     import subprocess
 
     grid = tiny_start_and_grid(tmp_path, "trained_start", 2, {"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
                                {"batch_size": 4, "max_new_tokens": 3})
     out = tmp_path / "study"
     env = {**os.environ, "OUT": str(out), "TRAIN_SAMPLES": "40", "HELDOUT_SAMPLES": "6", "SAMPLES_PER_SHARD": "4",
-           "START_FROM": str(tmp_path / "trained_start"), "GRID": grid, "MASTER_PORT": "29761"}
+           "START_FROM": str(tmp_path / "trained_start"), "GRID": grid, "MASTER_PORT": "29861", "NUM_GPUS": "1"}
 
     def study(min_vl):
         return subprocess.run(["bash", "launch_scripts/study_selfkd_vs_sft.sh"], cwd=ROOT, capture_output=True,

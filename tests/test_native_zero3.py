@@ -2,7 +2,8 @@
 models (tiny-qwen2_5_omni, tiny-qwen3_omni, tiny-phi4mm) on spoken-question shards: the loss falls with
 each teacher kind, an export loads with the family's own class to the engine's logits, ranks
 with different modality mixes finish, and the mixture-of-experts layers give every expert
-the gradient of the tokens routed to it on either rank.
+the gradient of the tokens routed to it on either rank. The runs are checks of the session's
+shared launch (tests/shared_launch.py).
 
 At these toy sizes every parameter is below ds_configs/zero3.json's
 stage3_param_persistence_threshold (1e5 elements): persistent, gathered at its first use and
@@ -13,84 +14,72 @@ real model's large parameters are (Phi-4's image embedding as one leaf module)."
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from tests.shared_launch import Check, call, main
+from tools import export_hf
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 
-_port = iter(range(29900, 29961))
 # Each family trains with a teacher that keeps its own weights; the rank-mix run uses the shared one.
 TEACHERS = {"tiny-qwen2_5_omni": "ema", "tiny-qwen3_omni": "frozen", "tiny-phi4mm": "frozen"}
 # Phi-4's images are 448 px crops: 545 tokens each.
 MAX_SEQ_LEN = {"tiny-phi4mm": 1024}
-STEPS = 20
+STEPS = 10
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datagen.demo import make_demo_data
-
-    out = tmp_path_factory.mktemp("demo")
-    return make_demo_data(str(out), num_train=48, num_heldout=8, seed=1, samples_per_shard=12)
-
-
-@pytest.fixture(scope="module")
-def partitioned(tmp_path_factory) -> str:
-    """ds_configs/zero3.json with every parameter partitioned (persistence threshold 0)."""
+def partitioned(data: dict, check_dir: str) -> dict:
+    """{partitioned}: ds_configs/zero3.json with every parameter partitioned (persistence threshold 0)."""
     with open(os.path.join(ROOT, "ds_configs", "zero3.json")) as f:
         ds = json.load(f)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path_factory.mktemp("ds") / "zero3_partitioned.json"
-    path.write_text(json.dumps(ds, indent=2))
-    return str(path)
+    path = os.path.join(check_dir, "zero3_partitioned.json")
+    with open(path, "w") as f:
+        json.dump(ds, f, indent=2)
+    return {"partitioned": path}
 
 
-def ds_config_for(preset: str, partitioned: str) -> str:
-    return "ds_configs/zero3.json" if preset == "tiny-qwen2_5_omni" else partitioned
+def mixed_partitioned(data: dict, check_dir: str) -> dict:
+    from tests.test_train_zero3 import mixed_modality_shards
+
+    return {**partitioned(data, check_dir), **mixed_modality_shards(data, check_dir)}
 
 
-def launch(script: str, *args, timeout: int = 1200) -> subprocess.CompletedProcess:
-    """`script` under the deepspeed launcher with 2 CPU ranks; fails with its output's tail."""
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(next(_port)),
-           script, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout[-6000:]}\n{proc.stderr[-6000:]}")
-    return proc
+def family_check(preset: str) -> Check:
+    """A STEPS-step Self-KD run of one family with its teacher, checkpointed at the end, then the
+    2-rank engine's answer logits of that checkpoint on a held-out batch (tests/dist_logits.py)."""
+    ds_config = "ds_configs/zero3.json" if preset == "tiny-qwen2_5_omni" else "{partitioned}"
+    return Check(preset, [
+        main("run", "--model", preset, "--ds_config", ds_config, "--max_seq_len", str(MAX_SEQ_LEN.get(preset, 512)),
+             "--max_steps", str(STEPS), "--teacher", TEACHERS[preset], "--save_dir", "{dir}/run/ckpt"),
+        call("tests.dist_logits:main", "--checkpoint", f"{{dir}}/run/ckpt/step_{STEPS:08d}", "--shards",
+             "{heldout_shards}", "--out", "{dir}/engine_logits.pt")], prepare=partitioned)
 
 
-def deepspeed_train(run_dir, shards, preset, ds_config, *args):
-    """trainer/main.py on 2 ranks; returns the metrics by step and stdout."""
-    launch("trainer/main.py", "--ds_config", ds_config, "--model", preset, "--train_shards", shards["train_shards"],
-           "--micro_batch_size", "4", "--num_workers", "2", "--max_seq_len", str(MAX_SEQ_LEN.get(preset, 512)), "--lr", "3e-3",
-           "--warmup_steps", "2", "--log_dir", str(run_dir / "tb"), *args)
-    metrics = {}
-    with open(run_dir / "tb" / "metrics.jsonl") as f:
-        for line in f:
-            record = json.loads(line)
-            metrics.setdefault(record["step"], {}).update(record)
-    return metrics
+CHECKS = [
+    *(family_check(preset) for preset in TEACHERS),
+    Check("qwen3_omni_modality_mix", [main("run", "--model", "tiny-qwen3_omni", "--ds_config", "{partitioned}",
+                                           "--train_shards", "{mixed_shards}", "--max_steps", "4", "--num_workers", "1")],
+          prepare=mixed_partitioned),
+    Check("qwen3_omni_moe_grads", [call("tests.dist_moe_check:main", "--shards", "{train_shards}", "--ds_config",
+                                        "{partitioned}", "--out", "{dir}/moe.json")], prepare=partitioned),
+]
 
 
 @pytest.fixture(scope="module", params=list(TEACHERS))
-def trained(request, shards, partitioned, tmp_path_factory):
-    """A 20-step Self-KD run of one family with its teacher, checkpointed at the end:
-    (preset, run directory, metrics by step, the DeepSpeed config it ran with)."""
+def trained(request, launch):
+    """(preset, run, the check's folder): the family's STEPS-step run, checkpointed at the end."""
     preset = request.param
-    run_dir = tmp_path_factory.mktemp(preset)
-    ds_config = ds_config_for(preset, partitioned)
-    metrics = deepspeed_train(run_dir, shards, preset, ds_config, "--max_steps", str(STEPS),
-                              "--teacher", TEACHERS[preset], "--save_dir", str(run_dir / "ckpt"))
-    return preset, run_dir, metrics
+    return preset, launch.ok(preset, "run"), launch.dir(preset)
 
 
+@pytest.mark.launch_checks(*TEACHERS)
 def test_loss_falls_with_the_family_teacher(trained):
-    preset, _, metrics = trained
+    preset, run, _ = trained
+    metrics = run.metrics
     assert sorted(metrics) == list(range(1, STEPS + 1))
     for key in ("train/loss", "train/ce_loss"):
         values = [metrics[step][key] for step in range(1, STEPS + 1)]
@@ -109,7 +98,8 @@ def answer_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return logits.reshape(-1, logits.shape[-1]).index_select(0, index).float()
 
 
-def test_export_loads_with_the_family_class_to_the_engine_logits(trained, shards):
+@pytest.mark.launch_checks(*TEACHERS)
+def test_export_loads_with_the_family_class_to_the_engine_logits(trained, demo_shards):
     """tools/export_hf.py consolidates the ZeRO-3 checkpoint into the family's layout;
     <Family>ThinkerForConditionalGeneration loads it with no missing or unexpected weights and
     its own forward gives the 2-rank engine's answer logits on the same batch."""
@@ -117,25 +107,21 @@ def test_export_loads_with_the_family_class_to_the_engine_logits(trained, shards
     from trainer.models import native
     from trainer.models.processing import OmniProcessor
 
-    preset, run_dir, _ = trained
-    ckpt = run_dir / "ckpt" / f"step_{STEPS:08d}"
-    export = run_dir / "export"
-    subprocess.run([sys.executable, "tools/export_hf.py", "--checkpoint", str(ckpt), "--out", str(export)], cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True, text=True, timeout=600)
-    engine_logits = run_dir / "engine_logits.pt"
-    launch("tests/dist_logits.py", "--checkpoint", str(ckpt), "--shards", shards["heldout_shards"],
-           "--out", str(engine_logits), timeout=900)
-    reference = torch.load(engine_logits)
+    preset, run, check_dir = trained
+    ckpt = os.path.join(run.dir, "ckpt", f"step_{STEPS:08d}")
+    export = os.path.join(check_dir, "export")
+    export_hf.main(["--checkpoint", ckpt, "--out", export])  # its command line, in this process
+    reference = torch.load(os.path.join(check_dir, "engine_logits.pt"))
 
     from tests.test_native_omni import hf_logits
     from trainer.models.adapters import adapter_for
 
     _, thinker_cls, _ = native.THINKERS[native.TINY[preset]]
-    thinker, info = thinker_cls.from_pretrained(str(export), output_loading_info=True)
+    thinker, info = thinker_cls.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
     adapter_for(thinker.config.model_type)(thinker)  # the upstream fixes the trainer applies (Phi-4's SigLIP)
-    processor = OmniProcessor.from_pretrained(str(export))
-    batch = next(iter(build_train_loader(shards["heldout_shards"], processor, stage="selfkd", micro_batch_size=2,
+    processor = OmniProcessor.from_pretrained(export)
+    batch = next(iter(build_train_loader(demo_shards["heldout_shards"], processor, stage="selfkd", micro_batch_size=2,
                                          max_seq_len=MAX_SEQ_LEN.get(preset, 512), rank=0, world_size=1, num_workers=0,
                                          seed=0, shuffle=False)))
     logits = hf_logits(thinker.eval(), batch, "student")
@@ -146,38 +132,28 @@ def test_export_loads_with_the_family_class_to_the_engine_logits(trained, shards
     torch.testing.assert_close(exported, reference, rtol=1e-5, atol=1e-5)
 
 
-def test_ranks_with_different_modality_mixes_finish(tmp_path, shards, partitioned):
+@pytest.mark.launch_checks("qwen3_omni_modality_mix")
+def test_ranks_with_different_modality_mixes_finish(launch):
     """One shard of image questions, one of text-only questions, two ranks with one worker
     each: at every step one rank has images and the other none, so the vision tower (and its
     DeepStack mergers) runs on a dummy image there. A rank that skipped it would fall out of
     step with the other's gathers: gloo stops at step 1 with "Received data size doesn't match
     expected size" (seen with this file's config and with ds_configs/zero3.json alike)."""
-    from datagen.writer import make_llava_shards
-
-    records = [{"id": f"t{i}", "conversations": [
-        {"from": "human", "value": f"What is {i} plus {i}? Answer with a number."},
-        {"from": "gpt", "value": str(2 * i)}]} for i in range(8)]
-    (tmp_path / "text.json").write_text(json.dumps(records))
-    index = make_llava_shards(str(tmp_path / "text.json"), str(tmp_path), str(tmp_path / "text_shards"),
-                              samples_per_shard=8, progress=False)
-    image_shard = shards["train_shards"].split("{")[0] + "000000.tar"
-    mixed = {**shards, "train_shards": f"{image_shard},{index['shard_spec']}"}
-    metrics = deepspeed_train(tmp_path, mixed, "tiny-qwen3_omni", partitioned, "--max_steps", "4", "--num_workers", "1",
-                              "--dist_timeout_s", "300")
+    metrics = launch.ok("qwen3_omni_modality_mix").metrics
     assert sorted(metrics) == [1, 2, 3, 4]
     assert all(torch.isfinite(torch.tensor(m["train/loss"])) for m in metrics.values())
 
 
-def test_moe_experts_routed_on_one_rank_get_their_gradient(tmp_path, shards, partitioned):
+@pytest.mark.launch_checks("qwen3_omni_moe_grads")
+def test_moe_experts_routed_on_one_rank_get_their_gradient(launch):
     """tests/dist_moe_check.py: the two ranks' tokens reach different experts of the Qwen3-Omni
     thinker. The step finishes, each fused expert parameter is gathered whole while its layer
     runs, and the engine's gradient of every expert equals a single-process reference on both
     ranks' batches: an expert reached on one rank only gets that rank's gradient, one reached
     on neither an exact zero."""
-    out = tmp_path / "moe.json"
-    launch("tests/dist_moe_check.py", "--shards", shards["train_shards"], "--ds_config", partitioned, "--out", str(out),
-           timeout=900)
-    result = json.loads(out.read_text())
+    launch.records("qwen3_omni_moe_grads")
+    with open(os.path.join(launch.dir("qwen3_omni_moe_grads"), "moe.json")) as f:
+        result = json.load(f)
     ranks = result["ranks"]
     reached = [{int(layer): set(experts) for layer, experts in rank["reached"].items()} for rank in ranks]
     routed = [{int(layer): set(experts) for layer, experts in rank["routed"].items()} for rank in ranks]

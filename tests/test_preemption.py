@@ -2,7 +2,9 @@
 and SIGTERM to the deepspeed launcher each stop every rank after the same step with one
 complete checkpoint and exit 75, and `--resume auto` then reproduces the uninterrupted run's
 losses; SIGTERM to a rank under the plain `deepspeed` command does the same; a launcher or
-supervisor killed with SIGKILL leaves no rank running."""
+supervisor killed with SIGKILL leaves no rank running. Each signalled run is a launch of its
+own (its process tree is what is tested); the uninterrupted reference is a check of the
+session's shared launch (tests/shared_launch.py), the same trainer/main.py command line."""
 
 import json
 import os
@@ -14,21 +16,21 @@ import time
 import psutil
 import pytest
 
+from tests.shared_launch import Check, main
 from trainer.preemption import EXIT_STOPPED
 from trainer.supervise import ranks_below
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
-MAX_STEPS = 40
-_port = iter(range(29740, 29800))
+MAX_STEPS = 20  # a signal sent at step 2 stops the run well before: the launcher watch polls every 2 s
+_port = iter(range(29740, 29760))  # fixed ranges per module: xdist runs modules side by side
+CHECKS = [Check("preemption_reference", [main("run", "--max_steps", str(MAX_STEPS), "--save_every", "1000",
+                                              "--save_dir", "{dir}/run/ckpt")])]
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    from datagen.demo import make_demo_data
-
-    return make_demo_data(str(tmp_path_factory.mktemp("demo")), num_train=48, num_heldout=4, seed=2,
-                          samples_per_shard=12)
+def shards(demo_shards):
+    return demo_shards
 
 
 def command(shards, run_dir, *extra, supervised=True):
@@ -94,12 +96,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("reference")
-    run = Run(command(shards, run_dir), run_dir)
-    code = run.wait(600)
-    assert code == 0, run.output()[-4000:]
-    steps = run.steps()
+def reference(launch):
+    """The uninterrupted run's metrics by step (a test using it names "preemption_reference")."""
+    steps = {step: m for step, m in launch.ok("preemption_reference").metrics.items() if "train/loss" in m}
     assert sorted(steps) == list(range(1, MAX_STEPS + 1))
     return steps
 
@@ -126,6 +125,7 @@ def assert_resume_matches(shards, run_dir, stopped_at, reference):
             assert steps[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+@pytest.mark.launch_checks("preemption_reference")
 def test_sigusr1_to_one_rank_stops_every_rank_and_resumes_exactly(shards, tmp_path, reference):
     run = Run(command(shards, tmp_path), tmp_path)
     run.wait_for_step(2)
@@ -138,6 +138,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_and_resumes_exactly(shards, tmp_pa
     assert_resume_matches(shards, tmp_path, stopped_at, reference)
 
 
+@pytest.mark.launch_checks("preemption_reference")
 def test_sigterm_to_the_deepspeed_launcher_stops_saves_and_resumes_exactly(shards, tmp_path, reference):
     """The launcher answers SIGTERM by sending SIGTERM to its ranks and their data workers:
     the ranks finish the step and save; the workers stay until their rank lets them go."""
