@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every throughput figure of the README's Performance section, in one run on one GPU:
+# Every throughput figure of docs/performance.md, in one run on one GPU:
 # tools/bench_step.py on the trainer's DeepSpeed path (and the plain-PyTorch reference) for the
 # synthetic-2b and synthetic-8b presets, with and without gradient checkpointing (the real
 # loader's share of the step is the breakdown's data_wait). JSON lines go to $OUT/bench.jsonl;

@@ -13,7 +13,7 @@
 # The launch runs under trainer.supervise: SIGUSR1 or SIGTERM to this script's process makes
 # every rank finish its step, save and exit 75 (resume with --resume auto); no rank outlives
 # the launch; the exit code is the ranks' (0 finished, 75 stopped and saved, other: failed;
-# README "Failure and recovery"). The environment is .venv (or $VENV) when present.
+# docs/reliability.md). The environment is .venv (or $VENV) when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch_scripts/find_env.sh

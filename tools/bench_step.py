@@ -6,7 +6,7 @@ objective with its teacher and chunked loss, the loop's reductions and optimizer
     deepspeed --num_gpus 2 tools/bench_step.py --model tiny --json          # 2 ranks (DeepSpeed path only)
     python tools/bench_step.py --model synthetic-2b --micro_batch_size 8 --json
     python tools/bench_step.py --model synthetic-8b --gradient_checkpointing --engine deepspeed --json
-    (launch_scripts/gpu_bench.sh runs the set the README reports)
+    (launch_scripts/gpu_bench.sh runs the set docs/performance.md reports)
 
 It writes synthetic shards (random images, noise speech, random text at a realistic shape:
 448x448 images, 3-10 s of speech, 15-40-token questions and 30-120-token answers for the

@@ -227,7 +227,7 @@ def _coerce(name: str, f, value: Any) -> Any:
 
 @functools.lru_cache(maxsize=None)
 def field_docs(cls) -> dict:
-    """The docstring under each dataclass field (shown by --help and in the README)."""
+    """The docstring under each dataclass field (shown by --help and in docs/configuration.md)."""
     body = ast.parse(inspect.getsource(cls)).body[0].body
     docs = {}
     for node, nxt in zip(body, body[1:]):
@@ -376,7 +376,7 @@ def validate(c: Config) -> None:
 
 
 def reference_table() -> str:
-    """The README's configuration reference, generated from the field docstrings."""
+    """docs/configuration.md's reference table, generated from the field docstrings."""
     lines = ["| flag / YAML key | section | default | meaning |", "|---|---|---|---|"]
     for name, cls in SECTIONS.items():
         docs = field_docs(cls)

@@ -5,7 +5,7 @@ Every sample is asked twice, with the question typed ("text" mode, the VL score)
 spoken ("audio" mode, the VA score); both predictions go through the same scorer, so the
 gap between the two is due to the question's modality only.
 
-Rules (also in the README's Evaluation section):
+Rules (also in docs/evaluation.md):
   yesno   the prediction's first yes/no word decides ("Yes." == "yes", "Yes, there is" ->
           yes); a prediction with neither word scores 0. The reference must be yes or no.
   choice  the option letter ("B", "(B)", "B.", "B) blue") or the option text ("blue"),
