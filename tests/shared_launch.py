@@ -164,7 +164,6 @@ def run_plan(plan: dict) -> None:
                   f"{'failed' if any(r.get('error') for r in records) else 'done'} "
                   f"in {sum(r.get('seconds', 0) for r in records):.1f} s", flush=True)
         dist.barrier()
-    dist.barrier()
     torch.distributed.destroy_process_group()
 
 
