@@ -324,6 +324,28 @@ def test_eval_loader_left_padded_prompts_each_sample_once(llava_shards, processo
     assert loader_keys(again) == loader_keys(again), "each iteration is a fresh ordered pass"
 
 
+def test_transcription_eval_prompts(llava_shards, processor):
+    """--transcribe: the spoken side is ALIGN's prompt (speech + instruction, no image), the typed
+    side its twin (the question text + the same instruction); the reference is the spoken text."""
+    raw = shard_samples(llava_shards["out"])
+    seen = 0
+    for batch in build_eval_loader(llava_shards["spec"], processor, micro_batch_size=4, max_seq_len=1024, rank=0,
+                                   world_size=1, transcribe=True):
+        assert batch.pixel_values is None and batch.image_grid_thw is None
+        for row, key in enumerate(batch.keys):
+            question = json.loads(raw[key]["json"])["question"]
+            assert batch.tasks[row] == "asr" and batch.answers[row] == [question] and batch.choices[row] is None
+            spoken = processor.tokenizer.decode(batch.student_input_ids[row][batch.student_attention_mask[row] == 1])
+            typed = processor.tokenizer.decode(batch.teacher_input_ids[row][batch.teacher_attention_mask[row] == 1])
+            pads = spoken.count("<|audio_pad|>")
+            assert pads == int(batch.audio_token_counts[row]) > 0
+            expected = "<|im_start|>user\n{}\nTranscribe the audio.<|im_end|>\n<|im_start|>assistant\n"
+            assert spoken.endswith(expected.format("<|audio_start|>" + "<|audio_pad|>" * pads + "<|audio_end|>"))
+            assert typed.endswith(expected.format(question)) and "<|image_pad|>" not in typed
+            seen += 1
+    assert seen == len(raw)
+
+
 def test_over_long_samples_are_dropped_not_truncated(llava_shards, processor):
     args = dict(stage="selfkd", micro_batch_size=1, rank=0, world_size=1, num_workers=0, seed=0, epochs=1,
                 max_bad_fraction=1.0)

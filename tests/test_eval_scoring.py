@@ -6,6 +6,8 @@ import pytest
 
 from trainer.eval.report import aggregate
 from trainer.eval.scoring import (
+    answer_kind,
+    corpus_word_error_rate,
     normalize_vqa,
     parse_choice,
     score,
@@ -164,3 +166,63 @@ def test_aggregate_single_mode_has_no_gap():
     assert report["vl_score"] == 100.0 and report["va_score"] is None and report["gap"] is None
     with pytest.raises(ValueError, match="mode"):
         aggregate([{"id": "a", "task": "open", "mode": "video", "score": 1.0}])
+
+
+@pytest.mark.parametrize(
+    "text, choices, kind",
+    [
+        ("red", None, "colour"),
+        ("Red.", None, "colour"),
+        ("red circle", None, "other"),  # one colour word, nothing else
+        ("3", None, "number"),
+        ("three", None, "number"),  # VQA normalisation: number words are counts
+        ("top left", None, "position"),
+        ("centre", None, "position"),
+        ("the top", None, "other"),  # an article is not a grid word
+        ("yes", None, "yesno"),
+        ("No, there is not.", None, "yesno"),
+        ("B", ["circle", "square", "star"], "option"),
+        ("square", ["circle", "square", "star"], "option"),  # the option's text names it too
+        ("D", ["circle", "square", "star"], "other"),  # no fourth option
+        ("B", None, "other"),  # a letter without options is no kind
+        ("", None, "other"),
+        ("What colour is the circle?", None, "other"),
+    ],
+)
+def test_answer_kind(text, choices, kind):
+    assert answer_kind(text, choices) == kind
+
+
+def test_corpus_word_error_rate_counts_words_not_samples():
+    pairs = [("the red", "the blue"),  # 1 edit in 2 words
+             ("where is the red square at the top", "where is the red square at the top")]  # 0 in 8
+    assert corpus_word_error_rate(pairs) == pytest.approx(1 / 10)  # the per-sample mean would be 0.25
+    assert corpus_word_error_rate([("a b c", "a")]) == pytest.approx(2.0)  # insertions count
+    assert corpus_word_error_rate([("Is there a Red Star?", "is there a red star")]) == 0.0  # case, punctuation
+    assert corpus_word_error_rate([("x", "")]) is None
+
+
+def test_aggregate_kind_rates_and_wer():
+    records = [
+        {"id": "a", "task": "open", "mode": "text", "score": 1.0, "answer": "red", "prediction": "red", "source": "c"},
+        {"id": "a", "task": "open", "mode": "audio", "score": 0.0, "answer": "red", "prediction": "top left",
+         "source": "c"},
+        {"id": "b", "task": "open", "mode": "text", "score": 0.0, "answer": "blue", "prediction": "green",
+         "source": "c"},
+        {"id": "b", "task": "open", "mode": "audio", "score": 0.0, "answer": "blue", "prediction": "yellow",
+         "source": "c"},
+        {"id": "c", "task": "open", "mode": "text", "score": 0.0, "answer": "a cat", "prediction": "dog"},  # no kind
+        {"id": "c", "task": "open", "mode": "audio", "score": 0.0, "answer": "a cat", "prediction": "dog"},
+    ]
+    report = aggregate(records)
+    # Colour references: typed 2 of 2 colour words, spoken 1 of 2 (a position is the wrong kind).
+    assert (report["by_task"]["open"]["vl_kind_rate"], report["by_task"]["open"]["va_kind_rate"]) == (100.0, 50.0)
+    assert (report["by_source"]["c"]["vl_kind_rate"], report["by_source"]["c"]["va_kind_rate"]) == (100.0, 50.0)
+    assert "wer" not in report
+    asr = [{"id": "x", "task": "asr", "mode": "audio", "score": 0.5, "answer": "the red", "prediction": "the blue"},
+           {"id": "y", "task": "asr", "mode": "audio", "score": 1.0, "answer": "a b c d e f g h",
+            "prediction": "a b c d e f g h"},
+           {"id": "x", "task": "asr", "mode": "text", "score": 1.0, "answer": "the red", "prediction": "the red"},
+           {"id": "y", "task": "asr", "mode": "text", "score": 1.0, "answer": "a b c d e f g h",
+            "prediction": "a b c d e f g h"}]
+    assert aggregate(asr)["wer"] == {"text": 0.0, "audio": pytest.approx(0.1)}

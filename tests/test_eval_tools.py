@@ -3,6 +3,7 @@ tools/evaluate.py, the attention measurement and tools/attention_analysis.py."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from datagen.writer import make_llava_shards
 from trainer.data import build_eval_loader
 from trainer.eval.attention import sample_attention_shares, token_groups
 from trainer.eval.report import aggregate
+from trainer.eval.scoring import word_edit_distance
 from trainer.models.build import build_tiny
 from trainer.models.serialize import load_omni, save_omni
 from trainer.models.tiny import build_tiny_processor
@@ -48,6 +50,23 @@ def test_evaluate_cli_writes_consistent_outputs(assets):
     report.pop("settings")
     assert aggregate(records) == report
     assert report["gap"] == pytest.approx(report["vl_score"] - report["va_score"])
+
+
+def test_evaluate_transcribe_reports_corpus_wer(assets):
+    out = assets["root"] / "eval_asr" / "report.json"
+    evaluate.main(["--model", assets["model"], "--shards", assets["shards"], "--out", str(out), "--transcribe",
+                   "--batch_size", "2", "--max_new_tokens", "4"])
+    report = json.loads(out.read_text())
+    records = [json.loads(line) for line in (out.parent / "report.predictions.jsonl").read_text().splitlines()]
+    assert report["settings"]["transcribe"] and report["n"] == assets["n"]
+    assert {r["task"] for r in records} == {"asr"} and {r["mode"] for r in records} == {"text", "audio"}
+    for mode in ("text", "audio"):  # recomputed here: all edits over all reference words
+        pairs = [(r["prediction"], r["answer"]) for r in records if r["mode"] == mode]
+        words_of = lambda text: re.findall(r"\w+", text.lower())  # noqa: E731 - the test's own tokeniser
+        edits = sum(word_edit_distance(words_of(p), words_of(a)) for p, a in pairs)
+        words = sum(len(words_of(a)) for _, a in pairs)
+        assert report["wer"][mode] == pytest.approx(edits / words)
+        assert all(r["answer"] == r["question"][: -len("\nTranscribe the audio.")] for r in records)
 
 
 def _first_batch(assets, model_dir, attn_impl):

@@ -7,6 +7,13 @@ Run:
 Under a launcher (WORLD_SIZE > 1) every rank holds the whole model and answers its share
 of the samples; rank 0 writes the outputs.
 
+  python tools/evaluate.py --model DIR --transcribe --shards 'data/shards/asr_heldout/shard-{000000..000000}.tar' \
+      --out eval/transcribe.json
+--transcribe scores transcription instead of answers: "audio" is the speech with the ASR prompt
+(the ALIGN stage's), "text" its typed twin (the transcript written in place of the audio, the
+same instruction: can the LLM say the sentence at all?); report["wer"] holds the corpus word
+error rate of each (all word edits over all reference words).
+
 Writes report.json ({"vl_score", "va_score", "gap", "n", "by_task", ["by_source"], ["benchmarks"],
 "settings"}, points out of 100, gap = VL - VA), report.predictions.jsonl (one line per sample and
 mode) and report.png (VL vs VA per task). On shards from tools/make_eval_shards.py each benchmark
@@ -57,12 +64,17 @@ def parse_args(argv=None):
     parser.add_argument("--out", required=True, help="report JSON path; predictions and chart go beside it")
     parser.add_argument("--modes", default="text,audio", help="text (typed question), audio (spoken) or both")
     parser.add_argument("--batch_size", type=int, default=8, help="samples per generate() call per rank")
-    parser.add_argument("--max_new_tokens", type=int, default=16)
+    parser.add_argument("--transcribe", action="store_true",
+                        help="score transcription (task asr, corpus WER) of the shards' speech instead of answers")
+    parser.add_argument("--max_new_tokens", type=int, default=None,
+                        help="default 16 for answers, 64 with --transcribe")
     parser.add_argument("--max_seq_len", type=int, default=4096, help="longer prompts are skipped by the loader")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--dist_timeout_s", type=int, default=1800)
     args = parser.parse_args(argv)
     args.modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 64 if args.transcribe else 16
     if not args.modes or any(m not in MODES for m in args.modes):
         parser.error(f"--modes takes a comma list of {MODES}, got {args.modes}")
     return args
@@ -78,17 +90,24 @@ def main(argv=None) -> None:
         model, processor = load_omni(args.model, dtype=dtype)
         model.to(device)
         loader = build_eval_loader(args.shards, processor, micro_batch_size=args.batch_size,
-                                   max_seq_len=args.max_seq_len, rank=dist.rank(), world_size=dist.world_size())
+                                   max_seq_len=args.max_seq_len, rank=dist.rank(), world_size=dist.world_size(),
+                                   transcribe=args.transcribe)
         report, records = evaluate(model, processor, loader, modes=args.modes, max_new_tokens=args.max_new_tokens,
                                    device=device, dtype=dtype)
         report["settings"] = {"model": args.model, "shards": args.shards, "modes": list(args.modes),
-                              "max_new_tokens": args.max_new_tokens, "world_size": dist.world_size()}
+                              "max_new_tokens": args.max_new_tokens, "world_size": dist.world_size(),
+                              "transcribe": args.transcribe}
         if dist.is_main():
             paths = write_outputs(report, records, args.out)
             gap = "n/a" if report["gap"] is None else f"{report['gap']:.2f}"
             vl = "n/a" if report["vl_score"] is None else f"{report['vl_score']:.2f}"
             va = "n/a" if report["va_score"] is None else f"{report['va_score']:.2f}"
-            print(f"VL {vl} | VA {va} | gap {gap} | n {report['n']} -> {', '.join(paths.values())}", flush=True)
+            if args.transcribe:
+                wer = " | ".join(f"WER {mode} {100 * value:.2f}%" for mode, value in report.get("wer", {}).items()
+                                 if value is not None)
+                print(f"{wer} | n {report['n']} -> {', '.join(paths.values())}", flush=True)
+            else:
+                print(f"VL {vl} | VA {va} | gap {gap} | n {report['n']} -> {', '.join(paths.values())}", flush=True)
             if report.get("benchmarks"):
                 print(format_table(report["benchmarks"]), flush=True)
     finally:

@@ -4,16 +4,24 @@ spoken-question shards.
 
     python tools/make_demo_data.py --out demo_out/data --train 400 --heldout 100 --seed 0
     python tools/make_demo_data.py --out demo_out/data --no_shards     # JSON + images only
+    python tools/make_demo_data.py --out align_out/data --train 8000 --heldout 400 \
+        --sentences_train 6000 --sentences_heldout 400                  # + the alignment data
 
 Writes DIR/train.json, DIR/heldout.json, DIR/images/*.png and, unless --no_shards,
 DIR/shards/train/shard-*.tar and DIR/shards/heldout/shard-*.tar (built-in eSpeak NG TTS);
 prints the paths and shard specs as JSON. Same seed -> same files.
+With --sentences_train N (datagen/sentences.py), also the audio-text alignment data: N spoken
+sentences over the demo's vocabulary (shards/asr_train), --sentences_heldout spoken sentences
+that never occur among them (shards/asr_heldout, the transcription test), and shards/typed_mix:
+the training VQA records plus N typed-repeat records, for a typed stage that teaches the LLM to
+say sentences.
 """
 
 import argparse
 import json
 
 from datagen.demo import make_demo_data
+from datagen.sentences import make_sentence_data
 
 
 def main(argv=None) -> None:
@@ -26,10 +34,20 @@ def main(argv=None) -> None:
     parser.add_argument("--samples_per_shard", type=int, default=200)
     parser.add_argument("--workers", type=int, default=1, help="TTS worker processes")
     parser.add_argument("--voices", default=None, help="comma-separated espeak voices (default: the TTS's own)")
+    parser.add_argument("--sentences_train", type=int, default=0,
+                        help="spoken alignment sentences (and as many typed-repeat ones); 0 = none")
+    parser.add_argument("--sentences_heldout", type=int, default=0, help="held-out spoken sentences")
     args = parser.parse_args(argv)
+    if args.sentences_train and args.no_shards:
+        parser.error("--sentences_train writes shards: drop --no_shards")
     paths = make_demo_data(args.out, num_train=args.train, num_heldout=args.heldout, seed=args.seed,
                            shards=not args.no_shards, samples_per_shard=args.samples_per_shard,
                            workers=args.workers, voices=args.voices.split(",") if args.voices else None)
+    if args.sentences_train:
+        paths.update(make_sentence_data(args.out, paths["train_json"], num_train=args.sentences_train,
+                                        num_heldout=args.sentences_heldout, seed=args.seed,
+                                        samples_per_shard=args.samples_per_shard, workers=args.workers,
+                                        voices=args.voices.split(",") if args.voices else None))
     print(json.dumps(paths, indent=2))
 
 

@@ -22,6 +22,7 @@ class Stage(str, enum.Enum):
     ALIGN = "align"  # student only: speech -> transcript (ASR); no image, no teacher
     VL = "vl"  # student only: [image] + typed question -> answer (the typed path itself; no audio decoded)
     EVAL = "eval"  # both prompts, left-padded, no answer tokens, with the scoring metadata
+    TRANSCRIBE = "transcribe"  # EVAL of transcription: speech + ASR prompt ("audio"), its typed twin ("text")
 
 
 TRAINING_STAGES = (Stage.SELFKD.value, Stage.ALIGN.value, Stage.VL.value)

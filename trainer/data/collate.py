@@ -6,6 +6,9 @@ Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
   VL      [image] + typed question -> answer, as the student; no teacher, audio not decoded
   ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only
   EVAL    both prompts (no answer tokens) plus the scoring metadata
+  TRANSCRIBE  EVAL of transcription (task "asr", reference the transcript): the student prompt is
+          ALIGN's (speech + instruction), the teacher's its typed twin (the transcript written
+          where the audio would be, then the same instruction); no image
 
 Over-long rule: a sample whose teacher or student sequence (prompt + answer) exceeds
 max_seq_len is dropped and counted as "too_long"; answers are never truncated, because a
@@ -73,10 +76,10 @@ class SampleEncoder:
         ("audio_clipped", "audio_rate_snapped", "image_padded")."""
         with failures_as("bad_json", "json"):
             meta = decode_json(raw)
-            if self.stage == Stage.ALIGN:
+            if self.stage in (Stage.ALIGN, Stage.TRANSCRIBE):
                 answer_field = "transcript" if "transcript" in meta else "question"
                 answer = require_text(meta, answer_field, "empty_answer")
-                question = None
+                question = answer + ASR_INSTRUCTION if self.stage == Stage.TRANSCRIBE else None
             else:
                 question = require_text(meta, "question", "empty_question")
                 answer = str(meta.get("answer", "")) if self.stage == Stage.EVAL else \
@@ -96,7 +99,7 @@ class SampleEncoder:
                 sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-        if self.stage != Stage.ALIGN and image_bytes is not None:
+        if self.stage not in (Stage.ALIGN, Stage.TRANSCRIBE) and image_bytes is not None:
             with failures_as("bad_image", "image"):
                 image, padded = decode_image(image_bytes, self.max_pixels)
                 if padded:
@@ -115,16 +118,21 @@ class SampleEncoder:
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
         if self.stage == Stage.ALIGN:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
+        elif self.stage == Stage.TRANSCRIBE:
+            student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
+            sample["teacher_prompt_ids"] = self._prompt_ids(typed, 0, 0)
         elif self.stage == Stage.VL:
             student = typed
         else:
             student = image_slot + [{"type": "text", "text": spoken_text}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, num_image_tokens, 0)
         sample["student_prompt_ids"] = self._prompt_ids(student, num_image_tokens, sample.get("audio_token_count", 0))
-        if self.stage == Stage.EVAL:
-            sample.update(question=question, answer=answer, task=meta.get("task"), choices=meta.get("choices"),
-                          source=meta.get("source"), id=meta.get("id", sample["key"]), bench=meta.get("bench"),
-                          answers=meta.get("answers") or ([answer] if answer else []))
+        if self.stage in (Stage.EVAL, Stage.TRANSCRIBE):
+            transcribe = self.stage == Stage.TRANSCRIBE
+            sample.update(question=question, answer=answer, task="asr" if transcribe else meta.get("task"),
+                          choices=None if transcribe else meta.get("choices"), source=meta.get("source"),
+                          id=meta.get("id", sample["key"]), bench=None if transcribe else meta.get("bench"),
+                          answers=[answer] if transcribe else meta.get("answers") or ([answer] if answer else []))
             longest = max(len(sample["student_prompt_ids"]), len(sample["teacher_prompt_ids"]))
         else:
             sample["answer_ids"] = self.processor.tokenizer(answer + self.processor.turn_end, add_special_tokens=False)["input_ids"]

@@ -357,11 +357,13 @@ def build_train_loader(spec: str | list[str], processor, *, stage: Stage | str, 
 
 
 def build_eval_loader(spec: str | list[str], processor, *, micro_batch_size: int, max_seq_len: int, rank: int,
-                      world_size: int, max_bad_fraction: float = 0.01) -> StreamingLoader:
+                      world_size: int, max_bad_fraction: float = 0.01, transcribe: bool = False) -> StreamingLoader:
     """One ordered pass per iteration (re-iterable): prompt-only, left-padded batches; raw
     sample g goes to rank g % world_size, so each sample is seen once and ranks differ by at
-    most one sample (so their batch counts may differ by one)."""
-    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, Stage.EVAL, max_seq_len), collate_eval,
+    most one sample (so their batch counts may differ by one). `transcribe`: the transcription
+    test (Stage.TRANSCRIBE) instead of the questions."""
+    stage = Stage.TRANSCRIBE if transcribe else Stage.EVAL
+    return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, stage, max_seq_len), collate_eval,
                            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size, num_workers=0,
                            seed=0, shuffle=False, max_bad_fraction=max_bad_fraction, epochs=1, state=None,
                            split_samples=True, fresh_each_pass=True)

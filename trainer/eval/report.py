@@ -5,7 +5,7 @@ per task and per source, the spoken-question yes bias, and each benchmark by its
 from collections import defaultdict
 
 from trainer.eval.benchmarks import benchmark_report
-from trainer.eval.scoring import MODES
+from trainer.eval.scoring import MODES, answer_kind, corpus_word_error_rate
 
 
 def _mean_points(scores: list[float]) -> float | None:
@@ -26,11 +26,28 @@ def _summary(records: list[dict]) -> dict:
     }
 
 
+def _kind_rates(records: list[dict]) -> dict:
+    """Share (points) of answers of the reference's kind, per mode ("vl_kind_rate",
+    "va_kind_rate"), over the records whose reference has a known kind (scoring.answer_kind);
+    empty when none has."""
+    right = defaultdict(list)
+    for r in records:
+        expected = answer_kind(r.get("answer", ""), r.get("choices"))
+        if expected != "other" and "prediction" in r:
+            right[r["mode"]].append(float(answer_kind(r["prediction"], r.get("choices")) == expected))
+    return {key: _mean_points(right[mode]) for mode, key in (("text", "vl_kind_rate"), ("audio", "va_kind_rate"))
+            if right[mode]}
+
+
 def aggregate(records: list[dict]) -> dict:
     """Report from per-sample records ({"id", "task", "mode": text|audio, "score" in [0,1],
     optional "source", optional "parsed"}): scores in points out of 100, gap = vl - va,
     n = distinct samples; broken down by task and (when records carry one) by source.
-    For yes/no tasks the share of "yes" answers per mode shows the spoken-question yes bias."""
+    For yes/no tasks the share of "yes" answers per mode shows the spoken-question yes bias.
+    Records with a "prediction" and an "answer" add, per task and source, the share of answers
+    of the right kind per mode (vl_kind_rate, va_kind_rate: a colour for a colour, a number for
+    a count...), and ASR records (task "asr") the corpus word error rate per mode
+    (report["wer"] = {"text": ..., "audio": ...}, a fraction)."""
     unknown = sorted({r["mode"] for r in records} - set(MODES))
     if unknown:
         raise ValueError(f"records with unknown mode(s) {unknown}; expected {MODES}")
@@ -41,13 +58,17 @@ def aggregate(records: list[dict]) -> dict:
         by_task[r.get("task") or "open"].append(r)
         if r.get("source"):
             by_source[r["source"]].append(r)
-    report["by_task"] = {task: _summary(rs) for task, rs in sorted(by_task.items())}
+    report["by_task"] = {task: {**_summary(rs), **_kind_rates(rs)} for task, rs in sorted(by_task.items())}
+    if "asr" in by_task:
+        report["wer"] = {mode: corpus_word_error_rate([(r["prediction"], r["answer"]) for r in by_task["asr"]
+                                                       if r["mode"] == mode and "prediction" in r])
+                         for mode in MODES if any(r["mode"] == mode for r in by_task["asr"])}
     if "yesno" in by_task:
         for mode, key in (("text", "vl_yes_rate"), ("audio", "va_yes_rate")):
             answers = [r.get("parsed") for r in by_task["yesno"] if r["mode"] == mode]
             report["by_task"]["yesno"][key] = _mean_points([float(a == "yes") for a in answers])
     if by_source:
-        report["by_source"] = {src: _summary(rs) for src, rs in sorted(by_source.items())}
+        report["by_source"] = {src: {**_summary(rs), **_kind_rates(rs)} for src, rs in sorted(by_source.items())}
     if any(r.get("bench") for r in records):  # benchmark shards: each scored by its own rule
         report["benchmarks"] = benchmark_report(records)
     return report

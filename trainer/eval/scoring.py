@@ -194,6 +194,50 @@ def score_asr(prediction: str, reference: str) -> float:
     return max(0.0, 1.0 - word_error_rate(prediction, reference))
 
 
+def corpus_word_error_rate(pairs: list[tuple[str, str]]) -> float | None:
+    """Corpus-level WER of (prediction, reference) pairs: all word edits over all reference
+    words (not the mean of per-sample rates, which overweights short sentences); None when the
+    references hold no words."""
+    edits = words = 0
+    for prediction, reference in pairs:
+        ref = _words(reference)
+        edits += word_edit_distance(_words(prediction), ref)
+        words += len(ref)
+    return edits / words if words else None
+
+
+# --- the kind of an answer --------------------------------------------------------------
+# Does a prediction answer in the form the question asks for, right or wrong? A spoken
+# question answered with a position where a colour is asked is a failure to hear or follow it,
+# not to see; the report counts the two apart (report.py: kind rates).
+COLOUR_WORDS = frozenset({"red", "green", "blue", "yellow", "purple", "orange", "pink", "brown", "black", "white",
+                          "grey", "gray", "violet", "cyan", "magenta", "gold", "silver"})
+POSITION_WORDS = frozenset({"top", "bottom", "left", "right", "centre", "center", "middle", "upper", "lower"})
+ANSWER_KINDS = ("yesno", "option", "number", "colour", "position", "other")
+
+
+def answer_kind(text: str, choices: list[str] | None = None) -> str:
+    """The form of a short answer, one of ANSWER_KINDS: "option" when `choices` are given and
+    the text names one (by letter or text, as parse_choice reads it), "yesno" when its first
+    word is yes or no, "number" for a count ("3", "three"), "colour" for one colour word,
+    "position" for grid words only ("top left", "centre"), else "other" (empty included)."""
+    if choices and parse_choice(text, choices) is not None:
+        return "option"
+    words = _words(text)
+    if not words:
+        return "other"
+    if words[0] in ("yes", "no"):
+        return "yesno"
+    normalized = normalize_vqa(text)
+    if normalized.isdigit():
+        return "number"
+    if normalized in COLOUR_WORDS:
+        return "colour"
+    if all(w in POSITION_WORDS for w in words):
+        return "position"
+    return "other"
+
+
 # --- dispatch -----------------------------------------------------------------------
 def score(prediction: str, sample_meta: dict) -> float:
     """Score in [0, 1] of one prediction. `sample_meta` holds "answer" and optionally

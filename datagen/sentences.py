@@ -1,0 +1,121 @@
+"""Sentences over the demo's vocabulary, for audio-text alignment: questions in many more
+forms than the five the demo asks (paraphrases, other templates), descriptions of scenes and
+option lists, so a model that transcribes them has learnt words, not a few memorised clips.
+
+The sentence space is a grammar (TEMPLATES) filled with shapes, colours, grid positions and
+number words. `split_of(sentence)` puts every distinct sentence in "train" or "heldout" by a
+hash of its text alone, so the held-out sentences never occur in the alignment data, whatever
+seed or sample count built it. The demo's own question forms are templates like the others:
+each of their sentences falls on one side or the other.
+
+    records = sentence_records("train", 6000, seed=0)   # LLaVA records: spoken sentence -> itself
+    typed = repeat_records("train", 6000, seed=0)       # the typed twin: "<sentence>\nTranscribe the audio." -> sentence
+"""
+
+import hashlib
+import random
+
+import json
+import os
+
+from datagen.demo import COLOURS, NUMBER_WORDS, SHAPES, position_name
+from datagen.writer import make_llava_shards
+from trainer.data.collate import ASR_INSTRUCTION  # the ALIGN stage's prompt; the typed twin repeats it
+
+HELDOUT_PERCENT = 15
+POSITIONS = tuple(position_name(r, c) for r in range(3) for c in range(3))
+
+# {s}/{s2} shape, {c}/{c2} colour, {p} position, {n} number word, {o} a three-option list.
+TEMPLATES = (
+    # the demo's own question forms
+    "What colour is the {s}?", "How many shapes are there?", "Where is the {c} {s}?", "Is there a {c} {s}?",
+    "Which shape is {c}?",
+    # paraphrases and other questions
+    "Which colour does the {s} have?", "Tell me the colour of the {s}.", "What is the colour of the {s}?",
+    "How many shapes can you see?", "Count the shapes in the picture.", "How many {c} shapes are there?",
+    "Where can you see the {c} {s}?", "In which part of the picture is the {c} {s}?", "Where is the {s}?",
+    "Can you see a {c} {s}?", "Is the {s} {c}?", "Is the {c} {s} at the {p}?", "Is there a {s} at the {p}?",
+    "Which shape is at the {p}?", "What is at the {p}?", "What colour is the shape at the {p}?",
+    "Are there {n} shapes?", "Is there a {c} {s} and a {c2} {s2}?",
+    # descriptions
+    "The {c} {s} is at the {p}.", "There is a {c} {s} at the {p}.", "There are {n} shapes.",
+    "I can see a {c} {s} and a {c2} {s2}.", "The {s} is {c}.", "The picture shows {n} shapes.",
+    "There is no {c} {s}.", "A {c} {s} is next to a {c2} {s2}.", "The shape at the {p} is a {c} {s}.",
+    "The answer is {c}.", "The {s} is at the {p} of the picture.",
+    # option lists (the demo's choice questions read them one per line)
+    "Which shape is {c}?\n{o}\nAnswer with the option letter.",
+    "What colour is the {s}?\n{o}\nAnswer with the option letter.",
+)
+
+
+def split_of(sentence: str) -> str:
+    """"heldout" for about HELDOUT_PERCENT% of distinct sentences, chosen by their text alone."""
+    digest = hashlib.sha256(sentence.encode("utf-8")).digest()
+    return "heldout" if int.from_bytes(digest[:4], "big") % 100 < HELDOUT_PERCENT else "train"
+
+
+def random_sentence(rng: random.Random) -> str:
+    template = rng.choice(TEMPLATES)
+    s, s2 = rng.sample(SHAPES, 2)
+    c, c2 = rng.sample(sorted(COLOURS), 2)
+    pool = SHAPES if "Which shape" in template else sorted(COLOURS)
+    options = rng.sample(pool, 3)
+    listed = "\n".join(f"{letter}. {option}" for letter, option in zip("ABC", options))
+    return template.format(s=s, s2=s2, c=c, c2=c2, p=rng.choice(POSITIONS), n=rng.choice(NUMBER_WORDS[1:]), o=listed)
+
+
+def sentences(split: str, count: int, seed: int) -> list[str]:
+    """`count` sentences of `split` drawn from the grammar (repeats allowed, as in speech data)."""
+    if split not in ("train", "heldout"):
+        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+    rng = random.Random(f"sentences-{seed}-{split}")
+    out = []
+    while len(out) < count:
+        sentence = random_sentence(rng)
+        if split_of(sentence) == split:
+            out.append(sentence)
+    return out
+
+
+def sentence_records(split: str, count: int, seed: int) -> list[dict]:
+    """LLaVA records without an image whose question is the sentence: spoken by the shard writer,
+    read back as the transcript by the ALIGN stage (task "asr" for the transcription score)."""
+    return [{"id": f"sentence-{split}-{i:05d}", "conversations": [{"from": "human", "value": text},
+                                                                   {"from": "gpt", "value": text}],
+             "task": "asr", "source": "sentences"}
+            for i, text in enumerate(sentences(split, count, seed))]
+
+
+def repeat_records(split: str, count: int, seed: int) -> list[dict]:
+    """The typed twin of the ASR prompt: the sentence written where the audio would be, the same
+    instruction after it, the sentence as the answer. Teaches the LLM to say sentences it has
+    only ever read, so an audio path that makes speech look like text can be transcribed."""
+    return [{"id": f"repeat-{split}-{i:05d}",
+             "conversations": [{"from": "human", "value": text + ASR_INSTRUCTION}, {"from": "gpt", "value": text}],
+             "task": "asr", "source": "repeat"}
+            for i, text in enumerate(sentences(split, count, seed + 1))]
+
+
+def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
+                       samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None) -> dict:
+    """Write the alignment data under out_dir (the demo data's directory, whose images the typed
+    VQA records name): sentences/{train,heldout}.json spoken into shards/asr_{train,heldout}, and
+    typed_mix.json (the VQA records of `vqa_train_json` plus `num_train` typed-repeat records,
+    shuffled together by the writer) into shards/typed_mix. Returns the three shard specs."""
+    os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
+    with open(vqa_train_json) as f:
+        vqa = json.load(f)
+    jobs = {
+        "asr_train": sentence_records("train", num_train, seed),
+        "asr_heldout": sentence_records("heldout", num_heldout, seed),
+        "typed_mix": vqa + repeat_records("train", num_train, seed),
+    }
+    specs = {}
+    for name, records in jobs.items():
+        json_path = os.path.join(out_dir, "sentences", f"{name}.json")
+        with open(json_path, "w") as f:
+            json.dump(records, f, indent=1)
+        index = make_llava_shards(json_path, out_dir, os.path.join(out_dir, "shards", name), seed=seed,
+                                  samples_per_shard=samples_per_shard, workers=workers, voices=voices, progress=False)
+        specs[f"{name}_shards"] = index["shard_spec"]
+    return specs
