@@ -10,15 +10,23 @@ each of their sentences falls on one side or the other.
 
     records = sentence_records("train", 6000, seed=0)   # LLaVA records: spoken sentence -> itself
     typed = repeat_records("train", 6000, seed=0)       # the typed twin: "<sentence>\nTranscribe the audio." -> sentence
+    spoken_qa = described_qa_records(3000, seed=0, spoken=True)   # spoken question on a typed scene description
+    typed_qa = described_qa_records(3000, seed=0, spoken=False)   # its typed twin: "question\ndescription" -> answer
+
+Described-scene questions ask what the demo asks, in other words (QA_FORMS: none is one of the
+demo's own question sentences) and about a scene given as text, not drawn: they teach a model to
+follow a spoken question and answer it in the right form without ever pairing speech with a
+picture, as the paper's audio-text alignment does before its vision-audio stage.
 """
 
 import hashlib
 import random
+import re
 
 import json
 import os
 
-from datagen.demo import COLOURS, NUMBER_WORDS, SHAPES, position_name
+from datagen.demo import COLOURS, NUMBER_WORDS, SHAPES, make_question, position_name, random_scene
 from datagen.writer import make_llava_shards
 from trainer.data.collate import ASR_INSTRUCTION  # the ALIGN stage's prompt; the typed twin repeats it
 
@@ -46,6 +54,59 @@ TEMPLATES = (
     "Which shape is {c}?\n{o}\nAnswer with the option letter.",
     "What colour is the {s}?\n{o}\nAnswer with the option letter.",
 )
+
+
+# Other words for the demo's question forms (datagen/demo.py): (the demo's first line as a
+# pattern, whether it has option lines, the other forms); the answers stay the demo's.
+QA_FORMS = (
+    (r"What colour is the (?P<s>\w+)\?", False, ("Which colour does the {s} have?", "Tell me the colour of the {s}.")),
+    (r"How many shapes are there\?", False, ("How many shapes can you see?", "Count the shapes in the picture.")),
+    (r"Where is the (?P<c>\w+) (?P<s>\w+)\?", False,
+     ("Where can you see the {c} {s}?", "In which part of the picture is the {c} {s}?")),
+    (r"Is there a (?P<c>\w+) (?P<s>\w+)\?", False, ("Can you see a {c} {s}?", "Do you see a {c} {s}?")),
+    (r"Which shape is (?P<c>\w+)\?", True, ("Which of these shapes is {c}?",)),
+    (r"What colour is the (?P<s>\w+)\?", True, ("Which of these colours does the {s} have?",)),
+)
+
+
+def describe(scene: dict, rng: random.Random) -> str:
+    """A scene in words, its shapes in random order: "In the picture: a red circle at the top
+    left, a blue square at the centre." """
+    items = [f"a {x['colour']} {x['shape']} at the {position_name(*x['cell'])}" for x in scene["shapes"]]
+    rng.shuffle(items)
+    return "In the picture: " + ", ".join(items) + "."
+
+
+def _reword(question: str, rng: random.Random) -> str:
+    """The demo's question in other words (QA_FORMS); its option lines and instruction kept."""
+    first, _, rest = question.partition("\n")
+    for pattern, has_options, forms in QA_FORMS:
+        match = re.fullmatch(pattern, first)
+        if match and has_options == bool(rest):
+            return rng.choice(forms).format(**match.groupdict()) + ("\n" + rest if rest else "")
+    raise ValueError(f"no other words for the demo question {question!r}")
+
+
+def described_qa_records(count: int, seed: int, *, spoken: bool) -> list[dict]:
+    """Questions on scenes described in words. spoken=True: the question is spoken (the record's
+    question) and the description is the typed instruction after it (the ALIGN stage reads
+    "instruction"); spoken=False: the typed twin, "question\ndescription" -> answer (VL stage)."""
+    rng = random.Random(f"described-{seed}-{spoken}")
+    records = []
+    for i in range(count):
+        scene = random_scene(rng)
+        qa = make_question(scene, ("colour", "count", "position", "yesno", "choice")[i % 5], rng, want_yes=i // 5 % 2 == 0)
+        question, description = _reword(qa["question"], rng), describe(scene, rng)
+        record = {"id": f"described-{'spoken' if spoken else 'typed'}-{i:05d}", "task": qa["task"],
+                  "source": f"described_{qa['source']}", **{k: qa[k] for k in ("choices", "answers") if k in qa}}
+        if spoken:
+            record.update(conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}],
+                          instruction=description)
+        else:
+            record["conversations"] = [{"from": "human", "value": question + "\n" + description},
+                                       {"from": "gpt", "value": qa["answer"]}]
+        records.append(record)
+    return records
 
 
 def split_of(sentence: str) -> str:
@@ -99,16 +160,20 @@ def repeat_records(split: str, count: int, seed: int) -> list[dict]:
 def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
                        samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None) -> dict:
     """Write the alignment data under out_dir (the demo data's directory, whose images the typed
-    VQA records name): sentences/{train,heldout}.json spoken into shards/asr_{train,heldout}, and
-    typed_mix.json (the VQA records of `vqa_train_json` plus `num_train` typed-repeat records,
-    shuffled together by the writer) into shards/typed_mix. Returns the three shard specs."""
+    VQA records name), each as sentences/NAME.json and shards/NAME:
+      align_mix    `num_train` spoken sentences (ASR) + `num_train` // 2 spoken described-scene questions,
+      asr_heldout  `num_heldout` spoken held-out sentences (the transcription test),
+      typed_mix    the VQA records of `vqa_train_json`, `num_train` typed-repeat records and
+                   `num_train` // 2 typed described-scene questions,
+    each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:
         vqa = json.load(f)
     jobs = {
-        "asr_train": sentence_records("train", num_train, seed),
+        "align_mix": sentence_records("train", num_train, seed) + described_qa_records(num_train // 2, seed, spoken=True),
         "asr_heldout": sentence_records("heldout", num_heldout, seed),
-        "typed_mix": vqa + repeat_records("train", num_train, seed),
+        "typed_mix": vqa + repeat_records("train", num_train, seed)
+                     + described_qa_records(num_train // 2, seed, spoken=False),
     }
     specs = {}
     for name, records in jobs.items():

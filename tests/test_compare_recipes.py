@@ -235,3 +235,47 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
         env.pop(name)  # with a start of another origin: refused, nothing mixed
     mixed = study(0)
     assert mixed.returncode == 1 and "came from" in mixed.stderr and "use another OUT" in mixed.stderr
+
+
+@pytest.mark.slow
+def test_study_v2_script_scores_its_start_runs_a_budget_and_measures_the_mechanism(tmp_path):
+    """launch_scripts/study_v2.sh end to end at toy size: its data (the demo's and the alignment
+    sentences), the start's four targets (refused with the protocol's, passed with bounds any
+    model meets), a 2-recipe grid on the scarce budget and the mechanism measurement over the
+    start and both recipes' runs. One rank a run (NUM_GPUS=1), one seed, one step."""
+    import subprocess
+
+    scarce = tiny_start_and_grid(tmp_path, "start", 1, {"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75}},
+                                 {"batch_size": 4, "max_new_tokens": 3})
+    out = tmp_path / "v2"
+    env = {**os.environ, "OUT": str(out), "TRAIN_SAMPLES": "16", "HELDOUT_SAMPLES": "5", "SENTENCES": "8",
+           "HELDOUT_SENTENCES": "3", "SAMPLES_PER_SHARD": "4", "SCARCE_SHARDS": "1", "START_FROM": str(tmp_path / "start"),
+           "SCARCE_GRID": scarce, "BUDGETS": "scarce", "MECHANISM_LIMIT": "2", "MASTER_PORT": "29881",
+           "NUM_GPUS": "1"}
+
+    def study(**extra):
+        return subprocess.run(["bash", "launch_scripts/study_v2.sh"], cwd=ROOT, capture_output=True, text=True,
+                              env={**env, **extra})
+
+    wrong = study(BUDGETS="scarce,half")
+    assert wrong.returncode == 1 and "expected scarce and/or larger, got 'half'" in wrong.stderr
+    refused = study()  # a random tiny model meets none of the protocol's targets
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "target vl" in refused.stdout and "MISSED" in refused.stdout
+    assert "the study does not run from it" in refused.stderr and not (out / "scarce").exists()
+    data = json.loads((out / "data.json").read_text())
+    assert {"align_mix_shards", "typed_mix_shards", "asr_heldout_shards"} <= set(data)
+
+    done = study(START_MIN_VL="0", START_MAX_WER="1000", START_MIN_GAP="-100", START_MIN_KIND="0")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((out / "start" / "eval" / "start_report.json").read_text())
+    assert report["met"] and report["n"] == 5 and report["wer_n"] == 3
+    results = json.loads((out / "scarce" / "results.json").read_text())
+    assert sorted((r["budget"], r["recipe"]) for r in results["runs"]) == [("scarce", "selfkd"), ("scarce", "sft")]
+    assert results["runs"][0]["config"]["train_shards"] == data["train_shards"].replace("{000000..000003}", "000000")
+    mechanism = json.loads((out / "mechanism" / "mechanism.json").read_text())
+    assert (mechanism["baseline"], mechanism["recipe"]) == ("sft", "selfkd")
+    run = mechanism["runs"]["selfkd"]["0"]
+    assert run["shrink"] == pytest.approx(mechanism["start"]["gap"] - run["gap"])
+    assert mechanism["shrink_paired"]["mean"] == pytest.approx(run["shrink"] - mechanism["runs"]["sft"]["0"]["shrink"])
+    assert os.path.getsize(out / "mechanism" / "mechanism.png") > 0

@@ -19,32 +19,10 @@ import os
 import torch
 
 from trainer import dist
-from trainer.data import build_eval_loader
-from trainer.eval.attention import SHARE_PAIRS, mean_shares, sample_attention_shares
+from trainer.eval.attention import SHARE_PAIRS, model_attention
 from trainer.eval.plots import plot_attention
-from trainer.models.serialize import load_omni
 
-MODE_NAMES = {"text": "typed", "audio": "spoken"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def analyse(model_dir: str, shards: str, *, limit: int, max_seq_len: int, dtype: torch.dtype, device) -> dict:
-    """Mean shares over the first `limit` samples: {"dir", "n", "shares": {"typed": ..., "spoken": ...}}."""
-    model, processor = load_omni(model_dir, dtype=dtype, attn_impl="eager")
-    model.to(device).eval()
-    loader = build_eval_loader(shards, processor, micro_batch_size=1, max_seq_len=max_seq_len, rank=0, world_size=1)
-    per_mode = {mode: [] for mode in MODE_NAMES}
-    for batch in loader:
-        if len(per_mode["text"]) >= limit:
-            break
-        batch = batch.to(device, dtype)
-        answer = batch.answers[0][0]
-        for mode in MODE_NAMES:
-            per_mode[mode].append(sample_attention_shares(model, batch, mode, answer))
-    if not per_mode["text"]:
-        raise ValueError(f"{shards}: no usable evaluation sample")
-    return {"dir": model_dir, "n": len(per_mode["text"]),
-            "shares": {MODE_NAMES[mode]: mean_shares(samples) for mode, samples in per_mode.items()}}
 
 
 def plot_all(results: dict, out_dir: str) -> list[str]:
@@ -79,7 +57,7 @@ def main(argv=None) -> dict:
     labels = args.labels.split(",") if args.compare else ["model"]
     if len(labels) != len(models):
         parser.error(f"--labels needs two comma-separated names with --compare, got {args.labels!r}")
-    results = {label: analyse(d, args.shards, limit=args.limit, max_seq_len=args.max_seq_len, dtype=dtype,
+    results = {label: model_attention(d, args.shards, limit=args.limit, max_seq_len=args.max_seq_len, dtype=dtype,
                               device=device) for label, d in zip(labels, models)}
     os.makedirs(args.out, exist_ok=True)
     report = {"shards": args.shards, "pairs": [f"{q}->{k}" for q, k in SHARE_PAIRS], "models": results}

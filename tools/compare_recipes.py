@@ -36,7 +36,6 @@ stops the grid with its log's tail. Outputs (rewritten after every run):
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -44,30 +43,16 @@ import sys
 
 import yaml
 
+from trainer.eval.report import mean_ci95
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GRID_OWNED = ("model", "train_shards", "seed", "save_dir", "log_dir", "resume", "config")
 GRID_KEYS = ("start", "heldout_shards", "budgets", "seeds", "num_gpus", "common", "recipes", "eval")
 # Training signals averaged over the logged steps in the last SIGNAL_TAIL share of a run.
 SIGNALS = ("train/ce_loss", "train/kd_loss", "train/teacher_ce", "train/agreement", "train/teacher_entropy")
 SIGNAL_TAIL = 0.2
-# Two-sided 95% Student t critical values by degrees of freedom (1..30); 1.96 beyond.
-T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
-
-
 class GridError(ValueError):
     pass
-
-
-def mean_ci95(values: list[float]) -> dict:
-    """Mean, sample standard deviation and the half-width of the 95% t interval (None for n < 2)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"n": n, "mean": mean, "std": None, "ci95": None}
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = T95[n - 2] if n - 1 <= len(T95) else 1.96
-    return {"n": n, "mean": mean, "std": std, "ci95": t * std / math.sqrt(n)}
 
 
 # --- the grid -----------------------------------------------------------------------------------

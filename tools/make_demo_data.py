@@ -10,11 +10,12 @@ spoken-question shards.
 Writes DIR/train.json, DIR/heldout.json, DIR/images/*.png and, unless --no_shards,
 DIR/shards/train/shard-*.tar and DIR/shards/heldout/shard-*.tar (built-in eSpeak NG TTS);
 prints the paths and shard specs as JSON. Same seed -> same files.
-With --sentences_train N (datagen/sentences.py), also the audio-text alignment data: N spoken
-sentences over the demo's vocabulary (shards/asr_train), --sentences_heldout spoken sentences
-that never occur among them (shards/asr_heldout, the transcription test), and shards/typed_mix:
-the training VQA records plus N typed-repeat records, for a typed stage that teaches the LLM to
-say sentences.
+With --sentences_train N (datagen/sentences.py), also the audio-text alignment data:
+shards/align_mix (N spoken sentences over the demo's vocabulary to transcribe, N/2 spoken
+questions on scenes described in words), shards/asr_heldout (--sentences_heldout spoken
+sentences that never occur in align_mix: the transcription test) and shards/typed_mix (the
+training VQA records, N typed-repeat records and N/2 typed described-scene questions: the typed
+stage that teaches the LLM to say sentences and to answer from a description).
 """
 
 import argparse

@@ -4,7 +4,9 @@ collators that turn encoded samples into a `Batch` (trainer/data/batch.py).
 Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
   SELFKD  [image] + spoken question -> answer (student), [image] + typed question -> answer (teacher)
   VL      [image] + typed question -> answer, as the student; no teacher, audio not decoded
-  ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only
+  ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only; a sample
+          with an "instruction" is a spoken question on a typed text instead: speech, then
+          "\n" + instruction -> "answer" (spoken instruction following with no image)
   EVAL    both prompts (no answer tokens) plus the scoring metadata
   TRANSCRIBE  EVAL of transcription (task "asr", reference the transcript): the student prompt is
           ALIGN's (speech + instruction), the teacher's its typed twin (the transcript written
@@ -76,7 +78,10 @@ class SampleEncoder:
         ("audio_clipped", "audio_rate_snapped", "image_padded")."""
         with failures_as("bad_json", "json"):
             meta = decode_json(raw)
-            if self.stage in (Stage.ALIGN, Stage.TRANSCRIBE):
+            if self.stage == Stage.ALIGN and "instruction" in meta:  # a spoken question on a typed text
+                answer = require_text(meta, "answer", "empty_answer")
+                question = "\n" + require_text(meta, "instruction", "empty_question")
+            elif self.stage in (Stage.ALIGN, Stage.TRANSCRIBE):
                 answer_field = "transcript" if "transcript" in meta else "question"
                 answer = require_text(meta, answer_field, "empty_answer")
                 question = answer + ASR_INSTRUCTION if self.stage == Stage.TRANSCRIBE else None
@@ -116,8 +121,8 @@ class SampleEncoder:
         image_slot = [{"type": "image"}] if "image" in sample else []
         typed = image_slot + [{"type": "text", "text": question}]
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
-        if self.stage == Stage.ALIGN:
-            student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
+        if self.stage == Stage.ALIGN:  # speech, then the ASR instruction or the sample's own typed text
+            student = [{"type": "text", "text": spoken_text + (question or ASR_INSTRUCTION)}]
         elif self.stage == Stage.TRANSCRIBE:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, 0, 0)

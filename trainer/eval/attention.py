@@ -9,6 +9,11 @@ partition the keys therefore sum to 1.
 
 import torch
 
+from trainer.data import build_eval_loader
+from trainer.models.serialize import load_omni
+
+MODE_NAMES = {"text": "typed", "audio": "spoken"}
+
 
 def attention_shares(attn, query_mask: torch.Tensor, key_masks: dict[str, torch.Tensor]) -> dict[str, list[float]]:
     """Per-layer attention share of each key set, for one sample.
@@ -114,3 +119,22 @@ def sample_attention_shares(model, batch: dict, mode: str, answer: str) -> dict[
         for key, values in attention_shares(attn, groups[query], groups).items():
             shares[f"{query}->{key}"] = values
     return shares
+
+
+def model_attention(model_dir: str, shards: str, *, limit: int, max_seq_len: int, dtype: torch.dtype, device) -> dict:
+    """Mean shares over the first `limit` samples: {"dir", "n", "shares": {"typed": ..., "spoken": ...}}."""
+    model, processor = load_omni(model_dir, dtype=dtype, attn_impl="eager")
+    model.to(device).eval()
+    loader = build_eval_loader(shards, processor, micro_batch_size=1, max_seq_len=max_seq_len, rank=0, world_size=1)
+    per_mode = {mode: [] for mode in MODE_NAMES}
+    for batch in loader:
+        if len(per_mode["text"]) >= limit:
+            break
+        batch = batch.to(device, dtype)
+        answer = batch.answers[0][0]
+        for mode in MODE_NAMES:
+            per_mode[mode].append(sample_attention_shares(model, batch, mode, answer))
+    if not per_mode["text"]:
+        raise ValueError(f"{shards}: no usable evaluation sample")
+    return {"dir": model_dir, "n": len(per_mode["text"]),
+            "shares": {MODE_NAMES[mode]: mean_shares(samples) for mode, samples in per_mode.items()}}

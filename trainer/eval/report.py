@@ -1,7 +1,10 @@
 """The evaluation report over many scored samples: VL and VA in points out of 100, the gap,
-per task and per source, the spoken-question yes bias, and each benchmark by its own rule
-(benchmarks.py). Above scoring.py (one sample's rules) and benchmarks.py, which never import it."""
+per task and per source, the spoken-question yes bias, the answers of the right kind, the
+corpus WER and each benchmark by its own rule (benchmarks.py); and over many runs, the mean
+with its 95% interval (mean_ci95). Above scoring.py (one sample's rules) and benchmarks.py,
+which never import it."""
 
+import math
 from collections import defaultdict
 
 from trainer.eval.benchmarks import benchmark_report
@@ -72,3 +75,19 @@ def aggregate(records: list[dict]) -> dict:
     if any(r.get("bench") for r in records):  # benchmark shards: each scored by its own rule
         report["benchmarks"] = benchmark_report(records)
     return report
+
+
+# Two-sided 95% Student t critical values by degrees of freedom (1..30); 1.96 beyond.
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+       2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def mean_ci95(values: list[float]) -> dict:
+    """Mean, sample standard deviation and the half-width of the 95% t interval (None for n < 2)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "std": None, "ci95": None}
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    t = T95[n - 2] if n - 1 <= len(T95) else 1.96
+    return {"n": n, "mean": mean, "std": std, "ci95": t * std / math.sqrt(n)}

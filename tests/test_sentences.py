@@ -1,0 +1,108 @@
+"""The alignment data of datagen/sentences.py: held-out sentences never occur in training, the
+described-scene questions are answered by their description (checked by a solver of its own),
+and the align stage reads a spoken question on a typed text as speech + instruction -> answer."""
+
+import json
+import re
+
+import pytest
+
+from datagen.sentences import (
+    ASR_INSTRUCTION,
+    described_qa_records,
+    repeat_records,
+    sentence_records,
+    sentences,
+    split_of,
+)
+from datagen.writer import make_llava_shards
+from trainer.data import build_train_loader
+from trainer.data.batch import IGNORE_INDEX
+from trainer.models.tiny import build_tiny_processor
+
+
+def test_heldout_sentences_never_occur_in_training():
+    train, heldout = set(sentences("train", 4000, seed=0)), set(sentences("heldout", 400, seed=0))
+    assert train and heldout and not train & heldout
+    assert not heldout & set(sentences("train", 4000, seed=7)), "the split is the sentence's, not the seed's"
+    assert all(split_of(s) == "heldout" for s in heldout)
+    typed = {r["conversations"][1]["value"] for r in repeat_records("train", 2000, seed=0)}
+    assert not typed & heldout
+    assert 0.08 < len(heldout) / (len(heldout) + len(train)) < 0.25
+
+
+def test_records_are_what_the_stages_read():
+    (spoken,) = sentence_records("heldout", 1, seed=0)
+    assert spoken["conversations"][0]["value"] == spoken["conversations"][1]["value"] and "image" not in spoken
+    (typed,) = repeat_records("train", 1, seed=0)
+    question, answer = typed["conversations"][0]["value"], typed["conversations"][1]["value"]
+    assert question == answer + ASR_INSTRUCTION == answer + "\nTranscribe the audio."
+
+
+def _solve(question: str, description: str) -> str:
+    """The answer read off the description with this test's own parsing."""
+    items = re.findall(r"a (\w+) (\w+) at the ([\w ]+?)(?:,|\.$)", description.removeprefix("In the picture: "))
+    shapes = {shape: (colour, place) for colour, shape, place in items}
+    first, *rest = question.split("\n")
+    options = [line[3:] for line in rest if re.match(r"[ABC]\. ", line)]
+    if options:
+        if m := re.search(r"shapes is (\w+)\?", first):
+            right = next(shape for shape, (colour, _) in shapes.items() if colour == m.group(1))
+        else:
+            right = shapes[re.search(r"does the (\w+) have", first).group(1)][0]
+        return "ABC"[options.index(right)]
+    if "many" in first or "Count" in first:
+        return str(len(items))
+    if m := re.search(r"(?:see a|see the|picture is the) (\w+) (\w+)\?", first):
+        colour, shape = m.groups()
+        if first.startswith(("Can", "Do")):
+            return "yes" if shapes.get(shape, (None,))[0] == colour else "no"
+        return shapes[shape][1]
+    shape = re.search(r"(?:the|of the) (\w+)(?: have\?|\.)$", first).group(1)
+    return shapes[shape][0]
+
+
+@pytest.mark.parametrize("spoken", [True, False])
+def test_described_questions_are_answered_by_their_description(spoken):
+    records = described_qa_records(200, seed=0, spoken=spoken)
+    demo_forms = ("What colour is the", "How many shapes are there", "Where is the", "Is there a", "Which shape is")
+    for record in records:
+        question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+        if spoken:
+            description = record["instruction"]
+        else:
+            question, _, description = question.rpartition("\n")
+        assert description.startswith("In the picture: ")
+        assert not question.startswith(demo_forms), "other words than the demo's own questions"
+        assert _solve(question, description) == answer, record
+    assert {r["task"] for r in records} == {"open", "yesno", "choice"}
+    yesno = [r["conversations"][1]["value"] for r in records if r["task"] == "yesno"]
+    assert yesno.count("yes") == yesno.count("no")
+
+
+def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
+    records = described_qa_records(4, seed=0, spoken=True) + sentence_records("train", 2, seed=0)
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(records))
+    index = make_llava_shards(str(path), str(tmp_path), str(tmp_path / "shards"), seed=0, progress=False)
+    processor = build_tiny_processor()
+    (batch,) = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=6, max_seq_len=512,
+                                  rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    by_id = {r["id"]: r for r in records}
+    seen = set()
+    for row, key in enumerate(batch.keys):
+        record = by_id[key.rsplit("_t", 1)[0]]
+        ids = batch.student_input_ids[row][batch.student_attention_mask[row] == 1]
+        labels = batch.student_labels[row]
+        prompt = processor.tokenizer.decode(ids[labels[: len(ids)] == IGNORE_INDEX])
+        target = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
+        spoken = record["conversations"][0]["value"]
+        assert "<|audio_pad|>" in prompt and spoken not in prompt, "the question is heard, not read"
+        if "instruction" in record:
+            assert prompt.endswith("<|audio_end|>\n" + record["instruction"] + "<|im_end|>\n<|im_start|>assistant\n")
+            assert target == record["conversations"][1]["value"] + "<|im_end|>"
+        else:
+            assert prompt.endswith("<|audio_end|>" + ASR_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")
+            assert target == spoken + "<|im_end|>"
+        seen.add(record["id"])
+    assert seen == set(by_id)
