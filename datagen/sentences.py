@@ -165,6 +165,8 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
       asr_heldout  `num_heldout` spoken held-out sentences (the transcription test),
       typed_mix    the VQA records of `vqa_train_json`, `num_train` typed-repeat records and
                    `num_train` // 2 typed described-scene questions,
+      stage_mix    align_mix's records tagged "stage": "align" and typed_mix's tagged "vl", for a
+                   --stage mixed run that trains the LLM to hear while it keeps reading,
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:
@@ -175,6 +177,8 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
         "typed_mix": vqa + repeat_records("train", num_train, seed)
                      + described_qa_records(num_train // 2, seed, spoken=False),
     }
+    jobs["stage_mix"] = [{**r, "stage": "align"} for r in jobs["align_mix"]] + \
+        [{**r, "stage": "vl"} for r in jobs["typed_mix"]]
     specs = {}
     for name, records in jobs.items():
         json_path = os.path.join(out_dir, "sentences", f"{name}.json")

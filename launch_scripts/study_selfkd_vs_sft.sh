@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Does Self-KD beat spoken-question SFT through this trainer? The toy study, protocol fixed before
-# it was run (docs/study.md); CPU-only is fine (2 ranks over gloo).
+# it was run (docs/study_v1.md); CPU-only is fine (2 ranks over gloo).
 #   1. demo data: 40,000 training scenes and 400 held-out ones, questions typed and spoken (eSpeak NG),
 #   2. the start: the random `toy` model (tiny's classes at 128-d, 4 layers, 224 px, M-RoPE theta 10)
 #      taught the typed-question skill (--stage vl, vision tower trained), exported and scored; the study

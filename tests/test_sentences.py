@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from datagen.sentences import (
     ASR_INSTRUCTION,
@@ -106,3 +107,43 @@ def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
             assert target == spoken + "<|im_end|>"
         seen.add(record["id"])
     assert seen == set(by_id)
+
+
+def test_mixed_stage_batches_hearing_and_reading_samples_together(tmp_path):
+    """--stage mixed: each sample encoded as its JSON "stage" says (an untagged one is a counted
+    bad_json skip), one batch holding both kinds, and the composed model's summed CE over it
+    equals the sum of each kind's CE in batches of its own stage (the zero audio of a typed
+    sample, and the dummy image of a spoken one, change nothing)."""
+    from trainer.distill.objective import SelfKDObjective
+    from trainer.models.build import build_tiny
+
+    spoken = [{**r, "stage": "align"} for r in described_qa_records(2, seed=0, spoken=True)]
+    typed = [{**r, "stage": "vl"} for r in repeat_records("train", 2, seed=0)]
+    untagged = sentence_records("train", 1, seed=3)
+    processor = build_tiny_processor()
+
+    def batch(name, records, stage):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(records))
+        index = make_llava_shards(str(path), str(tmp_path), str(tmp_path / name), seed=0, progress=False)
+        loader = build_train_loader(index["shard_spec"], processor, stage=stage, micro_batch_size=8,
+                                    max_seq_len=512, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False,
+                                    epochs=1, max_bad_fraction=1.0)
+        (only,) = list(loader)
+        return only, loader.skip_counts()
+
+    mixed, skips = batch("mixed", spoken + typed + untagged, "mixed")
+    assert skips == {"bad_json": 1} and len(mixed) == 4
+    for row, key in enumerate(mixed.keys):
+        if key.startswith("repeat"):
+            assert int(mixed.audio_token_counts[row]) == 0 and int(mixed.audio_frames[row]) == 0
+            assert not mixed.input_features[row].any()
+        else:
+            assert int(mixed.audio_token_counts[row]) > 0
+    model = build_tiny(processor, attn_impl="sdpa", seed=0).eval()
+    objective = SelfKDObjective(model, None)
+    with torch.no_grad():
+        together = objective(mixed, normalizer=1.0).loss
+        apart = objective(batch("spoken", spoken, "align")[0], normalizer=1.0).loss + \
+            objective(batch("typed", typed, "vl")[0], normalizer=1.0).loss
+    assert together.item() == pytest.approx(apart.item(), rel=1e-5)

@@ -68,7 +68,9 @@ class DataConfig:
     """Held-out shards scored typed vs spoken every --eval_every steps."""
     stage: str = "selfkd"
     """`selfkd`: vision-audio Self-KD on image+question shards; `align`: ASR, CE only; `vl`: typed-question
-    SFT on the same shards (CE only; real VLMs come with it, the demo's random model needs it)."""
+    SFT on the same shards (CE only; real VLMs come with it, the demo's random model needs it); `mixed`: each
+    sample is `align` or `vl` as its JSON "stage" says, CE only (hearing trained while reading is kept; composed
+    models)."""
     max_seq_len: int = 2048
     """Samples whose teacher or student sequence is longer are skipped (counted as too_long)."""
     num_workers: int = 2
@@ -354,6 +356,8 @@ def validate(c: Config) -> None:
         )
     if d.stage == "align" and k.kd_alpha > 0:
         raise ConfigError("--stage align trains on ASR shards (no typed question, no teacher): set --kd_alpha 0")
+    if d.stage == "mixed" and k.kd_alpha > 0:
+        raise ConfigError("--stage mixed trains ASR and typed samples with CE only (no teacher): set --kd_alpha 0")
     if d.stage == "vl" and k.kd_alpha > 0:
         raise ConfigError("--stage vl trains the typed-question path itself (no teacher): set --kd_alpha 0")
 

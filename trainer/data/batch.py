@@ -21,11 +21,13 @@ class Stage(str, enum.Enum):
     SELFKD = "selfkd"  # student: [image] + spoken question; teacher: [image] + typed question; both -> answer
     ALIGN = "align"  # student only: speech -> transcript (ASR); no image, no teacher
     VL = "vl"  # student only: [image] + typed question -> answer (the typed path itself; no audio decoded)
+    MIXED = "mixed"  # student only: each sample is ALIGN or VL as its JSON "stage" says (one CE-only run, both)
     EVAL = "eval"  # both prompts, left-padded, no answer tokens, with the scoring metadata
     TRANSCRIBE = "transcribe"  # EVAL of transcription: speech + ASR prompt ("audio"), its typed twin ("text")
 
 
-TRAINING_STAGES = (Stage.SELFKD.value, Stage.ALIGN.value, Stage.VL.value)
+TRAINING_STAGES = (Stage.SELFKD.value, Stage.ALIGN.value, Stage.VL.value, Stage.MIXED.value)
+MIXED_STAGES = (Stage.ALIGN.value, Stage.VL.value)  # what a sample of a MIXED run may be
 SIDES = ("student", "teacher")
 
 

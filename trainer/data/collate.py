@@ -4,6 +4,10 @@ collators that turn encoded samples into a `Batch` (trainer/data/batch.py).
 Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
   SELFKD  [image] + spoken question -> answer (student), [image] + typed question -> answer (teacher)
   VL      [image] + typed question -> answer, as the student; no teacher, audio not decoded
+  MIXED   each sample is ALIGN or VL as its JSON "stage" says (a sample without it is a bad_json
+          skip): one CE-only run that trains hearing and reading together. Both stages call the
+          same modules (a dummy pass stands in for a missing image or clip), so micro-batches of
+          any mix keep every rank in step under ZeRO-3; the mix's weights are the data's counts
   ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only; a sample
           with an "instruction" is a spoken question on a typed text instead: speech, then
           "\n" + instruction -> "answer" (spoken instruction following with no image)
@@ -33,7 +37,7 @@ import contextlib
 
 import torch
 
-from trainer.data.batch import IGNORE_INDEX, Batch, Stage
+from trainer.data.batch import IGNORE_INDEX, MIXED_STAGES, Batch, Stage
 from trainer.data.decode import SampleError, decode_audio, decode_image, decode_json, find_member, require_text
 from trainer.data.shards import AUDIO_EXTS, IMAGE_EXTS
 from trainer.models.processing import OmniProcessor
@@ -78,19 +82,20 @@ class SampleEncoder:
         ("audio_clipped", "audio_rate_snapped", "image_padded")."""
         with failures_as("bad_json", "json"):
             meta = decode_json(raw)
-            if self.stage == Stage.ALIGN and "instruction" in meta:  # a spoken question on a typed text
+            stage = self._sample_stage(meta)
+            if stage == Stage.ALIGN and "instruction" in meta:  # a spoken question on a typed text
                 answer = require_text(meta, "answer", "empty_answer")
                 question = "\n" + require_text(meta, "instruction", "empty_question")
-            elif self.stage in (Stage.ALIGN, Stage.TRANSCRIBE):
+            elif stage in (Stage.ALIGN, Stage.TRANSCRIBE):
                 answer_field = "transcript" if "transcript" in meta else "question"
                 answer = require_text(meta, answer_field, "empty_answer")
-                question = answer + ASR_INSTRUCTION if self.stage == Stage.TRANSCRIBE else None
+                question = answer + ASR_INSTRUCTION if stage == Stage.TRANSCRIBE else None
             else:
                 question = require_text(meta, "question", "empty_question")
-                answer = str(meta.get("answer", "")) if self.stage == Stage.EVAL else \
+                answer = str(meta.get("answer", "")) if stage == Stage.EVAL else \
                     require_text(meta, "answer", "empty_answer")
         sample, notes = {"key": raw["__key__"]}, set()
-        if self.stage != Stage.VL:
+        if stage != Stage.VL:
             with failures_as("bad_audio", "audio"):
                 _, audio_bytes = find_member(raw, AUDIO_EXTS, "audio")
                 rate = self.processor.sampling_rate
@@ -104,7 +109,7 @@ class SampleEncoder:
                 sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-        if self.stage not in (Stage.ALIGN, Stage.TRANSCRIBE) and image_bytes is not None:
+        if stage not in (Stage.ALIGN, Stage.TRANSCRIBE) and image_bytes is not None:
             with failures_as("bad_image", "image"):
                 image, padded = decode_image(image_bytes, self.max_pixels)
                 if padded:
@@ -112,28 +117,38 @@ class SampleEncoder:
                 sample["image"], num_image_tokens = self.processor.encode_image(image)  # the family's tensors
                 sample["image_token_count"] = num_image_tokens
         with failures_as("bad_text", "text"):
-            self._encode_text(sample, meta, question, answer, num_image_tokens)
+            self._encode_text(stage, sample, meta, question, answer, num_image_tokens)
         return sample, notes
 
-    def _encode_text(self, sample: dict, meta: dict, question: str | None, answer: str, num_image_tokens: int) -> None:
+    def _sample_stage(self, meta: dict) -> Stage:
+        """The run's stage, or in a MIXED run the sample's own ("stage" in its JSON)."""
+        if self.stage != Stage.MIXED:
+            return self.stage
+        if meta.get("stage") not in MIXED_STAGES:
+            raise SampleError("bad_json", "json", f"a --stage mixed sample needs 'stage' in its JSON, one of "
+                              f"{MIXED_STAGES}; got {meta.get('stage')!r}")
+        return Stage(meta["stage"])
+
+    def _encode_text(self, stage: Stage, sample: dict, meta: dict, question: str | None, answer: str,
+                     num_image_tokens: int) -> None:
         """Prompt ids (student, and teacher where the stage has one), answer ids and, for
         EVAL, the scoring metadata."""
         image_slot = [{"type": "image"}] if "image" in sample else []
         typed = image_slot + [{"type": "text", "text": question}]
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
-        if self.stage == Stage.ALIGN:  # speech, then the ASR instruction or the sample's own typed text
+        if stage == Stage.ALIGN:  # speech, then the ASR instruction or the sample's own typed text
             student = [{"type": "text", "text": spoken_text + (question or ASR_INSTRUCTION)}]
-        elif self.stage == Stage.TRANSCRIBE:
+        elif stage == Stage.TRANSCRIBE:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, 0, 0)
-        elif self.stage == Stage.VL:
+        elif stage == Stage.VL:
             student = typed
         else:
             student = image_slot + [{"type": "text", "text": spoken_text}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, num_image_tokens, 0)
         sample["student_prompt_ids"] = self._prompt_ids(student, num_image_tokens, sample.get("audio_token_count", 0))
-        if self.stage in (Stage.EVAL, Stage.TRANSCRIBE):
-            transcribe = self.stage == Stage.TRANSCRIBE
+        if stage in (Stage.EVAL, Stage.TRANSCRIBE):
+            transcribe = stage == Stage.TRANSCRIBE
             sample.update(question=question, answer=answer, task="asr" if transcribe else meta.get("task"),
                           choices=None if transcribe else meta.get("choices"), source=meta.get("source"),
                           id=meta.get("id", sample["key"]), bench=None if transcribe else meta.get("bench"),
@@ -195,12 +210,17 @@ def _pad_positions(samples: list[dict], side: str, left: bool) -> torch.Tensor:
 
 def _shared_fields(samples: list[dict]) -> dict:
     fields = {"keys": [s["key"] for s in samples]}
-    if "input_features" in samples[0]:
-        width = max(s["input_features"].shape[1] for s in samples)  # Whisper: the window; others: the longest clip
-        fields["input_features"] = torch.stack([torch.nn.functional.pad(s["input_features"], (0, width - s["input_features"].shape[1]))
-                                                for s in samples])  # B, n_mels, W
-        fields["audio_token_counts"] = torch.tensor([s["audio_token_count"] for s in samples], dtype=torch.long)
-        fields["audio_frames"] = torch.tensor([s["audio_frames"] for s in samples], dtype=torch.long)
+    with_audio = [s for s in samples if "input_features" in s]
+    if with_audio:
+        # Whisper: the window; others: the longest clip. A sample without audio (a VL sample of a
+        # MIXED batch) gets zero features, 0 audio tokens and 0 frames: none of them is read.
+        width = max(s["input_features"].shape[1] for s in with_audio)
+        n_mels = with_audio[0]["input_features"].shape[0]
+        fields["input_features"] = torch.stack([
+            torch.nn.functional.pad(s["input_features"], (0, width - s["input_features"].shape[1]))
+            if "input_features" in s else torch.zeros(n_mels, width) for s in samples])  # B, n_mels, W
+        fields["audio_token_counts"] = torch.tensor([s.get("audio_token_count", 0) for s in samples], dtype=torch.long)
+        fields["audio_frames"] = torch.tensor([s.get("audio_frames", 0) for s in samples], dtype=torch.long)
     with_image = [s for s in samples if "image" in s]
     if with_image:  # Qwen: pixel_values (sum(patches), patch_dim), image_grid_thw (N_img, 3); Phi-4: crops (Batch)
         fields.update(OmniProcessor.collate_images([s["image"] for s in with_image]))

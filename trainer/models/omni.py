@@ -177,6 +177,9 @@ class OmniModel(nn.Module):
             if batch.audio_frames is None:
                 raise ValueError(f"a native audio tower needs each clip's mel frame count (batch.audio_frames); "
                                  f"batch of {batch.keys[:3]}... has none")
+            if bool((batch.audio_frames == 0).any()):
+                raise ValueError(f"a native audio tower takes no sample without audio in a batch with audio (a --stage "
+                                 f"mixed batch of {batch.keys[:3]}...): mixed stages need a composed model")
             tokens = self.adapter.audio_features(**self.adapter.audio_inputs(batch, device))
         return tokens, tokens.new_zeros((), dtype=torch.float32)
 

@@ -95,7 +95,7 @@ def build_tiny_tokenizer(vocab_size: int = 512, special_tokens: list | None = No
 # The `toy` preset: the tiny classes at the size the toy study needs to really see its shapes
 # (a 4-layer 128-d LLM, a 4-block 64-d vision tower, pictures up to 224x224 px = 64 image
 # tokens, a 64-d Whisper). `tiny` cannot: at 112 px and a 2-layer 64-d LLM it memorises the
-# training scenes and answers held-out ones at chance (docs/study.md).
+# training scenes and answers held-out ones at chance (docs/study_v1.md).
 # rope_theta 10, not Qwen2-VL's 1e6: M-RoPE gives an image token in row i, column j the
 # positions (t, s + i, s + j) and splits a head's rotary frequencies into temporal, height and
 # width sections, fastest first. At head_dim 32 and theta 1e6 the width section's fastest
