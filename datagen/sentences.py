@@ -78,7 +78,7 @@ def describe(scene: dict, rng: random.Random) -> str:
 
 
 def _reword(question: str, rng: random.Random) -> str:
-    """The demo's question in other words (QA_FORMS); its option lines and instruction kept."""
+    """The demo's question in other words (QA_FORMS); its option lines and last line kept."""
     first, _, rest = question.partition("\n")
     for pattern, has_options, forms in QA_FORMS:
         match = re.fullmatch(pattern, first)
@@ -88,9 +88,11 @@ def _reword(question: str, rng: random.Random) -> str:
 
 
 def described_qa_records(count: int, seed: int, *, spoken: bool) -> list[dict]:
-    """Questions on scenes described in words. spoken=True: the question is spoken (the record's
-    question) and the description is the typed instruction after it (the ALIGN stage reads
-    "instruction"); spoken=False: the typed twin, "question\ndescription" -> answer (VL stage)."""
+    """Questions on scenes described in words, the description where the picture would be.
+    spoken=True: the question is spoken (the record's question) after the typed description
+    (the ALIGN stage reads "context"): "description\n<speech>" -> answer, a prompt that ends
+    with the speech as a spoken question about a picture does; spoken=False: the typed twin,
+    "description\nquestion" -> answer (VL stage)."""
     rng = random.Random(f"described-{seed}-{spoken}")
     records = []
     for i in range(count):
@@ -101,9 +103,9 @@ def described_qa_records(count: int, seed: int, *, spoken: bool) -> list[dict]:
                   "source": f"described_{qa['source']}", **{k: qa[k] for k in ("choices", "answers") if k in qa}}
         if spoken:
             record.update(conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}],
-                          instruction=description)
+                          context=description)
         else:
-            record["conversations"] = [{"from": "human", "value": question + "\n" + description},
+            record["conversations"] = [{"from": "human", "value": description + "\n" + question},
                                        {"from": "gpt", "value": qa["answer"]}]
         records.append(record)
     return records

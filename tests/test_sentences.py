@@ -1,6 +1,6 @@
 """The alignment data of datagen/sentences.py: held-out sentences never occur in training, the
 described-scene questions are answered by their description (checked by a solver of its own),
-and the align stage reads a spoken question on a typed text as speech + instruction -> answer."""
+and the align stage reads a spoken question on a typed text as context + speech -> answer."""
 
 import json
 import re
@@ -70,9 +70,9 @@ def test_described_questions_are_answered_by_their_description(spoken):
     for record in records:
         question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
         if spoken:
-            description = record["instruction"]
+            description = record["context"]
         else:
-            question, _, description = question.rpartition("\n")
+            description, _, question = question.partition("\n")
         assert description.startswith("In the picture: ")
         assert not question.startswith(demo_forms), "other words than the demo's own questions"
         assert _solve(question, description) == answer, record
@@ -99,8 +99,9 @@ def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
         target = processor.tokenizer.decode(labels[labels != IGNORE_INDEX])
         spoken = record["conversations"][0]["value"]
         assert "<|audio_pad|>" in prompt and spoken not in prompt, "the question is heard, not read"
-        if "instruction" in record:
-            assert prompt.endswith("<|audio_end|>\n" + record["instruction"] + "<|im_end|>\n<|im_start|>assistant\n")
+        if "context" in record:
+            assert prompt.endswith(record["context"] + "\n<|audio_start|>" + "<|audio_pad|>" * prompt.count("<|audio_pad|>")
+                                   + "<|audio_end|><|im_end|>\n<|im_start|>assistant\n")
             assert target == record["conversations"][1]["value"] + "<|im_end|>"
         else:
             assert prompt.endswith("<|audio_end|>" + ASR_INSTRUCTION + "<|im_end|>\n<|im_start|>assistant\n")

@@ -5,6 +5,7 @@ checks of the session's shared launch (tests/shared_launch.py): trainer/main.py'
 under the deepspeed launcher, several runs per launch."""
 
 import json
+import math
 import os
 import shutil
 
@@ -64,6 +65,23 @@ def asr_shards(data: dict, check_dir: str) -> dict:
     return {"asr_shards": index["shard_spec"]}
 
 
+def mixed_stage_shards(data: dict, check_dir: str) -> dict:
+    """One shard of spoken questions on described scenes (stage align) and one of typed repeat
+    records (stage vl), 8 each: {stage_shards}."""
+    from datagen.sentences import described_qa_records, repeat_records
+    from datagen.writer import make_llava_shards
+
+    specs = []
+    for stage, records in (("align", described_qa_records(8, seed=0, spoken=True)),
+                           ("vl", repeat_records("train", 8, seed=0))):
+        path = os.path.join(check_dir, f"{stage}.json")
+        with open(path, "w") as f:
+            json.dump([{**r, "stage": stage} for r in records], f)
+        specs.append(make_llava_shards(path, check_dir, os.path.join(check_dir, f"{stage}_shards"), samples_per_shard=8,
+                                       progress=False)["shard_spec"])
+    return {"stage_shards": ",".join(specs)}
+
+
 def _repack(source: str, dest, keys: list) -> None:
     """A shard holding the samples `keys` of tar `source`, members in their original order."""
     import tarfile
@@ -113,6 +131,9 @@ CHECKS = [
           prepare=mixed_modality_shards),
     Check("align_asr", [main("run", "--train_shards", "{asr_shards}", "--stage", "align", "--kd_alpha", "0",
                              "--max_steps", "3", "--micro_batch_size", "2", "--num_workers", "1")], prepare=asr_shards),
+    Check("mixed_stages", [main("run", "--train_shards", "{stage_shards}", "--stage", "mixed", "--kd_alpha", "0",
+                                "--max_steps", "3", "--micro_batch_size", "2", "--num_workers", "1",
+                                "--trainable", "llm,projector,audio")], prepare=mixed_stage_shards),
     Check("global_token_mean", [call("tests.dist_normalizer_check:main", "--shards", "{train_shards}",
                                      "--out", "{dir}/norms.json")]),
     Check("resume_fewer_shards", [
@@ -215,6 +236,16 @@ def test_align_stage_trains_on_asr_shards(launch):
     metrics = launch.ok("align_asr").metrics
     assert sorted(metrics) == [1, 2, 3] and "train/kd_loss" not in metrics[3]
     assert metrics[3]["train/loss"] == pytest.approx(metrics[3]["train/ce_loss"])
+
+
+@pytest.mark.launch_checks("mixed_stages")
+def test_ranks_hearing_and_reading_in_one_mixed_run_finish(launch):
+    """--stage mixed with one shard of spoken samples (align) and one of typed ones (vl), two
+    ranks with one worker each: at every step one rank hears and the other reads, and under
+    ZeRO-3 both must call the same modules (a dummy clip or image where a batch has none)."""
+    metrics = launch.ok("mixed_stages").metrics
+    assert sorted(metrics) == [1, 2, 3] and "train/kd_loss" not in metrics[3]
+    assert all(math.isfinite(metrics[step]["train/loss"]) for step in metrics)
 
 
 @pytest.mark.launch_checks("global_token_mean")

@@ -9,8 +9,9 @@ Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
           same modules (a dummy pass stands in for a missing image or clip), so micro-batches of
           any mix keep every rank in step under ZeRO-3; the mix's weights are the data's counts
   ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only; a sample
-          with an "instruction" is a spoken question on a typed text instead: speech, then
-          "\n" + instruction -> "answer" (spoken instruction following with no image)
+          with a "context" is a spoken question on a typed text instead: the context, a line
+          break, then the speech -> "answer" (the text where a picture would be: the prompt
+          ends with the speech, as a spoken question about an image does)
   EVAL    both prompts (no answer tokens) plus the scoring metadata
   TRANSCRIBE  EVAL of transcription (task "asr", reference the transcript): the student prompt is
           ALIGN's (speech + instruction), the teacher's its typed twin (the transcript written
@@ -83,9 +84,9 @@ class SampleEncoder:
         with failures_as("bad_json", "json"):
             meta = decode_json(raw)
             stage = self._sample_stage(meta)
-            if stage == Stage.ALIGN and "instruction" in meta:  # a spoken question on a typed text
+            if stage == Stage.ALIGN and "context" in meta:  # a spoken question on a typed text
                 answer = require_text(meta, "answer", "empty_answer")
-                question = "\n" + require_text(meta, "instruction", "empty_question")
+                question = require_text(meta, "context", "empty_question") + "\n"
             elif stage in (Stage.ALIGN, Stage.TRANSCRIBE):
                 answer_field = "transcript" if "transcript" in meta else "question"
                 answer = require_text(meta, answer_field, "empty_answer")
@@ -136,8 +137,9 @@ class SampleEncoder:
         image_slot = [{"type": "image"}] if "image" in sample else []
         typed = image_slot + [{"type": "text", "text": question}]
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
-        if stage == Stage.ALIGN:  # speech, then the ASR instruction or the sample's own typed text
-            student = [{"type": "text", "text": spoken_text + (question or ASR_INSTRUCTION)}]
+        if stage == Stage.ALIGN:  # the speech, then the ASR instruction; or a typed context, then the speech
+            text = question + spoken_text if question else spoken_text + ASR_INSTRUCTION
+            student = [{"type": "text", "text": text}]
         elif stage == Stage.TRANSCRIBE:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, 0, 0)
