@@ -27,10 +27,6 @@ cd "$(dirname "$0")/.."
 source launch_scripts/setup_env.sh
 
 OUT=${OUT:-aligned_out}
-TRAIN_SAMPLES=${TRAIN_SAMPLES:-8000}
-HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-400}
-SENTENCES=${SENTENCES:-6000}
-HELDOUT_SENTENCES=${HELDOUT_SENTENCES:-400}
 TYPED_STEPS=${TYPED_STEPS:-1500}
 TYPED_LR=${TYPED_LR:-1e-3}
 ALIGN_STEPS=${ALIGN_STEPS:-1500}
@@ -43,13 +39,7 @@ PORT=${MASTER_PORT:-29541}
 mkdir -p "$OUT"
 
 echo "== [1/5] data -> $OUT/data"
-if [ ! -f "$OUT/data.json" ]; then
-  python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
-    --workers 2 --samples_per_shard 500 --sentences_train "$SENTENCES" --sentences_heldout "$HELDOUT_SENTENCES" \
-    > "$OUT/data.json.tmp"
-  mv "$OUT/data.json.tmp" "$OUT/data.json"
-fi
-spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }
+source launch_scripts/v2_data.sh
 COMMON=(--ds_config ds_configs/zero3.json --kd_alpha 0 --warmup_steps 50 --micro_batch_size "$MICRO_BATCH"
         --grad_accum 1 --num_workers 1 --max_seq_len 512 --log_every 20 --seed 0 --keep_last 1 --resume auto)
 

@@ -23,11 +23,6 @@ cd "$(dirname "$0")/.."
 source launch_scripts/setup_env.sh
 
 OUT=${OUT:-study_v2_out}
-TRAIN_SAMPLES=${TRAIN_SAMPLES:-8000}
-HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-400}
-SENTENCES=${SENTENCES:-6000}
-HELDOUT_SENTENCES=${HELDOUT_SENTENCES:-400}
-SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
 SCARCE_SHARDS=${SCARCE_SHARDS:-2}
 # The start's targets (tools/start_report.py); the protocol's values are these defaults.
 START_TARGETS=(--min_vl "${START_MIN_VL:-70}" --max_wer "${START_MAX_WER:-0.10}" --min_gap "${START_MIN_GAP:-15}"
@@ -39,22 +34,22 @@ MECHANISM_LIMIT=${MECHANISM_LIMIT:-100}
 IFS=, read -ra BUDGET_NAMES <<< "$BUDGETS"
 for budget in "${BUDGET_NAMES[@]}"; do
   case "$budget" in
-    scarce | larger) ;;
+    scarce) grid=$SCARCE_GRID ;;
+    larger) grid=$LARGER_GRID ;;
     *) echo "BUDGETS=$BUDGETS: expected scarce and/or larger, got '$budget'" >&2; exit 1 ;;
   esac
+  if [ ! -f "$grid" ]; then
+    echo "$grid: no such grid file; the protocol's grids are committed after the pilot and before any run" \
+         "(docs/study.md)" >&2
+    exit 1
+  fi
 done
 source launch_scripts/local_ranks.sh
 PORT=${MASTER_PORT:-29561}
 mkdir -p "$OUT"
 
 echo "== [1/5] data -> $OUT/data"
-if [ ! -f "$OUT/data.json" ]; then
-  python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
-    --workers 2 --samples_per_shard "$SAMPLES_PER_SHARD" --sentences_train "$SENTENCES" --sentences_heldout "$HELDOUT_SENTENCES" \
-    > "$OUT/data.json.tmp"
-  mv "$OUT/data.json.tmp" "$OUT/data.json"
-fi
-spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }
+source launch_scripts/v2_data.sh
 TRAIN_SHARDS=$(spec train_shards)
 HELDOUT_SHARDS=$(spec heldout_shards)
 SCARCE=$(python - "$TRAIN_SHARDS" "$SCARCE_SHARDS" <<'PY'

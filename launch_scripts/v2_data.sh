@@ -1,0 +1,19 @@
+# Sourced by build_aligned_start.sh and study_v2.sh (after `cd` to the repository root, with OUT
+# set): the data of study v2 and of its start, made once under $OUT (tools/make_demo_data.py with
+# the alignment sentences: same sizes and seed, same files), and spec NAME to read a shard spec
+# of $OUT/data.json (train_shards, heldout_shards, typed_mix_shards, align_mix_shards,
+# stage_mix_shards, asr_heldout_shards).
+TRAIN_SAMPLES=${TRAIN_SAMPLES:-8000}
+HELDOUT_SAMPLES=${HELDOUT_SAMPLES:-400}
+SENTENCES=${SENTENCES:-6000}
+HELDOUT_SENTENCES=${HELDOUT_SENTENCES:-400}
+SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
+
+if [ ! -f "$OUT/data.json" ]; then
+  mkdir -p "$OUT"
+  python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
+    --workers 2 --samples_per_shard "$SAMPLES_PER_SHARD" --sentences_train "$SENTENCES" \
+    --sentences_heldout "$HELDOUT_SENTENCES" > "$OUT/data.json.tmp"
+  mv "$OUT/data.json.tmp" "$OUT/data.json"
+fi
+spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }
