@@ -15,7 +15,9 @@ from tests.shared_launch import Check, call
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 SHORT = ["--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--rounds", "1", "--samples", "16"]
-CHECKS = [Check("bench_two_ranks", [call("tests.test_bench_step:bench", *SHORT)])]
+# 2 ranks: the frozen teacher as a copy (lora_r 0) and under LoRA (the adapters-off model), one process.
+CHECKS = [Check("bench_two_ranks", [call("tests.test_bench_step:bench", *SHORT, "--engine", "deepspeed", "--teacher",
+                                         "frozen", "--lora_r", "0,4")])]
 BREAKDOWN = {"data_wait", "vision", "audio", "teacher", "student_forward", "loss_lm_head", "backward", "optimizer",
              "reduce", "host_blocked"}
 
@@ -37,6 +39,8 @@ def test_one_process_deepspeed_and_plain_reference():
     assert set(engine["breakdown"]) == BREAKDOWN and engine["breakdown"]["teacher"] > 0
     assert isinstance(engine["host_syncs_per_step"], int) and engine["host_syncs_per_step"] > 0
     assert "breakdown" not in plain
+    for report in (engine, plain):
+        assert (report["lora_r"], report["teacher"], report["teacher_resident_mib"]) == (0, "shared", 0)
 
 
 def bench(args: list) -> None:
@@ -50,5 +54,13 @@ def bench(args: list) -> None:
 def test_two_ranks_under_the_deepspeed_launcher(launch):
     launch.records("bench_two_ranks")
     output = launch.log("bench_two_ranks", "tests.test_bench_step:bench")
-    (report,) = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2
+    copy, adapters_off = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    for report in (copy, adapters_off):
+        assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2 and report["teacher"] == "frozen"
+        assert report["kd_step_s"] > 0 and report["teacher_tokens"] > 0
+    assert (copy["lora_r"], adapters_off["lora_r"]) == (0, 4)
+    # The copy holds this rank's partition of what trains (fp32 here); LoRA's frozen teacher holds nothing.
+    assert copy["teacher_resident_mib"] > 0 and adapters_off["teacher_resident_mib"] == 0
+    assert adapters_off["trained_params"] < copy["trained_params"]
+    print(f"frozen teacher, 2 ranks: copy {copy['kd_step_s']} s/step ({copy['teacher_resident_mib']} MiB a rank), "
+          f"adapters off {adapters_off['kd_step_s']} s/step (0 MiB)")

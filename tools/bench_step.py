@@ -6,6 +6,7 @@ objective with its teacher and chunked loss, the loop's reductions and optimizer
     deepspeed --num_gpus 2 tools/bench_step.py --model tiny --json          # 2 ranks (DeepSpeed path only)
     python tools/bench_step.py --model synthetic-2b --micro_batch_size 8 --json
     python tools/bench_step.py --model synthetic-8b --gradient_checkpointing --engine deepspeed --json
+    python tools/bench_step.py --model synthetic-2b --teacher frozen --lora_r 0,16 --engine deepspeed  # copy vs adapters-off
     (launch_scripts/gpu_bench.sh runs the set docs/performance.md reports)
 
 It writes synthetic shards (random images, noise speech, random text at a realistic shape:
@@ -28,7 +29,11 @@ per phase of the profiled Self-KD step: data_wait, vision, audio, teacher, stude
 loss_lm_head, backward, optimizer, reduce, host_blocked), host_syncs_per_step (in that step:
 on a GPU the operations that made the host wait for the device, counted by
 torch.cuda.set_sync_debug_mode; on the CPU the reads of tensor values, aten::_local_scalar_dense,
-outside the ranges where the step reads its CPU batch on purpose: objective/host_prep, step/stats).
+outside the ranges where the step reads its CPU batch on purpose: objective/host_prep, step/stats),
+lora_r, teacher (the Self-KD step's: --teacher), trained_params, teacher_resident_mib (the
+teacher's own weights on this rank: a frozen or EMA copy of what trains; 0 for the shared
+teacher and for the frozen teacher under LoRA, the adapters-off model). `--lora_r 0,8` benches
+each rank in turn in this one process, so their step times compare.
 """
 
 import argparse
@@ -162,10 +167,11 @@ def _inside(event, labels) -> bool:
     return False
 
 
-def bench_deepspeed(args, spec: str) -> dict:
+def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
     from trainer.loop import Trainer
 
     flags = ["--model", args.model, "--train_shards", spec, "--ds_config", args.ds_config,
+             "--teacher", args.teacher, "--lora_r", str(lora_r), "--lora_alpha", str(2 * max(lora_r, 1)),
              "--micro_batch_size", str(args.micro_batch_size), "--grad_accum", "1", "--num_workers", str(args.num_workers),
              "--max_seq_len", "8192", "--max_steps", "1000000", "--warmup_steps", "0", "--lr", "1e-5",
              "--kd_alpha", "0.75", "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
@@ -189,7 +195,8 @@ def bench_deepspeed(args, spec: str) -> dict:
     mfus = [m["perf/mfu"] for m in kd_metrics if "perf/mfu" in m]
     report = _report(args, f"deepspeed-zero{trainer.zero_stage}", device, trainer.dtype, dist.world_size(), results,
                      student, teacher, mfu=statistics.median(mfus) if mfus else None)
-    report.update(breakdown=breakdown, host_syncs_per_step=syncs)
+    report.update(breakdown=breakdown, host_syncs_per_step=syncs, **_lora_fields(trainer.model, trainer.objective.teacher,
+                                                                                  lora_r))
     trainer.close()
     # Let a plain model follow in this process: no ZeRO-3 build context left behind, memory freed.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -202,7 +209,15 @@ def bench_deepspeed(args, spec: str) -> dict:
     return report
 
 
-def bench_plain(args, spec: str) -> dict:
+def _lora_fields(model, teacher, lora_r: int) -> dict:
+    """LoRA rank, the Self-KD step's teacher, parameters trained, and the teacher's own weights
+    on this rank (a frozen copy's partition vs 0 for the adapters-off model)."""
+    numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in model.parameters()]
+    return dict(lora_r=lora_r, teacher=teacher.kind, trained_params=sum(n for n, grad in numel if grad),
+                teacher_resident_mib=round(teacher.resident_bytes() / 2**20, 3))
+
+
+def bench_plain(args, spec: str, lora_r: int) -> dict:
     """The reference: the same objective on the same batches, plain PyTorch, one process."""
     from trainer.config import ModelConfig
     from trainer.data import build_train_loader
@@ -216,7 +231,8 @@ def bench_plain(args, spec: str) -> dict:
     torch.manual_seed(0)
     with device:
         model, processor = build_model(ModelConfig(model=args.model, attn_impl=args.attn_impl,
-                                                   gradient_checkpointing=args.gradient_checkpointing), dtype=dtype)
+                                                   gradient_checkpointing=args.gradient_checkpointing, lora_r=lora_r,
+                                                   lora_alpha=2.0 * max(lora_r, 1)), dtype=dtype)
     model.to(device).train()
     loader = build_train_loader(spec, processor, stage="selfkd", micro_batch_size=args.micro_batch_size,
                                 max_seq_len=8192, rank=0, world_size=1, num_workers=args.num_workers, seed=0)
@@ -226,9 +242,13 @@ def bench_plain(args, spec: str) -> dict:
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
                                   fused=device.type == "cuda")
     results, mfus, tokens = {}, [], {}
+    from trainer.distill.teachers import make_teacher
+
+    teacher_of_kd = make_teacher(args.teacher, model, 0.999)
     for _ in range(args.rounds):
         for mode, kd in (("sft", None), ("kd", KD)):
             objective = SelfKDObjective(model, kd)
+            objective.teacher = teacher_of_kd
             times, computed = [], []
             for i in range(args.warmup + args.steps):
                 if i == args.warmup:
@@ -259,8 +279,10 @@ def bench_plain(args, spec: str) -> dict:
             tokens[mode] = computed
     student = statistics.mean(s for s, _ in tokens["kd"])
     teacher = statistics.mean(t for _, t in tokens["kd"])
-    return _report(args, "none", device, dtype, 1, results, student, teacher,
-                   mfu=statistics.median(mfus) if mfus else None)
+    report = _report(args, "none", device, dtype, 1, results, student, teacher,
+                     mfu=statistics.median(mfus) if mfus else None)
+    report.update(_lora_fields(model, teacher_of_kd, lora_r))
+    return report
 
 
 def _report(args, engine, device, dtype, world_size, results, student_tokens, teacher_tokens, mfu) -> dict:
@@ -305,6 +327,11 @@ def main(argv=None) -> list:
     parser.add_argument("--attn_impl", default="auto")
     parser.add_argument("--num_workers", type=int, default=2, help="data workers (the real loader)")
     parser.add_argument("--samples", type=int, default=64, help="synthetic samples written (the stream repeats)")
+    parser.add_argument("--teacher", default="shared", choices=["shared", "frozen", "ema"],
+                        help="the Self-KD step's teacher (with LoRA, frozen = the adapters-off model)")
+    parser.add_argument("--lora_r", default="0",
+                        help="comma list of LoRA ranks (0 = none, lora_alpha = 2 r), each benched in this process "
+                             "after the other: --teacher frozen --lora_r 0,8 sets the frozen copy beside adapters-off")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -322,18 +349,20 @@ def main(argv=None) -> list:
     with tempfile.TemporaryDirectory(prefix="bench_step-") as tmp:
         # Every rank writes its own copy: no shared file system assumed, no rank waits on another.
         spec = write_shards(tmp, processor, shape, args.samples)
-        for engine in engines:
-            if engine == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        for lora_r in [int(r) for r in args.lora_r.split(",")]:
+            for engine in engines:
+                if engine == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                    if dist.is_main():
+                        print("--engine none runs in a single process: skipped under the launcher", flush=True)
+                    continue
+                report = bench_deepspeed(args, spec, lora_r) if engine == "deepspeed" else bench_plain(args, spec, lora_r)
                 if dist.is_main():
-                    print("--engine none runs in a single process: skipped under the launcher", flush=True)
-                continue
-            report = bench_deepspeed(args, spec) if engine == "deepspeed" else bench_plain(args, spec)
-            if dist.is_main():
-                print(json.dumps(report), flush=True)
-            reports.append(report)
+                    print(json.dumps(report), flush=True)
+                reports.append(report)
     if dist.is_main() and not args.json:
         for report in reports:
-            print(f"{report['engine']}: SFT {report['sft_step_s']} s, Self-KD {report['kd_step_s']} s "
+            print(f"{report['engine']} lora_r {report['lora_r']}: SFT {report['sft_step_s']} s, Self-KD "
+                  f"({report['teacher']} teacher, {report['teacher_resident_mib']} MiB of its own) {report['kd_step_s']} s "
                   f"(x{report['ratio']}), {report['tokens_per_s']} student tokens/s, MFU {report['mfu']}")
     dist.shutdown()
     return reports

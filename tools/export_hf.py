@@ -19,6 +19,14 @@ consolidated into fp32 with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoin
 tag=TAG)` (fp32 master weights, so nothing is lost to bf16), loaded into a model built from
 omni_spec.json without pretrained weights, and written with `save_omni`: omni_config.json,
 model.safetensors and the processor -- what `load_omni` / `--model DIR` read.
+
+A LoRA run (omni_spec.json has "lora"): by default each adapter is folded into its base weight
+(peft's delta, W + scale * B @ A) and the merged model is written in the standard layout above,
+which knows nothing of peft. `--adapter_only` writes a peft adapter directory instead, for the
+start model as base: `PeftModel.from_pretrained(base, OUT)` with base = the start's thinker
+(a native family, its own class) or the start's OmniModel (`load_omni`, a composed model);
+parts trained in full beside the adapters (projector, audio encoder) are in it as peft's
+`modules_to_save`.
 """
 
 import argparse
@@ -29,6 +37,7 @@ import sys
 import torch
 
 from trainer import checkpoint
+from trainer.models import lora
 from trainer.models.build import build_from_spec
 from trainer.models.serialize import OMNI_SPEC, load_weights, save_omni
 from trainer.distill.objective import MODEL_PREFIX
@@ -54,7 +63,7 @@ def pick_checkpoint(path: str) -> str:
     raise checkpoint.CheckpointError(f"no checkpoint in {path} matches its manifest")
 
 
-def export(checkpoint_dir: str, out_dir: str) -> None:
+def export(checkpoint_dir: str, out_dir: str, adapter_only: bool = False) -> None:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     checkpoint_dir = pick_checkpoint(checkpoint_dir)
@@ -79,6 +88,21 @@ def export(checkpoint_dir: str, out_dir: str) -> None:
         state_dict = {name[len(MODEL_PREFIX):]: tensor for name, tensor in state_dict.items()}
     model = build_from_spec(spec, processor, attn_impl="eager").float()
     load_weights(model, state_dict, source=checkpoint_dir)
+    if spec.get("lora"):  # a LoRA run: merged into the base (the standard layout), or the adapter alone
+        base = build_from_spec(lora.without_lora(spec), processor, attn_impl="eager").float()
+        if adapter_only:
+            load_weights(base, lora.base_state_dict(state_dict), source=checkpoint_dir)
+            with open(os.path.join(checkpoint_dir, "run_config.json")) as f:  # which parts trained in full
+                model.trainable_parts = frozenset(json.load(f)["trainable"])
+            lora.save_adapter(model, base.vlm if model.native else base, out_dir)
+            processor.save_pretrained(out_dir)
+            print(f"exported the LoRA adapter of {checkpoint_dir} -> {out_dir} (PeftModel.from_pretrained(base, "
+                  f"{out_dir}) with base = the start's {'thinker' if model.native else 'OmniModel (load_omni)'})")
+            return
+        load_weights(base, lora.merged_state_dict(model), source=checkpoint_dir)
+        model = base
+    elif adapter_only:
+        raise ValueError(f"--adapter_only: {checkpoint_dir} is not a LoRA run (its omni_spec.json has no 'lora')")
     save_omni(model, processor, out_dir)
     print(f"exported {checkpoint_dir} -> {out_dir} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)")
 
@@ -88,11 +112,14 @@ def main(argv=None):
     parser.add_argument("--checkpoint", required=True,
                         help="checkpoint directory SAVE_DIR/TAG written by the trainer, or SAVE_DIR (newest that verifies)")
     parser.add_argument("--out", required=True, help="directory to write the exported model into")
+    parser.add_argument("--adapter_only", action="store_true",
+                        help="a LoRA run: write its peft adapter directory (adapter_config.json, adapter_model.safetensors; "
+                             "parts trained in full as modules_to_save) instead of the merged model")
     args = parser.parse_args(argv)
     try:
         with torch.no_grad():
-            export(args.checkpoint, args.out)
-    except (checkpoint.CheckpointError, FileNotFoundError) as exc:
+            export(args.checkpoint, args.out, adapter_only=args.adapter_only)
+    except (checkpoint.CheckpointError, FileNotFoundError, ValueError) as exc:
         sys.exit(f"export_hf: {exc}")
 
 

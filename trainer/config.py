@@ -31,6 +31,7 @@ from trainer.distill.loss import DIVERGENCES
 from trainer.distill.teachers import TEACHERS
 from trainer.errors import ConfigError
 from trainer.models.build import ATTN_IMPLS, DEFAULT_TRAINABLE, TRAINABLE_PARTS
+from trainer.models.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
 from trainer.models.omni import PROJECTORS
 
 
@@ -58,6 +59,19 @@ class ModelConfig:
     """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing of the LLM (correct with two passes per step)."""
+    lora_r: int = 0
+    """LoRA rank of the LLM's adapters (peft); 0 = no adapters, the LLM trains in full. With LoRA, `llm` in --trainable
+    means the adapters (embeddings and LM head stay frozen) and the other named parts train in full; the frozen teacher
+    is then the model with its adapters off (no copy)."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator: the update is (lora_alpha / lora_r) * B @ A."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapters' input (training passes only; refused with a shared or EMA Self-KD teacher, whose
+    no-grad pass would be noisy)."""
+    lora_targets: tuple = DEFAULT_LORA_TARGETS
+    """Names (or name suffixes) of the LLM's Linear layers that take adapters; only the LLM is searched (not the vision
+    tower, Whisper or a native audio tower). Default: the attention and MLP projections of every supported family
+    (Qwen3-Omni's fused MoE experts are not Linear layers and stay frozen)."""
 
 
 @dataclass(frozen=True)
@@ -349,6 +363,17 @@ def validate(c: Config) -> None:
         raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")
     if k.kd_chunk_size < 1:
         raise ConfigError(f"--kd_chunk_size: must be >= 1, got {k.kd_chunk_size}")
+    if m.lora_r < 0 or m.lora_alpha <= 0 or not 0 <= m.lora_dropout < 1:
+        raise ConfigError(f"--lora_r must be >= 0, --lora_alpha > 0 and --lora_dropout in [0, 1); got {m.lora_r}, "
+                          f"{m.lora_alpha}, {m.lora_dropout}")
+    if m.lora_r and not m.lora_targets:
+        raise ConfigError("--lora_targets: name at least one Linear layer of the LLM")
+    if m.lora_r and "llm" not in m.trainable:
+        raise ConfigError(f"--lora_r {m.lora_r} adds adapters to the LLM but --trainable {','.join(m.trainable)} does not "
+                          "train them: add llm (with LoRA it means the adapters) or set --lora_r 0")
+    if m.lora_r and m.lora_dropout and k.kd_alpha > 0 and k.teacher != "frozen":
+        raise ConfigError(f"--lora_dropout {m.lora_dropout} with the {k.teacher} teacher: its no-grad pass runs the "
+                          "adapters with dropout on, a noisy teacher; set --lora_dropout 0 or use --teacher frozen")
     if k.teacher != "shared" and "vision" in m.trainable:
         raise ConfigError(
             f"--teacher {k.teacher} with a trainable vision tower: the teacher pass reuses the student's (live) "

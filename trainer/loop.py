@@ -132,7 +132,8 @@ class Trainer:
         # Under ZeRO-3 every parameter is partitioned as it is created: no rank ever holds
         # the whole model, which is what lets an 8B model start on 80 GB cards.
         init_ctx = deepspeed.zero.Init(config_dict_or_path=self.ds_config) if self.zero_stage == 3 else contextlib.nullcontext()
-        model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype, ds_config=self.ds_config)
+        model, self.processor = build_model(c.model, init_ctx=init_ctx, dtype=self.dtype, ds_config=self.ds_config,
+                                            seed=c.optim.seed)
         kd = None
         if c.data.stage == Stage.SELFKD and c.distill.kd_alpha > 0:
             kd = KDSettings(alpha=c.distill.kd_alpha, temperature=c.distill.kd_temperature,
@@ -148,6 +149,12 @@ class Trainer:
         # Frozen / EMA teachers copy each rank's ZeRO-3 partitions: only once the engine exists.
         self.objective.teacher = make_teacher(c.distill.teacher, self.model, c.distill.ema_decay,
                                               zero_stage=self.zero_stage, release=self.engine.empty_partition_cache)
+        if dist.rank() == 0:
+            numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.model.parameters()]
+            trained, total = sum(n for n, grad in numel if grad), sum(n for n, _ in numel)
+            print(f"parameters: {trained / 1e6:.2f}M trained of {total / 1e6:.2f}M ({100 * trained / total:.2f}%); "
+                  f"{c.distill.teacher} teacher holds {self.objective.teacher.resident_bytes() / 2**20:.1f} MiB "
+                  f"of its own weights on this rank", flush=True)
         self.flops_params = flops_params(self.model, self.model.trainable_parts)  # trainer/perf.py
         self.peak_flops = peak_bf16_flops()
 

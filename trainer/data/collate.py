@@ -11,7 +11,10 @@ Stages (`Stage`): the sample encoder's mode decides what a sample becomes.
   ALIGN   speech -> transcript ("transcript", else the spoken "question"), student only; a sample
           with a "context" is a spoken question on a typed text instead: the context, a line
           break, then the speech -> "answer" (the text where a picture would be: the prompt
-          ends with the speech, as a spoken question about an image does)
+          ends with the speech, as a spoken question about an image does); a sample whose JSON
+          has "with_image": true keeps its image member in front of the speech (transcription
+          with a picture in the prompt: speech after a picture, with no question about it
+          answered); without that key an ALIGN sample's image is never decoded
   EVAL    both prompts (no answer tokens) plus the scoring metadata
   TRANSCRIBE  EVAL of transcription (task "asr", reference the transcript): the student prompt is
           ALIGN's (speech + instruction), the teacher's its typed twin (the transcript written
@@ -110,7 +113,10 @@ class SampleEncoder:
                 sample["audio_seconds"] = len(audio) / rate
         num_image_tokens = 0
         image_bytes = next((raw[ext] for ext in IMAGE_EXTS if ext in raw), None)
-        if stage not in (Stage.ALIGN, Stage.TRANSCRIBE) and image_bytes is not None:
+        picture = stage == Stage.ALIGN and meta.get("with_image") is True
+        if picture and image_bytes is None:
+            raise SampleError("missing_key", "image", "'with_image': true but the sample has no image member")
+        if (picture or stage not in (Stage.ALIGN, Stage.TRANSCRIBE)) and image_bytes is not None:
             with failures_as("bad_image", "image"):
                 image, padded = decode_image(image_bytes, self.max_pixels)
                 if padded:
@@ -139,7 +145,7 @@ class SampleEncoder:
         spoken_text = self.processor.audio_span  # the family's start, pad and end tokens
         if stage == Stage.ALIGN:  # the speech, then the ASR instruction; or a typed context, then the speech
             text = question + spoken_text if question else spoken_text + ASR_INSTRUCTION
-            student = [{"type": "text", "text": text}]
+            student = image_slot + [{"type": "text", "text": text}]
         elif stage == Stage.TRANSCRIBE:
             student = [{"type": "text", "text": spoken_text + ASR_INSTRUCTION}]
             sample["teacher_prompt_ids"] = self._prompt_ids(typed, 0, 0)

@@ -27,6 +27,14 @@ The EMA is kept in fp32 (a bf16 EMA with decay 0.999 would round most updates aw
 is averaged from the compute-dtype weights (ZeRO-3's bf16 partitions), not the optimizer's
 fp32 master copy.
 
+Under LoRA (trainer/models/lora.py) the base weights never change, so the frozen teacher is the
+same model with its adapters switched off (`AdaptersOffTeacher`, as TRL's DPO reference model
+is): no copy at all, 0 extra bytes per rank. Parts trained in full beside the adapters (the
+projector, the audio encoder) lie only on the spoken path, which the teacher never runs; a
+trainable vision tower is refused by trainer.config as for every frozen teacher. The EMA
+teacher under LoRA averages what trains (the adapters and any part trained in full), and
+the shared teacher is the live model with its adapters.
+
 Trainer usage (after `deepspeed.initialize`, and after loading a checkpoint):
     objective.teacher = make_teacher(kind, objective.model, ema_decay, zero_stage=3,
                                      release=engine.empty_partition_cache)
@@ -86,6 +94,31 @@ class SharedTeacher:
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, self.kind)
 
+    def resident_bytes(self) -> int:
+        """Teacher weights this rank holds beyond the model's own: none."""
+        return 0
+
+
+class AdaptersOffTeacher(SharedTeacher):
+    """The frozen teacher of a LoRA model: the live model with every adapter switched off,
+    which is the start model exactly (the base weights never train). Other weights than the
+    student's, so the student's prefix is not shared (`swaps_weights`)."""
+
+    swaps_weights = True
+    kind = "frozen"
+
+    def __init__(self, model: nn.Module):
+        from trainer.models.lora import adapter_names
+
+        if not adapter_names(model):
+            raise ValueError("an adapters-off teacher needs a model with LoRA adapters")
+        self.model = model
+
+    def context(self):
+        from trainer.models.lora import adapters_disabled
+
+        return adapters_disabled(self.model)
+
 
 class SnapshotTeacher:
     """Own copies of the trainable weights, swapped in for the teacher pass."""
@@ -144,6 +177,10 @@ class SnapshotTeacher:
     def state_dict(self) -> dict:
         return {"kind": self.kind, "copies": [c.clone() for c in self.copies]}
 
+    def resident_bytes(self) -> int:
+        """Teacher weights this rank holds beyond the model's own: its copies."""
+        return sum(c.numel() * c.element_size() for c in self.copies)
+
     def load_state_dict(self, state: dict) -> None:
         _check_kind(state, self.kind)
         copies = state["copies"]
@@ -184,13 +221,16 @@ class EMATeacher(SnapshotTeacher):
 
 
 def make_teacher(kind: str, model: nn.Module, ema_decay: float = 0.999, *, zero_stage: int = 0, release=None):
-    """`kind` in shared|frozen|ema; `model` is engine.module (after deepspeed.initialize);
-    under ZeRO-3 `release` must be `engine.empty_partition_cache`."""
+    """`kind` in shared|frozen|ema; `model` is the OmniModel (after deepspeed.initialize);
+    under ZeRO-3 `release` must be `engine.empty_partition_cache`. A frozen teacher of a model
+    with LoRA adapters is the model with its adapters off (no copy)."""
     if kind != "shared" and zero_stage == 3 and release is None:
         raise ValueError(f"a {kind} teacher under ZeRO-3 needs release=engine.empty_partition_cache")
     if kind == "shared":
         return SharedTeacher()
     if kind == "frozen":
+        if getattr(model, "lora", None):
+            return AdaptersOffTeacher(model)
         return FrozenTeacher(model, release=release)
     if kind == "ema":
         return EMATeacher(model, decay=ema_decay, release=release)

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoConfig, PretrainedConfig, WhisperConfig
 
 from trainer.models.adapters import adapter_for
+from trainer.models.lora import adapter_params, apply_lora
 from trainer.models.omni import AudioProjector, OmniModel, ZeroSafeWhisperEncoder
 from trainer.models import native
 from trainer.models.processing import OmniProcessor
@@ -55,7 +56,8 @@ def default_dtype(dtype: torch.dtype):
 
 def set_trainable(model: OmniModel, parts) -> None:
     """Train exactly `parts` (subset of llm, projector, vision, audio); freeze the rest.
-    "llm" = decoder + token embeddings + LM head; "projector" = what maps audio into the LLM
+    "llm" = decoder + token embeddings + LM head (with LoRA adapters, trainer/models/lora.py:
+    the adapters only); "projector" = what maps audio into the LLM
     width (ours in a composed model, the audio tower's output projection in a native one).
     Each family's modules: OmniModel.parts(). Frozen encoders then run under no_grad."""
     parts = frozenset(parts)
@@ -65,6 +67,10 @@ def set_trainable(model: OmniModel, parts) -> None:
     model.requires_grad_(False)
     modules = model.parts()
     for part in parts:
+        if part == "llm" and getattr(model, "lora", None):  # LoRA: the LLM's adapters, not its weights
+            for param in adapter_params(model):
+                param.requires_grad_(True)
+            continue
         for module in modules[part]:
             module.requires_grad_(True)
     for param in model.frozen_always():
@@ -223,15 +229,21 @@ def configs_from_spec(spec: dict):
 
 def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
                     init_ctx=contextlib.nullcontext) -> OmniModel:
-    """Random-init model of the architecture `omni_spec` recorded (weights loaded by the caller)."""
+    """Random-init model of the architecture `omni_spec` recorded (weights loaded by the caller),
+    with LoRA adapters when the spec has them (a LoRA run's checkpoint)."""
     if "native" in spec:
         config_cls = native.THINKERS[spec["native"]][0]
         config = config_cls.from_dict({k: v for k, v in spec["config"].items() if k != "model_type"})
-        return build_native(config, processor, dtype=dtype, attn_impl=attn_impl, init_ctx=init_ctx)
-    if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
-        raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
-    vlm_config, whisper_config = configs_from_spec(spec)
-    return build_from_configs(
-        vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
-        init_ctx=init_ctx,
-    )
+        model = build_native(config, processor, dtype=dtype, attn_impl=attn_impl, init_ctx=init_ctx)
+    else:
+        if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
+            raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
+        vlm_config, whisper_config = configs_from_spec(spec)
+        model = build_from_configs(
+            vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
+            init_ctx=init_ctx,
+        )
+    if spec.get("lora"):
+        apply_lora(model, spec["lora"])
+        set_trainable(model, DEFAULT_TRAINABLE)
+    return model

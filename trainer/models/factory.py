@@ -19,6 +19,7 @@ from trainer.models import native
 from trainer.models.build import (build_from_configs, build_native, build_tiny, compose, enable_gradient_checkpointing,
                                   set_trainable)
 from trainer.models.omni import OmniModel
+from trainer.models.lora import apply_lora, lora_spec
 from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni
@@ -27,9 +28,11 @@ from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor
 NAMED_MODELS = ("tiny", "toy", *PRESETS, *native.PRESETS)  # --model values that build without a directory
 
 
-def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds_config: dict | None = None):
+def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds_config: dict | None = None,
+                seed: int = 0):
     """The trainer's entry: `cfg` has model, vlm, audio_encoder, audio_stack, projector,
-    trainable, attn_impl, gradient_checkpointing (trainer.config.ModelConfig).
+    trainable, attn_impl, gradient_checkpointing and lora_* (trainer.config.ModelConfig); `seed`
+    draws the LoRA adapters' initial values (the same on every rank).
     Under ZeRO-3 pass init_ctx=deepspeed.zero.Init(config_dict_or_path=ds_config) AND the
     filled `ds_config` dict: Hugging Face builds/loads its modules partitioned only while a
     transformers HfDeepSpeedConfig is alive, so one is created here and kept on the model
@@ -67,11 +70,20 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
         from deepspeed.utils import set_z3_leaf_modules
 
         set_z3_leaf_modules(model, list(model.adapter.z3_leaf_classes))
+    if getattr(cfg, "lora_r", 0):
+        names = apply_lora(model, lora_spec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets), seed=seed)
+        if dist_rank() == 0:
+            print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {len(names)} Linear layers of the LLM "
+                  f"(e.g. {names[0]})", flush=True)
     set_trainable(model, cfg.trainable)
     _check_leaf_modules_frozen(model, init_ctx)
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     return model, processor
+
+
+def dist_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
 def _check_leaf_modules_frozen(model: OmniModel, init_ctx) -> None:

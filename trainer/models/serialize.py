@@ -26,13 +26,15 @@ def omni_spec(model: OmniModel) -> dict:
     """The architecture as JSON (no weights): omni_config.json of an export, and
     omni_spec.json (OMNI_SPEC) of a trainer checkpoint; `build_from_spec` rebuilds it.
     A native thinker: its family and config."""
+    lora = {"lora": dict(model.lora)} if getattr(model, "lora", None) else {}  # a checkpoint of a LoRA run
     if model.native:
-        return {"native": model.adapter.family, "config": model.vlm.config.to_dict()}
+        return {"native": model.adapter.family, "config": model.vlm.config.to_dict(), **lora}
     return dict(
         vlm_config=model.vlm.config.to_dict(),
         whisper_config=model.audio_encoder.config.to_dict(),
         projector=model.projector.kind,
         audio_stack=model.projector.stack,
+        **lora,
     )
 
 
