@@ -386,6 +386,30 @@ def test_align_stage_on_asr_shards(tmp_path, processor):
     assert max(batch.audio_token_counts) == processor.audio_token_count(processor.max_audio_samples)
 
 
+def test_align_sample_keeps_its_picture_only_when_its_json_asks(llava_shards, processor):
+    """An ALIGN sample's image member is used only with "with_image": true (the picture, then
+    the speech, then the instruction -> transcript); without it the image is never decoded, and
+    the flag without an image member is a missing_key skip naming the image."""
+    from trainer.data.collate import SampleEncoder
+    from trainer.data.decode import SampleError
+
+    encoder = SampleEncoder(processor, "align", 1024)
+    raw = next(r for r in shard_samples(llava_shards["out"]).values() if "png" in r or "jpg" in r)
+    meta = json.loads(raw["json"])
+    sample = {"__key__": "k", **raw}
+    plain, _ = encoder({**sample, "json": json.dumps({"transcript": meta["question"]}).encode()})
+    pictured, _ = encoder({**sample, "json": json.dumps({"transcript": meta["question"], "with_image": True}).encode()})
+    assert "image" not in plain and pictured["image_token_count"] > 0
+    prompt = processor.tokenizer.decode(pictured["student_prompt_ids"])
+    assert prompt.index("<|image_pad|>") < prompt.index("<|audio_pad|>") < prompt.index("Transcribe the audio.")
+    assert pictured["student_prompt_ids"].count(processor.image_pad_id) == pictured["image_token_count"]
+    assert pictured["answer_ids"] == plain["answer_ids"]
+    no_image = {k: v for k, v in sample.items() if k not in ("png", "jpg")}
+    with pytest.raises(SampleError) as error:
+        encoder({**no_image, "json": json.dumps({"transcript": "x", "with_image": True}).encode()})
+    assert error.value.reason == "missing_key" and error.value.field == "image"
+
+
 def test_inspect_shards_json(llava_shards, capsys):
     report = inspect_main([llava_shards["spec"], "--json"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
