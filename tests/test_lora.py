@@ -1,7 +1,7 @@
 """LoRA through peft (trainer/models/lora.py), one process, fp32: what takes adapters in each
 family, what trains, the adapters-off teacher being the start model, the prefix-shared teacher
 staying exact, the merged state and the peft adapter directory giving the trained model's logits.
-The 2-rank ZeRO-3 runs are in tests/test_train_zero3.py (shared launch)."""
+The 2-rank ZeRO-3 runs are in tests/test_lora_zero3.py (shared launch)."""
 
 import copy
 
@@ -154,11 +154,7 @@ def test_the_adapter_directory_loads_with_peft_onto_the_start(processor, tmp_pat
     with torch.no_grad():
         for param in model.projector.parameters():
             param.add_(0.1)
-    base = copy.deepcopy(start)
-    with torch.no_grad():
-        for name, param in base.projector.named_parameters():
-            param.copy_(dict(model.projector.named_parameters())[name])
-    lora.save_adapter(model, base, str(tmp_path / "adapter"))
+    lora.save_adapter(model, copy.deepcopy(start), str(tmp_path / "adapter"))  # the structure; values: model's
     assert {p.name for p in (tmp_path / "adapter").iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
     user_base = copy.deepcopy(start)  # what a user has: the start model, untrained
     loaded = PeftModel.from_pretrained(user_base, str(tmp_path / "adapter"))
@@ -194,11 +190,17 @@ def test_native_families_adapt_their_llm_and_nothing_else(preset, expected, tmp_
     batch = make_batch(processor, 2, seed=8, audio_seconds=(1.0, 2.0))
     with lora.adapters_disabled(model):
         off = answer_logits(model, batch, "teacher")
+        with lora.adapters_disabled(model):  # nested: still off after the inner context
+            pass
+        torch.testing.assert_close(answer_logits(model, batch, "teacher"), off)
     torch.testing.assert_close(off, answer_logits(start, batch, "teacher"), rtol=1e-5, atol=1e-5)
     # The adapter directory is for the family's own thinker class: peft loads it onto the start's thinker.
     from peft import PeftModel
 
-    model.trainable_parts = frozenset({"llm"})
+    with torch.no_grad():  # the part trained in full beside the adapters (the recipe's projector)
+        for module in model.parts()["projector"]:
+            for param in module.parameters():
+                param.add_(0.05)
     lora.save_adapter(model, copy.deepcopy(start.vlm), str(tmp_path / "adapter"))
     PeftModel.from_pretrained(start.vlm, str(tmp_path / "adapter"))
     torch.testing.assert_close(answer_logits(start, batch), answer_logits(model, batch), rtol=1e-5, atol=1e-5)
@@ -238,3 +240,18 @@ def test_every_shipped_recipe_is_a_valid_config():
         config = load_config(["--config", os.path.join(folder, name)])
         if "lora" in name:
             assert config.model.lora_r == 16 and config.distill.teacher == "frozen"
+
+
+def test_a_checkpoint_resumes_only_with_its_lora_settings(tmp_path):
+    """Another rank or target set would fail deep in DeepSpeed, another alpha would silently
+    rescale the trained adapters: refused up front, naming both sets of flags."""
+    import json
+
+    from trainer.loop import _check_same_lora
+
+    (tmp_path / "omni_spec.json").write_text(json.dumps({"projector": "mlp", "lora": SPEC}))
+    _check_same_lora(str(tmp_path), {"projector": "mlp", "lora": dict(SPEC)})
+    with pytest.raises(ConfigError, match="written with --lora_r 4 --lora_alpha 8 .* this run has --lora_r 4 --lora_alpha 16"):
+        _check_same_lora(str(tmp_path), {"lora": {**SPEC, "alpha": 16.0}})
+    with pytest.raises(ConfigError, match="this run has --lora_r 0"):
+        _check_same_lora(str(tmp_path), {"projector": "mlp"})

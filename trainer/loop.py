@@ -20,6 +20,7 @@ Diverged before any save could replace good weights.
 """
 
 import contextlib
+import json
 import math
 import os
 import random
@@ -104,6 +105,26 @@ def _peak_mem_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _check_same_lora(checkpoint_dir: str, spec: dict) -> None:
+    """A checkpoint resumes only with the LoRA settings that wrote it: another rank or target set
+    would fail inside DeepSpeed with a shape error, and another lora_alpha would silently rescale
+    every trained adapter."""
+    path = os.path.join(checkpoint_dir, "omni_spec.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        saved = json.load(f).get("lora")
+    if saved != spec.get("lora"):
+        def flags(lora):
+            if not lora:
+                return "--lora_r 0"
+            return (f"--lora_r {lora['r']} --lora_alpha {lora['alpha']:g} --lora_dropout {lora['dropout']:g} "
+                    f"--lora_targets {','.join(lora['targets'])}")
+
+        raise ConfigError(f"{checkpoint_dir} was written with {flags(saved)}; this run has {flags(spec.get('lora'))}: "
+                          "resume with the checkpoint's LoRA settings")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -166,6 +187,8 @@ class Trainer:
         self.last_checkpoint = None
         self.stop_agreed = False
         resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
+        if resume_from:
+            _check_same_lora(resume_from, omni_spec(self.model))
         state = checkpoint.load(self.engine, resume_from) if resume_from else None
         self.watchdog.kick()
         if state is not None:

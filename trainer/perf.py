@@ -2,7 +2,8 @@
 step must do, and the hardware's peak.
 
 Model FLOPs per step (attention's quadratic term left out, as in the usual 6N rule):
-  LLM decoder   6 N per trained (student) token, 2 N per teacher token actually computed
+  LLM decoder   6 N per trained (student) token (4 N under LoRA: the frozen weights get no
+                gradient, the adapters' own FLOPs are left out), 2 N per teacher token actually computed
   LM head       6 H V per student answer token, 2 H V per teacher answer token (the head runs on
                 answer positions only)
   vision tower  2 N per image patch when frozen, 6 N when trained
@@ -46,7 +47,9 @@ def flops_params(model, trainable_parts) -> dict:
         "audio": audio,
         "projector": projector,
         "trains": {"vision": "vision" in trainable_parts, "audio": "audio" in trainable_parts,
-                   "projector": "projector" in trainable_parts},
+                   "projector": "projector" in trainable_parts,
+                   # under LoRA the LLM's weights are frozen: no weight-gradient matmuls (adapters: negligible)
+                   "llm": "llm" in trainable_parts and not getattr(model, "lora", None)},
     }
 
 
@@ -57,8 +60,9 @@ def step_flops(params: dict, *, student_tokens: float, teacher_tokens: float, an
         return (6 if trains else 2) * n * inputs
 
     trains = params["trains"]
-    return (6 * params["decoder"] * student_tokens + 2 * params["decoder"] * teacher_tokens
-            + 6 * params["lm_head"] * answer_tokens + 2 * params["lm_head"] * teacher_answer_tokens
+    llm = 6 if trains.get("llm", True) else 4  # frozen LLM weights (LoRA): forward + activation gradients only
+    return (llm * params["decoder"] * student_tokens + 2 * params["decoder"] * teacher_tokens
+            + llm * params["lm_head"] * answer_tokens + 2 * params["lm_head"] * teacher_answer_tokens
             + encoder(params["vision"], image_patches, trains["vision"])
             + encoder(params["audio"], audio_frames, trains["audio"])
             + encoder(params["projector"], audio_tokens, trains["projector"]))

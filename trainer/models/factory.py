@@ -73,8 +73,11 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
     if getattr(cfg, "lora_r", 0):
         names = apply_lora(model, lora_spec(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets), seed=seed)
         if dist_rank() == 0:
+            kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
+            unmatched = sorted(set(cfg.lora_targets) - set(kinds))
             print(f"LoRA r={cfg.lora_r} alpha={cfg.lora_alpha:g} on {len(names)} Linear layers of the LLM "
-                  f"(e.g. {names[0]})", flush=True)
+                  f"({', '.join(kinds)}; e.g. {names[0]})"
+                  + (f"; targets naming no layer of this model: {', '.join(unmatched)}" if unmatched else ""), flush=True)
     set_trainable(model, cfg.trainable)
     _check_leaf_modules_frozen(model, init_ctx)
     if cfg.gradient_checkpointing:

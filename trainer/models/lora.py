@@ -65,7 +65,8 @@ def apply_lora(model, spec: dict, seed: int = 0) -> list:
 
     if getattr(model, "lora", None):
         raise ValueError("the model already has adapters")
-    with torch.random.fork_rng(devices=[]):  # the same initial adapters on every rank; the run's RNG untouched
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # the same initial adapters on every rank; the run's RNG untouched
         torch.manual_seed(seed)
         for container in llm_containers(model):
             matching = _matching(container, spec["targets"])
@@ -113,64 +114,45 @@ def adapter_params(model: nn.Module) -> list:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module):
-    """Every adapter off (peft's enable_adapters(False)), then on again; the parameters'
-    requires_grad flags (which peft's toggle rewrites) are restored as they were."""
+    """Every adapter off (peft's enable_adapters(False)), then back as it was; the parameters'
+    requires_grad flags (which peft's toggle rewrites) are restored too."""
     layers = [m for _, m in lora_layers(model)]
     if not layers:
         raise RuntimeError("adapters_disabled: the model has no LoRA adapters")
     flags = [(p, p.requires_grad) for m in layers for p in m.parameters()]
+    were_disabled = [layer.disable_adapters for layer in layers]
     for layer in layers:
         layer.enable_adapters(False)
     try:
         yield
     finally:
-        for layer in layers:
-            layer.enable_adapters(True)
+        for layer, disabled in zip(layers, were_disabled):
+            layer.enable_adapters(not disabled)
         for param, flag in flags:
             param.requires_grad_(flag)
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict | None = None) -> dict:
     """The model's state (or `state_dict`, the same names) with each adapter folded into its
-    base layer and every adapter key dropped: `X.base_layer.weight` -> `X.weight` = base + delta
-    (peft's get_delta_weight: scale * B @ A), `X.base_layer.bias` -> `X.bias`."""
-    state = dict(model.state_dict() if state_dict is None else state_dict)
-    layers = dict(lora_layers(model))
+    base layer and every adapter key dropped: `X.base_layer.weight` -> `X.weight` = W + s * B @ A
+    in fp32 (s: the layer's peft scaling, lora_alpha / r; peft's delta for a Linear layer), then
+    back to W's dtype; `X.base_layer.bias` -> `X.bias`. The model itself is not changed."""
+    state = model.state_dict() if state_dict is None else state_dict
+    scaling = {name: layer.scaling[ADAPTER] for name, layer in lora_layers(model)}
     merged = {}
     for name, tensor in state.items():
         if is_adapter_param(name):
             continue
-        owner, _, leaf = name.rpartition(".base_layer.")
-        if not _:
+        owner, found, leaf = name.rpartition(".base_layer.")
+        if not found:
             merged[name] = tensor
             continue
         if leaf == "weight":
-            layer = layers[owner]
-            with torch.no_grad():
-                _load_adapter(layer, state, owner)
-                delta = layer.get_delta_weight(ADAPTER)
-            tensor = (tensor.float() + delta.float()).to(tensor.dtype)
+            a = state[f"{owner}.lora_A.{ADAPTER}.weight"].float()  # r, in
+            b = state[f"{owner}.lora_B.{ADAPTER}.weight"].float()  # out, r
+            tensor = (tensor.float() + scaling[owner] * (b @ a)).to(tensor.dtype)
         merged[f"{owner}.{leaf}"] = tensor
     return merged
-
-
-def _load_adapter(layer, state: dict, owner: str) -> None:
-    """Put `state`'s adapter weights for `owner` into the layer (when the state is not the layer's own)."""
-    for which in ("lora_A", "lora_B"):
-        key = f"{owner}.{which}.{ADAPTER}.weight"
-        param = getattr(layer, which)[ADAPTER].weight
-        if key in state and state[key] is not param:
-            param.data.copy_(state[key].to(param.dtype))
-
-
-def base_state_dict(state_dict: dict) -> dict:
-    """The base weights of an adapted model's state, under the base names (adapters dropped,
-    not merged): the start model's weights for every part that did not train in full."""
-    out = {}
-    for name, tensor in state_dict.items():
-        if not is_adapter_param(name):
-            out[name.replace(".base_layer.", ".")] = tensor
-    return out
 
 
 def without_lora(spec: dict) -> dict:
@@ -178,13 +160,14 @@ def without_lora(spec: dict) -> dict:
 
 
 def save_adapter(model: nn.Module, base: nn.Module, out_dir: str) -> None:
-    """Write a peft adapter directory (adapter_config.json + adapter_model.safetensors) for
-    `base`, the model without adapters that `PeftModel.from_pretrained(base, out_dir)` loads
-    onto: a native family's thinker (the family's own class) or a composed OmniModel.
+    """Write a peft adapter directory (adapter_config.json + adapter_model.safetensors) for the
+    model without adapters that `PeftModel.from_pretrained(base, out_dir)` loads onto: a native
+    family's thinker (the family's own class) or a composed OmniModel. `base` is such a model
+    (the start; peft injects into it, so it is used up) and only supplies the structure.
     `model` is the trained adapted model (an OmniModel). Parts trained in full (the projector,
     the audio encoder) go in as peft `modules_to_save` with their trained values; the adapters
     target exactly the adapted modules (a regex of their names), never a tower with the same
-    module names."""
+    module names. Every saved value comes from `model`."""
     from peft import get_peft_model
 
     prefix = "vlm." if model.native else ""  # a thinker's names are the OmniModel's without "vlm."
@@ -201,10 +184,14 @@ def save_adapter(model: nn.Module, base: nn.Module, out_dir: str) -> None:
     spec = dict(model.lora)
     config = _peft_config(spec, _exactly(names))
     config.modules_to_save = full or None
-    peft_model = get_peft_model(base, config, adapter_name=ADAPTER)
-    trained = {n[len(prefix):]: p for n, p in model.named_parameters() if is_adapter_param(n)}
+    peft_model = get_peft_model(base, config, adapter_name=ADAPTER)  # injects into `base` in place
     own = dict(peft_model.named_parameters())
+    trained = {f"base_model.model.{n[len(prefix):]}": p for n, p in model.named_parameters() if is_adapter_param(n)}
+    for module_name in full:  # the trained values of the parts trained in full: peft's own copy of each
+        module = dict(model.named_modules())[prefix + module_name]
+        trained.update({f"base_model.model.{module_name}.modules_to_save.{ADAPTER}.{n}": p
+                        for n, p in module.named_parameters()})
     with torch.no_grad():
         for name, param in trained.items():
-            own[f"base_model.model.{name}"].copy_(param.detach().to(own[f"base_model.model.{name}"].dtype))
+            own[name].copy_(param.detach().to(own[name].dtype))
     peft_model.save_pretrained(out_dir)
