@@ -36,7 +36,7 @@ from datagen.tts import CommandTTS, EspeakTTS
 log = logging.getLogger(__name__)
 
 AUDIO_RATE = 16000
-META_KEYS = ("task", "choices", "answers", "source", "bench", "context", "stage")
+META_KEYS = ("task", "choices", "answers", "source", "bench", "context", "stage", "with_image")
 STATS_DIR = ".stats"
 SHARD_NAME = "shard-{:06d}.tar"
 

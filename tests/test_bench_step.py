@@ -15,9 +15,10 @@ from tests.shared_launch import Check, call
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 SHORT = ["--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--rounds", "1", "--samples", "16"]
-# 2 ranks: the frozen teacher as a copy (lora_r 0) and under LoRA (the adapters-off model), one process.
+# 2 ranks, the frozen teacher under LoRA (the adapters-off model); tools/bench_step.py --lora_r 0,4 would
+# set the copy beside it (docs/performance.md), which here would double the check's time.
 CHECKS = [Check("bench_two_ranks", [call("tests.test_bench_step:bench", *SHORT, "--engine", "deepspeed", "--teacher",
-                                         "frozen", "--lora_r", "0,4")])]
+                                         "frozen", "--lora_r", "4")])]
 BREAKDOWN = {"data_wait", "vision", "audio", "teacher", "student_forward", "loss_lm_head", "backward", "optimizer",
              "reduce", "host_blocked"}
 
@@ -54,13 +55,12 @@ def bench(args: list) -> None:
 def test_two_ranks_under_the_deepspeed_launcher(launch):
     launch.records("bench_two_ranks")
     output = launch.log("bench_two_ranks", "tests.test_bench_step:bench")
-    copy, adapters_off = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
-    for report in (copy, adapters_off):
-        assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2 and report["teacher"] == "frozen"
-        assert report["kd_step_s"] > 0 and report["teacher_tokens"] > 0
-    assert (copy["lora_r"], adapters_off["lora_r"]) == (0, 4)
-    # The copy holds this rank's partition of what trains (fp32 here); LoRA's frozen teacher holds nothing.
-    assert copy["teacher_resident_mib"] > 0 and adapters_off["teacher_resident_mib"] == 0
-    assert adapters_off["trained_params"] < copy["trained_params"]
-    print(f"frozen teacher, 2 ranks: copy {copy['kd_step_s']} s/step ({copy['teacher_resident_mib']} MiB a rank), "
-          f"adapters off {adapters_off['kd_step_s']} s/step (0 MiB)")
+    (report,) = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2 and report["teacher"] == "frozen"
+    assert report["kd_step_s"] > 0 and report["teacher_tokens"] > 0 and report["lora_r"] == 4
+    assert report["teacher_resident_mib"] == 0, "LoRA's frozen teacher is the adapters-off model: no copy"
+    from trainer.models.build import build_tiny
+    from trainer.models.tiny import build_tiny_processor
+
+    full = sum(p.numel() for p in build_tiny(build_tiny_processor()).parameters() if p.requires_grad)
+    assert 0 < report["trained_params"] < full / 2, "the adapters and the projector train, not the LLM's weights"

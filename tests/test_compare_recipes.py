@@ -1,6 +1,7 @@
 """tools/compare_recipes.py: the interval arithmetic against a reference written here, the grid's
-checks, and a real 2-recipe x 1-seed grid of short 2-rank ZeRO-3 runs (train through the
-launcher, export, evaluate typed and spoken), rerun to show finished runs are not redone."""
+checks, and the study scripts end to end: a real 2-recipe x 1-seed grid of short ZeRO-3 runs
+(train through the launcher, export, evaluate typed and spoken) inside launch_scripts/study_v2.sh,
+rerun to show finished runs are not redone, and the first study's script."""
 
 import json
 import math
@@ -121,46 +122,6 @@ def test_the_alpha_curve_takes_the_recipes_that_differ_only_in_alpha():
     assert alpha_curve_recipes(grid) == ["sft", "kd25", "kd75"]
 
 
-@pytest.mark.slow
-def test_a_two_recipe_grid_trains_scores_and_resumes(tmp_path, capsys):
-    from datagen.demo import make_demo_data
-
-    data = make_demo_data(str(tmp_path / "data"), num_train=24, num_heldout=6, seed=1, samples_per_shard=12)
-    recipes = {"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75, "teacher": "shared"}}
-    grid = tiny_start_and_grid(tmp_path, "start", 3, recipes, {"batch_size": 3, "max_new_tokens": 3})
-    args = ["--grid", grid, "--out", str(tmp_path / "study"), "--start", str(tmp_path / "start"),
-            "--heldout_shards", data["heldout_shards"], "--budget", f"full={data['train_shards']}",
-            "--master_port", "29641"]
-    document = compare_recipes.main(args)
-    runs = document["runs"]
-    assert [(r["recipe"], r["seed"], r["budget"], r["steps"]) for r in runs] == [("sft", 0, "full", 3),
-                                                                              ("selfkd", 0, "full", 3)]
-    for run in runs:
-        report = json.loads((tmp_path / "study" / "runs" / "full" / run["recipe"] / "seed0" / "eval" /
-                             "report.json").read_text())
-        assert (run["vl"], run["va"], run["gap"], run["n"]) == (report["vl_score"], report["va_score"],
-                                                                report["gap"], 6)
-        assert run["by_task"] == report["by_task"] and run["config"]["kd_alpha"] in (0.0, 0.75)
-    sft, selfkd = runs
-    assert sft["signals"]["teacher_ce"] is None and sft["signals"]["ce_loss"] > 0
-    assert selfkd["signals"]["teacher_ce"] > 0 and 0 <= selfkd["signals"]["agreement"] <= 1
-    assert selfkd["signals"]["teacher_entropy"] > 0
-    summary = document["summary"]["full"]
-    assert list(summary) == ["sft", "selfkd"] and summary["selfkd"]["va"]["mean"] == selfkd["va"]
-    assert summary["sft"]["va"]["n"] == 1 and summary["sft"]["va"]["ci95"] is None
-    saved = json.loads((tmp_path / "study" / "results.json").read_text())
-    assert saved["runs"] == runs and saved["summary"] == json.loads(json.dumps(document["summary"]))
-    assert os.path.getsize(tmp_path / "study" / "results.png") > 0
-    table = (tmp_path / "study" / "results.md").read_text().splitlines()
-    assert table[2].startswith("| full | sft | 1 |") and table[3].startswith("| full | selfkd | 1 |")
-    # Rerun: both runs are finished, so nothing trains again and the results are the same.
-    train_log = tmp_path / "study" / "runs" / "full" / "sft" / "seed0" / "train.log"
-    before = train_log.stat().st_mtime_ns
-    capsys.readouterr()
-    assert compare_recipes.main(args)["runs"] == runs
-    assert train_log.stat().st_mtime_ns == before and "running in" not in capsys.readouterr().out
-
-
 def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
     """Every run of every grid in launch_scripts/grids/ (the toy study's included) is a config
     trainer/main.py accepts: no unknown key, no refused combination."""
@@ -182,8 +143,8 @@ def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
 @pytest.mark.slow
 def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_path):
     """launch_scripts/study_selfkd_vs_sft.sh end to end at toy size: its demo data, a start given
-    by START_FROM (scored, not trained), the bar on the start's VL, and a 1-recipe grid over both
-    budgets through tools/compare_recipes.py, then into another GRID_OUT on one budget (the
+    by START_FROM (scored, not trained), the bar on the start's VL, a 1-recipe grid on the 10%
+    budget through tools/compare_recipes.py, then into another GRID_OUT on the full budget (the
     follow-up's use). The same script, sizes, one rank a run (NUM_GPUS=1) and grid aside."""
     import subprocess
 
@@ -205,26 +166,26 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
     report = json.loads((out / "start" / "eval" / "report.json").read_text())
     assert report["n"] == 6 and report["vl_score"] is not None
 
-    done = study(0)  # the same scored start now passes; the grid runs once per budget
+    env["BUDGETS"] = "10pct"
+    done = study(0)  # the same scored start now passes; the grid runs on the budget asked for
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "using the trained start" not in done.stdout, "a scored start is not copied or scored again"
     results = json.loads((out / "grid" / "results.json").read_text())
-    assert sorted((r["budget"], r["recipe"], r["steps"]) for r in results["runs"]) == [("10pct", "selfkd", 2),
-                                                                                    ("full", "selfkd", 2)]
+    assert [(r["budget"], r["recipe"], r["steps"]) for r in results["runs"]] == [("10pct", "selfkd", 2)]
     shards = json.loads((out / "data.json").read_text())
-    tenth = results["runs"][0]["config"]["train_shards"] if results["runs"][0]["budget"] == "10pct" else \
-        results["runs"][1]["config"]["train_shards"]
+    tenth = results["runs"][0]["config"]["train_shards"]
     assert tenth.split(",") == [shards["train_shards"].replace("{000000..000009}", "000000")]
-    assert "| full | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
+    assert "| 10pct | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
 
-    # Another grid from the same data and start (as the follow-up runs): its own output, one budget.
+    # Another grid from the same data and start (as the follow-up runs): its own output, the other budget.
     grid_results = (out / "grid" / "results.json").read_text()
     env.update(GRID_OUT=str(out / "followup"), BUDGETS="full")
     followup = study(0)
     assert followup.returncode == 0, followup.stdout[-3000:] + followup.stderr[-3000:]
     runs = json.loads((out / "followup" / "results.json").read_text())["runs"]
-    assert [(r["budget"], r["recipe"]) for r in runs] == [("full", "selfkd")]
+    assert [(r["budget"], r["recipe"], r["steps"]) for r in runs] == [("full", "selfkd", 2)]
     assert runs[0]["config"]["model"] == str(out / "start" / "export")
+    assert runs[0]["config"]["train_shards"] == shards["train_shards"]
     assert (out / "grid" / "results.json").read_text() == grid_results, "the study's grid is left as it was"
     env["BUDGETS"] = "full,half"
     unknown = study(0)
@@ -241,8 +202,10 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
 def test_study_v2_script_scores_its_start_runs_a_budget_and_measures_the_mechanism(tmp_path):
     """launch_scripts/study_v2.sh end to end at toy size: its data (the demo's and the alignment
     sentences), the start's four targets (refused with the protocol's, passed with bounds any
-    model meets), a 2-recipe grid on the scarce budget and the mechanism measurement over the
-    start and both recipes' runs. One rank a run (NUM_GPUS=1), one seed, one step."""
+    model meets), a 2-recipe grid on the scarce budget through tools/compare_recipes.py (each
+    run's scores and signals, the summary, table and plot, and a rerun that trains nothing) and
+    the mechanism measurement over the start and both recipes' runs. One rank a run
+    (NUM_GPUS=1), one seed, one step."""
     import subprocess
 
     scarce = tiny_start_and_grid(tmp_path, "start", 1, {"sft": {"kd_alpha": 0.0}, "selfkd": {"kd_alpha": 0.75}},
@@ -271,11 +234,38 @@ def test_study_v2_script_scores_its_start_runs_a_budget_and_measures_the_mechani
     report = json.loads((out / "start" / "eval" / "start_report.json").read_text())
     assert report["met"] and report["n"] == 5 and report["wer_n"] == 3
     results = json.loads((out / "scarce" / "results.json").read_text())
-    assert sorted((r["budget"], r["recipe"]) for r in results["runs"]) == [("scarce", "selfkd"), ("scarce", "sft")]
-    assert results["runs"][0]["config"]["train_shards"] == data["train_shards"].replace("{000000..000003}", "000000")
+    runs = results["runs"]
+    assert [(r["recipe"], r["seed"], r["budget"], r["steps"]) for r in runs] == [("sft", 0, "scarce", 1),
+                                                                              ("selfkd", 0, "scarce", 1)]
+    assert runs[0]["config"]["train_shards"] == data["train_shards"].replace("{000000..000003}", "000000")
+    # tools/compare_recipes.py: each run's scores are its own report's, its signals its training's.
+    for run in runs:
+        report = json.loads((out / "scarce" / "runs" / "scarce" / run["recipe"] / "seed0" / "eval" /
+                             "report.json").read_text())
+        assert (run["vl"], run["va"], run["gap"], run["n"]) == (report["vl_score"], report["va_score"],
+                                                                report["gap"], 5)
+        assert run["by_task"] == report["by_task"] and run["config"]["kd_alpha"] in (0.0, 0.75)
+    sft, selfkd = runs
+    assert sft["signals"]["teacher_ce"] is None and sft["signals"]["ce_loss"] > 0
+    assert selfkd["signals"]["teacher_ce"] > 0 and 0 <= selfkd["signals"]["agreement"] <= 1
+    assert selfkd["signals"]["teacher_entropy"] > 0
+    summary = results["summary"]["scarce"]
+    assert list(summary) == ["sft", "selfkd"] and summary["selfkd"]["va"]["mean"] == selfkd["va"]
+    assert summary["sft"]["va"]["n"] == 1 and summary["sft"]["va"]["ci95"] is None
+    assert os.path.getsize(out / "scarce" / "results.png") > 0
+    table = (out / "scarce" / "results.md").read_text().splitlines()
+    assert table[2].startswith("| scarce | sft | 1 |") and table[3].startswith("| scarce | selfkd | 1 |")
     mechanism = json.loads((out / "mechanism" / "mechanism.json").read_text())
     assert (mechanism["baseline"], mechanism["recipe"]) == ("sft", "selfkd")
     run = mechanism["runs"]["selfkd"]["0"]
     assert run["shrink"] == pytest.approx(mechanism["start"]["gap"] - run["gap"])
     assert mechanism["shrink_paired"]["mean"] == pytest.approx(run["shrink"] - mechanism["runs"]["sft"]["0"]["shrink"])
     assert os.path.getsize(out / "mechanism" / "mechanism.png") > 0
+
+    # Again: every run is finished, so nothing trains again and the results are the same.
+    train_log = out / "scarce" / "runs" / "scarce" / "sft" / "seed0" / "train.log"
+    before = train_log.stat().st_mtime_ns
+    again = study(START_MIN_VL="0", START_MAX_WER="1000", START_MIN_GAP="-100", START_MIN_KIND="0")
+    assert again.returncode == 0 and "running in" not in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads((out / "scarce" / "results.json").read_text())["runs"] == runs
+    assert train_log.stat().st_mtime_ns == before

@@ -55,7 +55,8 @@ CHECKS = [
         lora_run("resumed", *RESUME, "--save_dir", "{dir}/ckpt_resumed", "--resume", "auto")], prepare=start_model),
     Check("lora_qwen2_5_omni", [
         *(lora_run(teacher, "--model", "tiny-qwen2_5_omni", "--ds_config", "{partitioned}", "--teacher", teacher,
-                   "--ema_decay", "0.5", "--save_dir", f"{{dir}}/{teacher}/ckpt") for teacher in ("shared", "frozen", "ema")),
+                   "--ema_decay", "0.5", *(["--save_dir", "{dir}/frozen/ckpt"] if teacher == "frozen" else []))
+          for teacher in ("shared", "frozen", "ema")),
         call("tests.dist_logits:main", "--checkpoint", f"{{dir}}/frozen/ckpt/step_{STEPS:08d}", "--shards",
              "{heldout_shards}", "--out", "{dir}/engine_logits.pt")], prepare=partitioned),
 ]

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.slow
 TEACHERS = {"tiny-qwen2_5_omni": "ema", "tiny-qwen3_omni": "frozen", "tiny-phi4mm": "frozen"}
 # Phi-4's images are 448 px crops: 545 tokens each.
 MAX_SEQ_LEN = {"tiny-phi4mm": 1024}
-STEPS = 10
+STEPS = 6
 
 
 def partitioned(data: dict, check_dir: str) -> dict:
@@ -83,8 +83,8 @@ def test_loss_falls_with_the_family_teacher(trained):
     assert sorted(metrics) == list(range(1, STEPS + 1))
     for key in ("train/loss", "train/ce_loss"):
         values = [metrics[step][key] for step in range(1, STEPS + 1)]
-        first, last = sum(values[:5]) / 5, sum(values[-5:]) / 5
-        print(f"{preset} --teacher {TEACHERS[preset]} {key}: first 5 {first:.4f}, last 5 {last:.4f}")
+        first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
+        print(f"{preset} --teacher {TEACHERS[preset]} {key}: first 3 {first:.4f}, last 3 {last:.4f}")
         assert last < first, f"{key} did not fall: {values}"
     assert all(metrics[step]["train/kd_loss"] >= 0.0 for step in metrics)
     assert metrics[STEPS]["train/nonfinite_steps"] == 0

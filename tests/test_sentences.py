@@ -148,3 +148,33 @@ def test_mixed_stage_batches_hearing_and_reading_samples_together(tmp_path):
         apart = objective(batch("spoken", spoken, "align")[0], normalizer=1.0).loss + \
             objective(batch("typed", typed, "vl")[0], normalizer=1.0).loss
     assert together.item() == pytest.approx(apart.item(), rel=1e-5)
+
+
+def test_picture_transcription_records_put_the_picture_before_the_speech(tmp_path):
+    """picture_asr_records: a scene's picture, its spoken question -> the question's words; the
+    shard JSON carries "with_image", so the align stage keeps the picture (and only then)."""
+    from PIL import Image
+
+    from datagen.sentences import picture_asr_records
+
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (56, 56), (200, 30, 30)).save(tmp_path / "images" / "a.png")
+    vqa = [{"id": f"scene-{i}", "image": "images/a.png", "task": "open", "source": "demo_colour",
+            "conversations": [{"from": "human", "value": "<image>\nWhat colour is the square?"},
+                              {"from": "gpt", "value": "red"}]} for i in range(3)]
+    records = picture_asr_records(vqa, 2, seed=0)
+    assert len(records) == 2 and all(r["with_image"] and r["stage"] == "align" for r in records)
+    assert picture_asr_records(vqa, 2, seed=0) == records
+    path = tmp_path / "pic.json"
+    path.write_text(json.dumps(records))
+    index = make_llava_shards(str(path), str(tmp_path), str(tmp_path / "shards"), seed=0, progress=False)
+    processor = build_tiny_processor()
+    (batch,) = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=2, max_seq_len=512,
+                                  rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    assert batch.pixel_values is not None and len(batch.image_token_counts) == 2
+    for row in range(2):
+        labels = batch.student_labels[row]
+        ids = batch.student_input_ids[row][batch.student_attention_mask[row] == 1]
+        prompt = processor.tokenizer.decode(ids[labels[: len(ids)] == IGNORE_INDEX])
+        assert prompt.index("<|image_pad|>") < prompt.index("<|audio_pad|>") < prompt.index(ASR_INSTRUCTION.strip())
+        assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "What colour is the square?<|im_end|>"

@@ -38,6 +38,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sentences_train", type=int, default=0,
                         help="spoken alignment sentences (and as many typed-repeat ones); 0 = none")
     parser.add_argument("--sentences_heldout", type=int, default=0, help="held-out spoken sentences")
+    parser.add_argument("--picture_asr", type=int, default=0,
+                        help="with --sentences_train: training scenes whose picture + spoken question -> the "
+                             "question's words join shards/stage_mix (transcription with a picture in the prompt)")
     args = parser.parse_args(argv)
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
@@ -48,7 +51,8 @@ def main(argv=None) -> None:
         paths.update(make_sentence_data(args.out, paths["train_json"], num_train=args.sentences_train,
                                         num_heldout=args.sentences_heldout, seed=args.seed,
                                         samples_per_shard=args.samples_per_shard, workers=args.workers,
-                                        voices=args.voices.split(",") if args.voices else None))
+                                        voices=args.voices.split(",") if args.voices else None,
+                                        picture_asr=args.picture_asr))
     print(json.dumps(paths, indent=2))
 
 
