@@ -143,9 +143,9 @@ def test_the_shipped_grids_give_trainer_configs_that_validate(tmp_path):
 @pytest.mark.slow
 def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_path):
     """launch_scripts/study_selfkd_vs_sft.sh end to end at toy size: its demo data, a start given
-    by START_FROM (scored, not trained), the bar on the start's VL, a 1-recipe grid on the 10%
-    budget through tools/compare_recipes.py, then into another GRID_OUT on the full budget (the
-    follow-up's use). The same script, sizes, one rank a run (NUM_GPUS=1) and grid aside."""
+    by START_FROM (scored, not trained), the bar on the start's VL, and a 1-recipe grid on the
+    10% budget through tools/compare_recipes.py into another GRID_OUT (the follow-up's use). The
+    same script, sizes, one rank a run (NUM_GPUS=1) and grid aside."""
     import subprocess
 
     grid = tiny_start_and_grid(tmp_path, "trained_start", 2, {"selfkd": {"kd_alpha": 0.75, "teacher": "shared"}},
@@ -166,27 +166,20 @@ def test_the_study_script_runs_from_a_trained_start_and_refuses_a_weak_one(tmp_p
     report = json.loads((out / "start" / "eval" / "report.json").read_text())
     assert report["n"] == 6 and report["vl_score"] is not None
 
-    env["BUDGETS"] = "10pct"
-    done = study(0)  # the same scored start now passes; the grid runs on the budget asked for
+    # The scored start now passes. The grid runs on the budget asked for, into GRID_OUT (the
+    # follow-up's use: another grid from the same data and start), leaving the study's own grid alone.
+    env.update(BUDGETS="10pct", GRID_OUT=str(out / "followup"))
+    done = study(0)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "using the trained start" not in done.stdout, "a scored start is not copied or scored again"
-    results = json.loads((out / "grid" / "results.json").read_text())
+    results = json.loads((out / "followup" / "results.json").read_text())
     assert [(r["budget"], r["recipe"], r["steps"]) for r in results["runs"]] == [("10pct", "selfkd", 2)]
+    assert results["runs"][0]["config"]["model"] == str(out / "start" / "export")
     shards = json.loads((out / "data.json").read_text())
     tenth = results["runs"][0]["config"]["train_shards"]
     assert tenth.split(",") == [shards["train_shards"].replace("{000000..000009}", "000000")]
-    assert "| 10pct | selfkd | 1 |" in (out / "grid" / "results.md").read_text()
-
-    # Another grid from the same data and start (as the follow-up runs): its own output, the other budget.
-    grid_results = (out / "grid" / "results.json").read_text()
-    env.update(GRID_OUT=str(out / "followup"), BUDGETS="full")
-    followup = study(0)
-    assert followup.returncode == 0, followup.stdout[-3000:] + followup.stderr[-3000:]
-    runs = json.loads((out / "followup" / "results.json").read_text())["runs"]
-    assert [(r["budget"], r["recipe"], r["steps"]) for r in runs] == [("full", "selfkd", 2)]
-    assert runs[0]["config"]["model"] == str(out / "start" / "export")
-    assert runs[0]["config"]["train_shards"] == shards["train_shards"]
-    assert (out / "grid" / "results.json").read_text() == grid_results, "the study's grid is left as it was"
+    assert "| 10pct | selfkd | 1 |" in (out / "followup" / "results.md").read_text()
+    assert not (out / "grid").exists(), "GRID_OUT moves the grid's output"
     env["BUDGETS"] = "full,half"
     unknown = study(0)
     assert unknown.returncode == 1 and "expected full and/or 10pct, got 'half'" in unknown.stderr
@@ -262,10 +255,12 @@ def test_study_v2_script_scores_its_start_runs_a_budget_and_measures_the_mechani
     assert mechanism["shrink_paired"]["mean"] == pytest.approx(run["shrink"] - mechanism["runs"]["sft"]["0"]["shrink"])
     assert os.path.getsize(out / "mechanism" / "mechanism.png") > 0
 
-    # Again: every run is finished, so nothing trains again and the results are the same.
+    # The grid again (the script's compare_recipes call, in this process): every run is finished, so
+    # nothing trains again and the results are the same.
     train_log = out / "scarce" / "runs" / "scarce" / "sft" / "seed0" / "train.log"
     before = train_log.stat().st_mtime_ns
-    again = study(START_MIN_VL="0", START_MAX_WER="1000", START_MIN_GAP="-100", START_MIN_KIND="0")
-    assert again.returncode == 0 and "running in" not in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
-    assert json.loads((out / "scarce" / "results.json").read_text())["runs"] == runs
-    assert train_log.stat().st_mtime_ns == before
+    again = compare_recipes.main(["--grid", scarce, "--out", str(out / "scarce"), "--start", str(tmp_path / "start"),
+                                  "--heldout_shards", data["heldout_shards"], "--budget",
+                                  f"scarce={runs[0]['config']['train_shards']}", "--num_gpus", "1",
+                                  "--master_port", "29882", "--prune_checkpoints"])
+    assert again["runs"] == runs and train_log.stat().st_mtime_ns == before

@@ -468,3 +468,70 @@ def test_the_toy_llm_tells_picture_rows_and_columns_apart(preset):
     else:  # the toy study's start must answer "Where is the red square?"
         assert theta == 10.0
         assert min(width) * span > 0.75
+
+
+def test_whisper_reads_the_longest_clip_in_whole_projector_groups(processor):
+    """whisper_input "clip" (new composed models): Whisper's input is the batch's longest valid
+    clip rounded up to 2 x audio_stack mel frames, its output has half as many positions, and
+    "window" reads the whole window as before."""
+    model = build_tiny(processor, attn_impl="sdpa", seed=0)
+    assert model.whisper_input == "clip"
+    batch = make_batch(processor, 3, seed=5, audio_seconds=(1.0, 3.0))
+    group = 2 * processor.audio_stack
+    longest = int(batch.audio_frames.max())
+    frames = model.encoder_input_frames(batch.audio_frames)
+    assert frames % group == 0 and longest <= frames < longest + group
+    seen = []
+    hook = model.audio_encoder.register_forward_hook(lambda m, args, out: seen.append((args[0].shape[-1],
+                                                                                       out.last_hidden_state.shape[1])))
+    with torch.no_grad():
+        run(model, batch, KD)
+        model.whisper_input = "window"
+        run(model, batch, KD)
+    hook.remove()
+    window = model.audio_encoder.config.max_source_positions * 2
+    assert seen == [(frames, frames // 2), (window, window // 2)]
+    assert model.encoder_input_frames(None) == window and frames < window
+
+
+def test_whisper_on_cut_input_is_huggingface_whisper_with_a_shorter_window(processor):
+    """The cut-input forward equals transformers' own WhisperEncoder built for a window of that
+    length (its position table the first rows of ours), on the same weights (fp32, 1e-6)."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    model = build_tiny(processor, attn_impl="sdpa", seed=0).eval()
+    encoder = model.audio_encoder
+    frames = 48
+    features = torch.randn(2, encoder.config.num_mel_bins, frames)
+    short = WhisperEncoder(WhisperConfig(**{**encoder.config.to_dict(), "max_source_positions": frames // 2})).eval()
+    state = {k: (v[: frames // 2] if k == "embed_positions.weight" else v) for k, v in encoder.state_dict().items()}
+    short.load_state_dict(state)
+    with torch.no_grad():
+        ours = encoder(features).last_hidden_state
+        reference = short(features).last_hidden_state
+    torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="even number of frames"):
+        encoder(torch.randn(1, encoder.config.num_mel_bins, 47))
+
+
+def test_the_whisper_input_is_saved_and_old_models_keep_the_window(processor, tmp_path):
+    """omni_config.json records whisper_input; one written before the option (no key) loads
+    with the window it was trained with; --whisper_input overrides either."""
+    import json
+
+    from trainer.config import ModelConfig
+    from trainer.models.factory import build_model
+
+    model = build_tiny(processor, attn_impl="sdpa", seed=0)
+    save_omni(model, processor, str(tmp_path / "new"))
+    spec_path = tmp_path / "new" / "omni_config.json"
+    assert json.loads(spec_path.read_text())["whisper_input"] == "clip"
+    assert load_omni(str(tmp_path / "new"))[0].whisper_input == "clip"
+    spec = json.loads(spec_path.read_text())
+    del spec["whisper_input"]
+    spec_path.write_text(json.dumps(spec))
+    assert load_omni(str(tmp_path / "new"))[0].whisper_input == "window"
+    assert build_model(ModelConfig(model=str(tmp_path / "new"), whisper_input="clip"))[0].whisper_input == "clip"
+    assert build_model(ModelConfig(model="tiny", whisper_input="window"))[0].whisper_input == "window"
+    assert build_model(ModelConfig(model="tiny"))[0].whisper_input == "clip"

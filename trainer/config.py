@@ -32,7 +32,7 @@ from trainer.distill.teachers import TEACHERS
 from trainer.errors import ConfigError
 from trainer.models.build import ATTN_IMPLS, DEFAULT_TRAINABLE, TRAINABLE_PARTS
 from trainer.models.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
-from trainer.models.omni import PROJECTORS
+from trainer.models.omni import PROJECTORS, WHISPER_INPUTS
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,10 @@ class ModelConfig:
     """auto = flash_attention_2 when flash-attn is installed and a GPU is present, else sdpa."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing of the LLM (correct with two passes per step)."""
+    whisper_input: str = "auto"
+    """What a composed model's Whisper encoder reads: `clip` = the batch's longest valid clip (rounded to whole
+    projector groups), `window` = the whole 30 s window. `auto`: a new composition reads clips, a saved model what it
+    was trained with (models saved before this option: the window). Native families encode valid frames anyway."""
     lora_r: int = 0
     """LoRA rank of the LLM's adapters (peft); 0 = no adapters, the LLM trains in full. With LoRA, `llm` in --trainable
     means the adapters (embeddings and LM head stay frozen) and the other named parts train in full; the frozen teacher
@@ -363,6 +367,7 @@ def validate(c: Config) -> None:
         raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")
     if k.kd_chunk_size < 1:
         raise ConfigError(f"--kd_chunk_size: must be >= 1, got {k.kd_chunk_size}")
+    _check_choice("whisper_input", m.whisper_input, ("auto", *WHISPER_INPUTS))
     if m.lora_r < 0 or m.lora_alpha <= 0 or not 0 <= m.lora_dropout < 1:
         raise ConfigError(f"--lora_r must be >= 0, --lora_alpha > 0 and --lora_dropout in [0, 1); got {m.lora_r}, "
                           f"{m.lora_alpha}, {m.lora_dropout}")

@@ -152,6 +152,7 @@ class SelfKDObjective(nn.Module):
             teacher_tokens = float(batch.teacher_attention_mask[:, prefix:].sum()) if self.uses_teacher else 0.0
             targets = to_device(student_targets, device)
             student_index = to_device(student_index, device)
+            batch = model.cut_audio_input(batch)  # Whisper's input: the longest clip, or the window
         # The audio counts stay on the CPU: encode_audio builds its gather index from them.
         batch = dataclasses.replace(batch.to(device), audio_token_counts=batch.audio_token_counts)
 

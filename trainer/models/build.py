@@ -90,8 +90,8 @@ def enable_gradient_checkpointing(model: OmniModel) -> None:
         tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _assemble(vlm, audio_encoder, projector, processor) -> OmniModel:
-    model = OmniModel(vlm, audio_encoder, projector, processor)
+def _assemble(vlm, audio_encoder, projector, processor, whisper_input: str = "clip") -> OmniModel:
+    model = OmniModel(vlm, audio_encoder, projector, processor, whisper_input=whisper_input)
     set_trainable(model, DEFAULT_TRAINABLE)
     return model
 
@@ -122,8 +122,10 @@ def build_from_configs(
     dtype: torch.dtype = torch.float32,
     attn_impl: str = "auto",
     init_ctx=contextlib.nullcontext,
+    whisper_input: str = "clip",
 ) -> OmniModel:
     """Random-init model of the given architectures (weights loaded by the caller).
+    `whisper_input`: Whisper reads the batch's longest clip ("clip") or the 30 s window.
     The VLM and Whisper encoder are built by Hugging Face's `_from_config`, which under
     ZeRO-3 (an HfDeepSpeedConfig alive) builds them inside zero.Init and initialises the
     partitioned weights itself; `init_ctx` wraps the new projector."""
@@ -138,7 +140,7 @@ def build_from_configs(
             whisper_config.d_model, processor.audio_stack, vlm_config.get_text_config().hidden_size, projector
         )
     _vocab_fits(vlm, processor)
-    return _assemble(vlm, audio_encoder, audio_projector, processor)
+    return _assemble(vlm, audio_encoder, audio_projector, processor, whisper_input)
 
 
 def _check_zero3_setup(init_ctx) -> None:
@@ -154,7 +156,7 @@ def _check_zero3_setup(init_ctx) -> None:
 
 
 def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32, attn_impl="auto",
-               init_ctx=contextlib.nullcontext, seed: int = 0, toy: bool = False) -> OmniModel:
+               init_ctx=contextlib.nullcontext, seed: int = 0, toy: bool = False, whisper_input: str = "clip") -> OmniModel:
     """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights;
     toy=True gives the larger `toy` preset (its processor: build_tiny_processor(max_pixels=TOY_MAX_PIXELS))."""
     from trainer.models.tiny import TOY, TOY_AUDIO_DIM, tiny_vlm_config, tiny_whisper_config
@@ -169,11 +171,12 @@ def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32
         dtype=dtype,
         attn_impl=attn_impl,
         init_ctx=init_ctx,
+        whisper_input=whisper_input,
     )
 
 
 def compose(vlm_path: str, audio_encoder_path: str, processor: OmniProcessor, *, projector="mlp",
-            dtype=torch.bfloat16, attn_impl="auto", init_ctx=contextlib.nullcontext) -> OmniModel:
+            dtype=torch.bfloat16, attn_impl="auto", init_ctx=contextlib.nullcontext, whisper_input: str = "clip") -> OmniModel:
     """A new composition from pretrained weights: the VLM, Whisper's encoder only, and a
     fresh projector. Under ZeRO-3 keep an HfDeepSpeedConfig alive (module docstring)."""
     _check_zero3_setup(init_ctx)
@@ -197,7 +200,7 @@ def compose(vlm_path: str, audio_encoder_path: str, processor: OmniProcessor, *,
             audio_encoder.config.d_model, processor.audio_stack, vlm_config.get_text_config().hidden_size, projector
         )
     _vocab_fits(vlm, processor)
-    return _assemble(vlm, audio_encoder, audio_projector, processor)
+    return _assemble(vlm, audio_encoder, audio_projector, processor, whisper_input)
 
 
 def build_native(config, processor: OmniProcessor, *, dtype=torch.float32, attn_impl="auto",
@@ -239,9 +242,9 @@ def build_from_spec(spec: dict, processor: OmniProcessor, *, dtype=torch.float32
         if spec.get("audio_stack", processor.audio_stack) != processor.audio_stack:
             raise ValueError(f"spec stacks {spec['audio_stack']} audio frames, the processor {processor.audio_stack}")
         vlm_config, whisper_config = configs_from_spec(spec)
-        model = build_from_configs(
+        model = build_from_configs(  # a spec written before the option: the window it was trained with
             vlm_config, whisper_config, processor, projector=spec["projector"], dtype=dtype, attn_impl=attn_impl,
-            init_ctx=init_ctx,
+            init_ctx=init_ctx, whisper_input=spec.get("whisper_input", "window"),
         )
     if spec.get("lora"):
         apply_lora(model, spec["lora"])

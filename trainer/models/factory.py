@@ -66,6 +66,8 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
         model = compose(cfg.vlm, cfg.audio_encoder, processor, projector=cfg.projector, dtype=dtype,
                         attn_impl=cfg.attn_impl, init_ctx=init_ctx)
     model.hf_deepspeed_config = hf_deepspeed_config
+    if not model.native and getattr(cfg, "whisper_input", "auto") != "auto":
+        model.whisper_input = cfg.whisper_input  # the flag over the new model's default or the saved setting
     if model.adapter.z3_leaf_classes:  # gathered whole by ZeRO-3 (a flag on the modules; no effect otherwise)
         from deepspeed.utils import set_z3_leaf_modules
 

@@ -7,8 +7,9 @@ Building and composing: trainer/models/build.py; saving and loading:
 trainer/models/serialize.py; the training objective that runs it: trainer/distill/objective.py.
 
 Speech enters the LLM through audio placeholders (`<|audio_pad|>`, Qwen2.5-Omni's
-`<|AUDIO|>`). Composed: Whisper encodes the padded mel window, the valid encoder frames of
-each clip are stacked `audio_stack` at a time (B, F, C -> B, F/S, C*S) and projected into
+`<|AUDIO|>`). Composed: Whisper encodes the batch's longest clip (`whisper_input` "clip", new
+models) or the whole padded mel window ("window", models trained before), the valid encoder
+frames of each clip are stacked `audio_stack` at a time (B, F, C -> B, F/S, C*S) and projected into
 the LLM embedding space. Native: the thinker's audio tower reads each clip's valid mel
 frames. Either way the audio tokens replace the placeholders in order. Images go through
 the model's own vision tower and replace its image placeholders; a family with DeepStack
@@ -35,6 +36,9 @@ from trainer.models.processing import OmniProcessor
 PROJECTORS = ("mlp", "linear")
 
 
+WHISPER_INPUTS = ("clip", "window")  # what a composed model's Whisper encoder reads (OmniModel.whisper_input)
+
+
 class ZeroSafeWhisperEncoder(WhisperEncoder):
     """WhisperEncoder whose weight init also works on ZeRO-3-partitioned parameters.
 
@@ -53,6 +57,30 @@ class ZeroSafeWhisperEncoder(WhisperEncoder):
                 super()._init_weights(module)
             return
         super()._init_weights(module)
+
+    def forward(self, input_features, attention_mask=None, **kwargs):
+        """The window (Hugging Face's forward, which insists on all of it), or any shorter even
+        number of mel frames: then the same layers run on the frames given, with the first
+        frames / 2 rows of the position table (looked up through the module, so ZeRO-3 gathers
+        it), as Ultravox runs Whisper on cut input."""
+        window = self.config.max_source_positions * self.conv1.stride[0] * self.conv2.stride[0]
+        frames = input_features.shape[-1]
+        if frames == window:
+            return super().forward(input_features, attention_mask=attention_mask, **kwargs)
+        if frames > window or frames % (self.conv1.stride[0] * self.conv2.stride[0]):
+            raise ValueError(f"Whisper reads the {window}-frame window or an even number of frames below it, "
+                             f"got {frames}")
+        from transformers.modeling_outputs import BaseModelOutput
+
+        hidden = F.gelu(self.conv2(F.gelu(self.conv1(input_features)))).permute(0, 2, 1)  # B, frames / 2, C
+        positions = torch.arange(hidden.shape[1], device=hidden.device)
+        hidden = F.dropout(hidden + self.embed_positions(positions), p=self.dropout, training=self.training)
+        for layer in self.layers:
+            if self.training and self.layerdrop > 0.0 and torch.rand([]) < self.layerdrop:
+                continue
+            hidden = layer(hidden, None)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        return BaseModelOutput(last_hidden_state=self.layer_norm(hidden))
 
 
 class AudioProjector(nn.Module):
@@ -85,8 +113,13 @@ class OmniModel(nn.Module):
     None). See the module docstring."""
 
     def __init__(self, vlm: nn.Module, audio_encoder: WhisperEncoder | None, projector: AudioProjector | None,
-                 processor: OmniProcessor):
+                 processor: OmniProcessor, whisper_input: str = "clip"):
         super().__init__()
+        if whisper_input not in WHISPER_INPUTS:
+            raise ValueError(f"whisper_input must be one of {WHISPER_INPUTS}, got {whisper_input!r}")
+        # Composed models: Whisper reads the batch's longest valid clip ("clip") or the whole 30 s
+        # window ("window", what every model trained before this option did). Saved in omni_spec.
+        self.whisper_input = whisper_input
         self.vlm = vlm
         self.adapter = adapter_for(vlm.config.model_type)(vlm)
         if self.adapter.family != (processor.family if processor.native else None):
@@ -153,8 +186,11 @@ class OmniModel(nn.Module):
         device = self.adapter.input_embeddings().weight.device
         encoder_dtype = self.audio_encoder.conv1.weight.dtype
         if input_features is None:
-            window = self.audio_encoder.config.max_source_positions * 2
-            input_features = torch.zeros(1, self.audio_encoder.config.num_mel_bins, window, device=device)
+            frames = self.encoder_input_frames(None)
+            input_features = torch.zeros(1, self.audio_encoder.config.num_mel_bins, frames, device=device)
+        elif self.whisper_input == "clip" and input_features.shape[-1] == self.audio_encoder.config.max_source_positions * 2:
+            # Not cut yet (evaluation; the objective cuts on the CPU, see cut_audio_input): one read.
+            input_features = input_features[..., : self.encoder_input_frames(batch.audio_frames.cpu())]
         with self._grad_if("audio"):
             frames = self.audio_encoder(input_features.to(device, encoder_dtype)).last_hidden_state  # B, n_mels, W -> B, W/2, C
         with self._grad_if("projector"):
@@ -167,6 +203,30 @@ class OmniModel(nn.Module):
         index = torch.cat([i * width + torch.arange(int(n)) for i, n in enumerate(counts.tolist())])
         tokens = tokens.reshape(-1, tokens.shape[-1]).index_select(0, to_device(index, device))  # sum(counts), H
         return tokens, tokens.new_zeros((), dtype=torch.float32)
+
+    def cut_audio_input(self, batch: Batch) -> Batch:
+        """The CPU batch with a composed model's mel features cut to what its Whisper reads
+        (encoder_input_frames): done where the batch is made, so the step reads nothing from
+        the device for it and copies less. Native models and batches without audio: as given."""
+        if self.native or batch.input_features is None:
+            return batch
+        import dataclasses
+
+        frames = self.encoder_input_frames(batch.audio_frames)
+        return dataclasses.replace(batch, input_features=batch.input_features[..., :frames])
+
+    def encoder_input_frames(self, audio_frames: torch.Tensor | None) -> int:
+        """Mel frames the composed model's Whisper reads for a batch whose clips have
+        `audio_frames` valid frames (a CPU tensor; None: no audio, a dummy pass): the window, or
+        with whisper_input "clip" the longest clip rounded up to whole projector groups (2 x
+        audio_stack mel frames: the conv stride, then the stacking), so each clip's last audio
+        token stacks encoded frames only, whatever the batch."""
+        window = self.audio_encoder.config.max_source_positions * 2
+        if self.whisper_input == "window" or (audio_frames is not None and audio_frames.numel() == 0):
+            return window
+        group = 2 * self.projector.stack
+        longest = int(audio_frames.max()) if audio_frames is not None else 1
+        return min(window, max(group, -(-longest // group) * group))
 
     def _encode_audio_native(self, batch: Batch) -> tuple[torch.Tensor | None, torch.Tensor]:
         device = self.adapter.input_embeddings().weight.device

@@ -34,6 +34,7 @@ def omni_spec(model: OmniModel) -> dict:
         whisper_config=model.audio_encoder.config.to_dict(),
         projector=model.projector.kind,
         audio_stack=model.projector.stack,
+        whisper_input=model.whisper_input,
         **lora,
     )
 
