@@ -42,6 +42,9 @@ def test_one_process_deepspeed_and_plain_reference():
     assert "breakdown" not in plain
     for report in (engine, plain):
         assert (report["lora_r"], report["teacher"], report["teacher_resident_mib"]) == (0, "shared", 0)
+        assert report["whisper_input"] == "auto"
+        assert report["overhead_s"] == round(engine["kd_step_s"] - plain["kd_step_s"], 4)
+    assert engine["fetches_per_step"]["modules"] > 0 and "fetches_per_step" not in plain
 
 
 def bench(args: list) -> None:

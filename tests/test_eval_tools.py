@@ -149,3 +149,15 @@ def test_both_tools_take_a_native_export(assets, preset, tmp_path):
     shares = report["models"]["model"]
     assert shares["n"] == 2 and set(shares["shares"]) == {"typed", "spoken"}
     assert len(shares["shares"]["typed"]["question->image"]) == 2  # one share per decoder layer
+
+
+def test_whisper_features_compares_the_window_with_the_clip(assets):
+    """tools/whisper_features.py: per clip, the audio tokens of the window vs the clip read alone
+    (they differ: attention no longer sees the window's padding), and a clip batched with another."""
+    from tools import whisper_features
+
+    report = whisper_features.main(["--model", assets["model"], "--shards", assets["shards"], "--limit", "4",
+                                    "--json"])
+    assert report["clips"] == 4 and 0 < report["seconds"]["mean"] < 10
+    assert report["window_vs_clip_rel"]["max"] > 0 and -1 <= report["window_vs_clip_cos"]["mean"] <= 1
+    assert report["batched_vs_alone_rel"]["mean"] >= 0

@@ -7,6 +7,7 @@ objective with its teacher and chunked loss, the loop's reductions and optimizer
     python tools/bench_step.py --model synthetic-2b --micro_batch_size 8 --json
     python tools/bench_step.py --model synthetic-8b --gradient_checkpointing --engine deepspeed --json
     python tools/bench_step.py --model synthetic-2b --teacher frozen --lora_r 0,16 --engine deepspeed  # copy vs adapters-off
+    python tools/bench_step.py --model overhead-2b --micro_batch_size 8 --whisper_input window,clip   # framework overhead
     (launch_scripts/gpu_bench.sh runs the set docs/performance.md reports)
 
 It writes synthetic shards (random images, noise speech, random text at a realistic shape:
@@ -33,7 +34,13 @@ outside the ranges where the step reads its CPU batch on purpose: objective/host
 lora_r, teacher (the Self-KD step's: --teacher), trained_params, teacher_resident_mib (the
 teacher's own weights on this rank: a frozen or EMA copy of what trains; 0 for the shared
 teacher and for the frozen teacher under LoRA, the adapters-off model). `--lora_r 0,8` benches
-each rank in turn in this one process, so their step times compare.
+each rank in turn in this one process, so their step times compare; whisper_input (likewise a
+comma list: --whisper_input window,clip); overhead_s (when both engines ran: the DeepSpeed path's
+Self-KD step minus the plain loop's on the same batches, the framework's own time),
+fetches_per_step (ZeRO-3: modules fetched, all-gathers issued, parameters gathered in one Self-KD
+step; null under ZeRO-1/2). The
+overhead-2b / overhead-8b presets have synthetic-2b's / -8b's module structure at tiny widths and
+a 1k vocabulary, fed tiny inputs: their step time is mostly per-module overhead.
 """
 
 import argparse
@@ -172,6 +179,7 @@ def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
 
     flags = ["--model", args.model, "--train_shards", spec, "--ds_config", args.ds_config,
              "--teacher", args.teacher, "--lora_r", str(lora_r), "--lora_alpha", str(2 * max(lora_r, 1)),
+             "--whisper_input", args.whisper,
              "--micro_batch_size", str(args.micro_batch_size), "--grad_accum", "1", "--num_workers", str(args.num_workers),
              "--max_seq_len", "8192", "--max_steps", "1000000", "--warmup_steps", "0", "--lr", "1e-5",
              "--kd_alpha", "0.75", "--gradient_checkpointing", str(args.gradient_checkpointing).lower(),
@@ -189,14 +197,15 @@ def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
             results[mode] = dict(times=[m["perf/step_s"] for m in metrics], peak=_peak_gib(device), metrics=metrics)
     trainer.objective.kd = KD
     breakdown, syncs = profile_step(trainer.train_step, device)
+    fetches = count_fetches(trainer.train_step) if trainer.zero_stage == 3 else None
     kd_metrics = results["kd"]["metrics"]
     student = statistics.mean(m["perf/student_tokens"] for m in kd_metrics)
     teacher = statistics.mean(m["perf/teacher_tokens_computed"] for m in kd_metrics)
     mfus = [m["perf/mfu"] for m in kd_metrics if "perf/mfu" in m]
     report = _report(args, f"deepspeed-zero{trainer.zero_stage}", device, trainer.dtype, dist.world_size(), results,
                      student, teacher, mfu=statistics.median(mfus) if mfus else None)
-    report.update(breakdown=breakdown, host_syncs_per_step=syncs, **_lora_fields(trainer.model, trainer.objective.teacher,
-                                                                                  lora_r))
+    report.update(breakdown=breakdown, host_syncs_per_step=syncs, fetches_per_step=fetches,
+                  **_lora_fields(trainer.model, trainer.objective.teacher, lora_r))
     trainer.close()
     # Let a plain model follow in this process: no ZeRO-3 build context left behind, memory freed.
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -207,6 +216,36 @@ def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return report
+
+
+def count_fetches(step_fn) -> dict:
+    """ZeRO-3's parameter fetches in one Self-KD step: modules whose parameters it fetched
+    (PartitionedParameterCoordinator.fetch_sub_module calls, forward and backward), the
+    all-gathers it issued for them and the parameters those gathered."""
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as Coordinator
+
+    counts = {"modules": 0, "all_gathers": 0, "params_gathered": 0}
+    gather_name = "_PartitionedParameterCoordinator__all_gather_params"
+    fetch, gather = Coordinator.fetch_sub_module, getattr(Coordinator, gather_name)
+
+    def counted_fetch(self, *args, **kwargs):
+        counts["modules"] += 1
+        return fetch(self, *args, **kwargs)
+
+    def counted_gather(self, params, *args, **kwargs):
+        if params:
+            counts["all_gathers"] += 1
+            counts["params_gathered"] += len(params)
+        return gather(self, params, *args, **kwargs)
+
+    Coordinator.fetch_sub_module = counted_fetch
+    setattr(Coordinator, gather_name, counted_gather)
+    try:
+        step_fn()
+    finally:
+        Coordinator.fetch_sub_module = fetch
+        setattr(Coordinator, gather_name, gather)
+    return counts
 
 
 def _lora_fields(model, teacher, lora_r: int) -> dict:
@@ -232,7 +271,8 @@ def bench_plain(args, spec: str, lora_r: int) -> dict:
     with device:
         model, processor = build_model(ModelConfig(model=args.model, attn_impl=args.attn_impl,
                                                    gradient_checkpointing=args.gradient_checkpointing, lora_r=lora_r,
-                                                   lora_alpha=2.0 * max(lora_r, 1)), dtype=dtype)
+                                                   lora_alpha=2.0 * max(lora_r, 1), whisper_input=args.whisper),
+                                       dtype=dtype)
     model.to(device).train()
     loader = build_train_loader(spec, processor, stage="selfkd", micro_batch_size=args.micro_batch_size,
                                 max_seq_len=8192, rank=0, world_size=1, num_workers=args.num_workers, seed=0)
@@ -315,7 +355,8 @@ def _report(args, engine, device, dtype, world_size, results, student_tokens, te
 
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", choices=["tiny", "synthetic-2b", "synthetic-8b"])
+    parser.add_argument("--model", default="tiny",
+                        choices=["tiny", "synthetic-2b", "synthetic-8b", "overhead-2b", "overhead-8b"])
     parser.add_argument("--engine", default="deepspeed,none",
                         help="comma list of deepspeed (the trainer under --ds_config) and none (plain PyTorch)")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json")
@@ -332,6 +373,9 @@ def main(argv=None) -> list:
     parser.add_argument("--lora_r", default="0",
                         help="comma list of LoRA ranks (0 = none, lora_alpha = 2 r), each benched in this process "
                              "after the other: --teacher frozen --lora_r 0,8 sets the frozen copy beside adapters-off")
+    parser.add_argument("--whisper_input", default="auto",
+                        help="comma list of auto, clip, window (composed models: what Whisper reads), each benched in "
+                             "this process: --whisper_input window,clip sets the 30 s window beside the clip")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -344,21 +388,31 @@ def main(argv=None) -> list:
     from trainer.models.tiny import build_tiny_processor
 
     processor = build_tiny_processor() if args.model == "tiny" else preset_processor()
-    shape = SHAPES["tiny" if args.model == "tiny" else "realistic"]
+    shape = SHAPES["realistic" if args.model.startswith("synthetic") else "tiny"]  # overhead-*: tiny inputs
     reports = []
     with tempfile.TemporaryDirectory(prefix="bench_step-") as tmp:
         # Every rank writes its own copy: no shared file system assumed, no rank waits on another.
         spec = write_shards(tmp, processor, shape, args.samples)
-        for lora_r in [int(r) for r in args.lora_r.split(",")]:
+        configs = [(lora_r, whisper) for whisper in args.whisper_input.split(",") for lora_r in
+                   [int(r) for r in args.lora_r.split(",")]]
+        for lora_r, whisper in configs:
+            args.whisper = whisper
+            these = []
             for engine in engines:
                 if engine == "none" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
                     if dist.is_main():
                         print("--engine none runs in a single process: skipped under the launcher", flush=True)
                     continue
                 report = bench_deepspeed(args, spec, lora_r) if engine == "deepspeed" else bench_plain(args, spec, lora_r)
+                report["whisper_input"] = whisper
+                these.append(report)
+            if len(these) == 2:  # the DeepSpeed path's Self-KD step minus the plain loop's, same run and batches
+                for report in these:
+                    report["overhead_s"] = round(these[0]["kd_step_s"] - these[1]["kd_step_s"], 4)
+            for report in these:
                 if dist.is_main():
                     print(json.dumps(report), flush=True)
-                reports.append(report)
+            reports.extend(these)
     if dist.is_main() and not args.json:
         for report in reports:
             print(f"{report['engine']} lora_r {report['lora_r']}: SFT {report['sft_step_s']} s, Self-KD "

@@ -39,7 +39,8 @@ from trainer.models.omni import PROJECTORS, WHISPER_INPUTS
 class ModelConfig:
     model: Optional[str] = None
     """`tiny` (random toy model, no download), `toy` (the same classes larger: 128-d, 224 px, M-RoPE theta 10; the toy study), `synthetic-2b` / `synthetic-8b` (random weights at Qwen2-VL-2B / -7B
-    + Whisper-large-v3 size, for throughput), a directory written by tools/export_hf.py, or a native omni model:
+    + Whisper-large-v3 size, for throughput), `overhead-2b` / `overhead-8b` (their module structure at tiny widths: the
+    framework's per-module overhead), a directory written by tools/export_hf.py, or a native omni model:
     a Hugging Face checkpoint directory of Qwen2.5-Omni or Qwen3-Omni (the full model or its thinker; the thinker
     is trained), `tiny-qwen2_5_omni` / `tiny-qwen3_omni` (random toy thinkers) or `synthetic-qwen2_5_omni-7b`.
     Leave unset and give --vlm and --audio_encoder to compose a new model."""

@@ -20,7 +20,7 @@ from trainer.models.build import (build_from_configs, build_native, build_tiny, 
                                   set_trainable)
 from trainer.models.omni import OmniModel
 from trainer.models.lora import apply_lora, lora_spec
-from trainer.models.presets import PRESETS, preset_processor, vlm_config, whisper_large_v3_config
+from trainer.models.presets import OVERHEAD, PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni
 from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor
@@ -47,7 +47,8 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
                            toy=toy)
     elif cfg.model in PRESETS:
         processor = preset_processor(cfg.audio_stack)
-        model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(), processor, projector=cfg.projector,
+        model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(small=cfg.model in OVERHEAD),
+                                   processor, projector=cfg.projector,
                                    dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)
     elif cfg.model in native.TINY:
         processor = native.tiny_processor(native.TINY[cfg.model])

@@ -1,6 +1,7 @@
 """Random-init models of real sizes, for benchmarks and throughput work without downloads:
 `--model synthetic-2b` / `synthetic-8b` build the architecture of a Qwen2-VL-2B / -7B plus a
-Whisper-large-v3 encoder, with the locally built tokenizer of the tiny preset, an image
+Whisper-large-v3 encoder (`overhead-2b` / `overhead-8b`: the same module structure at tiny widths
+and a 1k vocabulary, for the framework's per-module overhead), with the locally built tokenizer of the tiny preset, an image
 processor capped at 448x448 px (256 image tokens) and Whisper-large-v3's 128-bin, 30 s
 feature extractor. Their weights are noise: they measure speed and memory, never quality.
 
@@ -22,6 +23,16 @@ TEXT = {
     "synthetic-8b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                          num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
+# The overhead presets: synthetic-2b's / -8b's module structure (28 decoder layers and their heads, the
+# 32-block ViT, the 32-layer Whisper encoder) at widths where compute is negligible (8 per head) and a
+# 1k vocabulary, so a CPU step's time is mostly framework overhead: what a GPU waits on the host for.
+OVERHEAD = {
+    "overhead-2b": dict(vocab_size=1024, hidden_size=96, intermediate_size=192, num_hidden_layers=28,
+                        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True),
+    "overhead-8b": dict(vocab_size=1024, hidden_size=224, intermediate_size=448, num_hidden_layers=28,
+                        num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
+}
+TEXT.update(OVERHEAD)
 PRESETS = tuple(TEXT)
 
 
@@ -37,14 +48,16 @@ def preset_processor(audio_stack: int = 4) -> OmniProcessor:
 def vlm_config(name: str) -> Qwen2VLConfig:
     special = {token: QWEN2VL_SPECIAL_TOKENS.index(token) for token in QWEN2VL_SPECIAL_TOKENS}
     text = TEXT[name]
+    small = name in OVERHEAD  # head_dim 8: M-RoPE sections of 4 rotary pairs; a 64-wide ViT
     return Qwen2VLConfig(
         text_config=dict(
             **text, max_position_embeddings=32768, rope_theta=1e6,
-            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+            rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2] if small else [16, 24, 24]},
             eos_token_id=special["<|im_end|>"], pad_token_id=special["<|endoftext|>"],
+            **({"bos_token_id": special["<|endoftext|>"]} if small else {}),
         ),
         # The 675M ViT of every Qwen2-VL size; its merger projects into the LLM's width.
-        vision_config=dict(depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_size=text["hidden_size"],
+        vision_config=dict(depth=32, embed_dim=64 if small else 1280, num_heads=16, mlp_ratio=4, hidden_size=text["hidden_size"],
                            patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3),
         image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
         vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"],
@@ -52,10 +65,12 @@ def vlm_config(name: str) -> Qwen2VLConfig:
     )
 
 
-def whisper_large_v3_config() -> WhisperConfig:
-    """Whisper-large-v3's encoder (the decoder is never built)."""
+def whisper_large_v3_config(small: bool = False) -> WhisperConfig:
+    """Whisper-large-v3's encoder (the decoder is never built); small: its 32 layers and 20 heads
+    at width 80 (the overhead presets)."""
+    d_model = 80 if small else 1280
     return WhisperConfig(
-        num_mel_bins=128, d_model=1280, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=5120,
+        num_mel_bins=128, d_model=d_model, encoder_layers=32, encoder_attention_heads=20, encoder_ffn_dim=2 * d_model if small else 5120,
         decoder_layers=1, decoder_attention_heads=20, decoder_ffn_dim=5120, max_source_positions=1500,
         vocab_size=64, pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0,
     )
