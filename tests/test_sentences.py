@@ -81,14 +81,20 @@ def test_described_questions_are_answered_by_their_description(spoken):
     assert yesno.count("yes") == yesno.count("no")
 
 
-def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
-    records = described_qa_records(4, seed=0, spoken=True) + sentence_records("train", 2, seed=0)
-    path = tmp_path / "mix.json"
+def align_batch(tmp_path, records: list[dict]):
+    """(the one align-stage batch of `records`, written as shards under tmp_path, the processor)."""
+    path = tmp_path / "records.json"
     path.write_text(json.dumps(records))
     index = make_llava_shards(str(path), str(tmp_path), str(tmp_path / "shards"), seed=0, progress=False)
     processor = build_tiny_processor()
-    (batch,) = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=6, max_seq_len=512,
-                                  rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    (batch,) = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=len(records),
+                                  max_seq_len=512, rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    return batch, processor
+
+
+def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
+    records = described_qa_records(4, seed=0, spoken=True) + sentence_records("train", 2, seed=0)
+    batch, processor = align_batch(tmp_path, records)
     by_id = {r["id"]: r for r in records}
     seen = set()
     for row, key in enumerate(batch.keys):
@@ -165,12 +171,7 @@ def test_picture_transcription_records_put_the_picture_before_the_speech(tmp_pat
     records = picture_asr_records(vqa, 2, seed=0)
     assert len(records) == 2 and all(r["with_image"] and r["stage"] == "align" for r in records)
     assert picture_asr_records(vqa, 2, seed=0) == records
-    path = tmp_path / "pic.json"
-    path.write_text(json.dumps(records))
-    index = make_llava_shards(str(path), str(tmp_path), str(tmp_path / "shards"), seed=0, progress=False)
-    processor = build_tiny_processor()
-    (batch,) = build_train_loader(index["shard_spec"], processor, stage="align", micro_batch_size=2, max_seq_len=512,
-                                  rank=0, world_size=1, num_workers=0, seed=0, shuffle=False, epochs=1)
+    batch, processor = align_batch(tmp_path, records)
     assert batch.pixel_values is not None and len(batch.image_token_counts) == 2
     for row in range(2):
         labels = batch.student_labels[row]
