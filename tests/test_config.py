@@ -66,6 +66,12 @@ def test_config_is_frozen(shards):
         (["--kd_temperature", "inf"], "kd_temperature: must be a finite number, got 'inf'"),
         (["--max_grad_norm", "1e400"], "max_grad_norm: must be a finite number"),
         (["--max_nonfinite_steps", "0"], "--max_nonfinite_steps: must be >= 1, got 0"),
+        (["--max_tokens_per_micro_batch", "4096", "--micro_batch_size", "8"],
+         "--micro_batch_size 8 and --max_tokens_per_micro_batch 4096 both size the micro-batch"),
+        (["--max_tokens_per_micro_batch", "3000"],
+         "cannot hold one sample of --max_seq_len 2048 on each of the step's 2 side(s): give at least 4096"),
+        (["--max_tokens_per_micro_batch", "-1"], "--max_tokens_per_micro_batch: must be >= 0, got -1"),
+        (["--max_tokens_per_micro_batch", "4096", "--token_budget_buffer", "0"], "--token_budget_buffer: must be >= 1"),
     ],
 )
 def test_errors_name_the_value(shards, extra, message):
@@ -128,6 +134,21 @@ def test_batch_size_contradicting_ds_config(tmp_path, shards):
     with pytest.raises(ConfigError, match=r"--micro_batch_size 2 contradicts .*train_micro_batch_size_per_gpu = 4"):
         checked(base(shards, "--ds_config", str(path), "--micro_batch_size", "2"))
     assert checked(base(shards, "--ds_config", str(path), "--micro_batch_size", "4")).optim.micro_batch_size == 4
+
+
+def test_token_budget_sets_deepspeeds_batch_fields_per_micro_batch(tmp_path, shards):
+    """Under --max_tokens_per_micro_batch DeepSpeed counts micro-batches: 1 per micro-step; a
+    DeepSpeed config that fixes a sample count is refused; SFT's budget holds one side only."""
+    c = checked(base(shards, "--max_tokens_per_micro_batch", "4096", "--grad_accum", "3"))
+    filled = ds_config.resolve(c, world_size=4, on_gpu=False)
+    assert (filled["train_micro_batch_size_per_gpu"], filled["train_batch_size"]) == (1, 12)
+    assert checked(base(shards, "--max_tokens_per_micro_batch", "2048", "--kd_alpha", "0")).optim.micro_batch_size == 1
+    ds = json.load(open(os.path.join(DS_DIR, "zero3.json")))
+    ds["train_micro_batch_size_per_gpu"] = 4
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds))
+    with pytest.raises(ConfigError, match="must leave train_micro_batch_size_per_gpu \"auto\""):
+        checked(base(shards, "--ds_config", str(path), "--max_tokens_per_micro_batch", "4096"))
 
 
 def test_deepspeed_launcher_local_rank_is_accepted(shards):

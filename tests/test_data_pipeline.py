@@ -514,3 +514,90 @@ def test_vl_stage_trains_the_typed_question_as_the_student(llava_shards, process
         assert torch.equal(typed.student_labels, kd.teacher_labels)
         assert (typed.pixel_values is None and kd.pixel_values is None) or torch.equal(typed.pixel_values, kd.pixel_values)
         assert not (typed.student_input_ids == processor.audio_pad_id).any()
+
+
+def _budget_args(**extra):
+    return {**dict(stage="selfkd", micro_batch_size=1, max_seq_len=1024, rank=0, world_size=1, num_workers=0, seed=7,
+                   max_tokens=600, buffer_size=8), **extra}
+
+
+def _padded(batch):
+    return batch.student_input_ids.numel() + batch.teacher_input_ids.numel()
+
+
+def test_token_budget_micro_batches_fit_and_cover_each_sample_once(llava_shards, processor):
+    """--max_tokens_per_micro_batch: every sample once per epoch, each micro-batch's padded
+    tokens (both sides) within the budget, fewer padded tokens than the same samples in batches
+    of a fixed count, and a size that varies with the samples' lengths."""
+    batches = list(build_train_loader(llava_shards["spec"], processor, **_budget_args(epochs=1)))
+    assert sorted(k for b in batches for k in b.keys) == sorted(shard_samples(llava_shards["out"]))
+    assert all(_padded(b) <= 600 for b in batches)
+    assert len({len(b) for b in batches}) > 1, "the sample count follows the lengths"
+    by_count = list(build_train_loader(llava_shards["spec"], processor, **{
+        **_budget_args(epochs=1), "max_tokens": 0, "micro_batch_size": 3}))
+    real = sum(int(b.student_attention_mask.sum() + b.teacher_attention_mask.sum()) for b in batches)
+    assert real == sum(int(b.student_attention_mask.sum() + b.teacher_attention_mask.sum()) for b in by_count)
+    assert sum(map(_padded, batches)) < sum(map(_padded, by_count))
+
+
+@pytest.mark.parametrize("num_workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_token_budget_resumes_exactly_from_inside_a_buffer(llava_shards, processor, num_workers):
+    """Stopped after any number of micro-batches (inside a buffer or at its end, across epochs),
+    the resumed loader hands out the uninterrupted run's micro-batches."""
+    args = _budget_args(num_workers=num_workers)
+    total = 14
+    reference = _take(build_train_loader(llava_shards["spec"], processor, **args), total)
+    inside = 0
+    for stop in range(1, total, 1 if num_workers == 0 else 4):
+        first = build_train_loader(llava_shards["spec"], processor, **args)
+        head = _take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        inside += any("buffer_start" in p for p in state["positions"].values())
+        tail = _take(build_train_loader(llava_shards["spec"], processor, state=state, **args), total - stop)
+        assert [b.keys for b in head + tail] == [b.keys for b in reference], stop
+        for ours, theirs in zip(head + tail, reference):
+            assert torch.equal(ours.student_input_ids, theirs.student_input_ids)
+    assert inside, "some stop falls inside a buffer"
+
+
+def test_token_budget_resume_with_another_plan_is_refused(llava_shards, processor):
+    first = build_train_loader(llava_shards["spec"], processor, **_budget_args())
+    _take(first, 1)
+    state = first.state_dict()
+    assert "buffer_start" in state["positions"]["0"]
+    for other in ({"max_tokens": 700}, {"buffer_size": 9}, {"with_teacher": False}, {"max_tokens": 0}):
+        with pytest.raises(ValueError, match="stopped inside a buffer"):
+            _take(build_train_loader(llava_shards["spec"], processor, state=state, **{**_budget_args(), **other}), 1)
+
+
+def test_token_budget_resume_counts_shard_level_skips_once(llava_shards, processor, tmp_path):
+    """A buffer that starts at a shard's first sample starts before that shard's own counts (a
+    truncated shard's lost samples, ignored members): a resume there counts them once."""
+    names = llava_shards["index"]["shards"]
+    for name in names + ["index.json"]:  # the index gives the truncated shard's lost samples exactly
+        shutil.copy(os.path.join(llava_shards["out"], name), tmp_path / name)
+    for name in names:  # every shard counts an ignored member when its reading starts
+        with tarfile.open(tmp_path / name, "a") as tar:
+            info = tarfile.TarInfo(_tar_keys(str(tmp_path / name))[0] + ".xyz")
+            info.size = 3
+            tar.addfile(info, io.BytesIO(b"abc"))
+    cut = tmp_path / names[2]
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    spec = [str(tmp_path / n) for n in names]
+    # One sample per micro-batch, a buffer per shard of 3: buffers start at shards' first samples.
+    args = {**_budget_args(max_bad_fraction=1.0), "buffer_size": SAMPLES_PER_SHARD, "max_tokens": 1}
+    total = 14
+    uninterrupted = build_train_loader(spec, processor, **args)
+    reference = _take(uninterrupted, total)
+    assert {"ignored_member", "truncated_tar"} <= set(uninterrupted.skip_counts())
+    at_shard_start = 0
+    for stop in range(1, total):
+        first = build_train_loader(spec, processor, **args)
+        head = _take(first, stop)
+        state = json.loads(json.dumps(first.state_dict()))
+        at_shard_start += state["positions"]["0"].get("buffer_start", {}).get("position", {}).get("cursor") == 0
+        resumed = build_train_loader(spec, processor, state=state, **args)
+        tail = _take(resumed, total - stop)
+        assert [b.keys for b in head + tail] == [b.keys for b in reference], stop
+        assert resumed.skip_counts(include_ok=True) == uninterrupted.skip_counts(include_ok=True), stop
+    assert at_shard_start, "some stop lies in a buffer that starts at a shard's first sample"

@@ -18,6 +18,11 @@ from tools import export_hf
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 RESUME = ("--max_steps", "6", "--teacher", "ema", "--ema_decay", "0.9", "--save_every", "3")
+# Micro-batches by token budget on image and text-only shards (no BASE: it sets --micro_batch_size).
+TOKEN_BUDGET = ("--ds_config", "ds_configs/zero3.json", "--model", "tiny", "--train_shards", "{budget_shards}",
+                "--max_tokens_per_micro_batch", "600", "--token_budget_buffer", "8", "--grad_accum", "2",
+                "--num_workers", "1", "--max_seq_len", "300", "--lr", "3e-3", "--warmup_steps", "2",
+                "--dist_timeout_s", "300", "--max_steps", "6", "--save_every", "3")
 FEWER_SHARDS = ("--max_steps", "10", "--save_every", "6", "--max_bad_fraction", "0.9", "--num_workers", "2",
                 "--train_shards", "{small_shards}")
 
@@ -42,6 +47,13 @@ def mixed_modality_shards(data: dict, check_dir: str) -> dict:
                               samples_per_shard=8, progress=False)
     image_shard = data["train_shards"].split("{")[0] + "000000.tar"
     return {"mixed_shards": f"{image_shard},{index['shard_spec']}"}
+
+
+def budget_shards(data: dict, check_dir: str) -> dict:
+    """The demo's training shards (image questions) and a shard of short text-only questions, so
+    a rank's buffers mix lengths: {budget_shards}."""
+    text = mixed_modality_shards(data, check_dir)["mixed_shards"].split(",", 1)[1]
+    return {"budget_shards": f"{data['train_shards']},{text}"}
 
 
 def asr_shards(data: dict, check_dir: str) -> dict:
@@ -142,6 +154,12 @@ CHECKS = [
              rank0_only=True),
         main("resumed", *FEWER_SHARDS, "--save_dir", "{dir}/ckpt_resumed", "--resume", "auto")],
         prepare=fewer_shards_than_readers),
+    Check("token_budget", [
+        main("full", *TOKEN_BUDGET, "--save_dir", "{dir}/ckpt_full", base=False),
+        call("tests.test_train_zero3:copy_checkpoint", "{dir}/ckpt_full/step_00000003", "{dir}/ckpt_resumed",
+             rank0_only=True),
+        main("resumed", *TOKEN_BUDGET, "--save_dir", "{dir}/ckpt_resumed", "--resume", "auto", base=False)],
+        prepare=budget_shards),
     Check("prefix_shared", [main("shared", "--max_steps", "3"),
                             main("full", "--max_steps", "3", "--teacher_share_prefix", "false")]),
 ]
@@ -257,6 +275,25 @@ def test_gradient_is_the_global_token_mean(launch):
     with open(os.path.join(launch.dir("global_token_mean"), "norms.json")) as f:
         norms = json.load(f)
     assert norms["engine"] == pytest.approx(norms["reference"], rel=1e-4)
+
+
+@pytest.mark.launch_checks("token_budget")
+def test_token_budget_trains_and_resumes_exactly(launch):
+    """--max_tokens_per_micro_batch on 2 ranks over image and text-only samples: micro-batches of
+    varying sample counts keep the ranks in step (grad_accum micro-batches each), padding is
+    logged, and a checkpoint written inside a length buffer resumes to the same losses."""
+    full = launch.ok("token_budget", "full").metrics
+    seen = [0] + [full[s]["progress/samples_seen"] for s in range(1, 7)]
+    assert len({b - a for a, b in zip(seen, seen[1:])}) > 1, "samples per step follow the lengths"
+    assert all(0.0 <= full[s]["perf/padding_frac"] < 1.0 for s in full)
+    states = [torch.load(os.path.join(launch.dir("token_budget"), "ckpt_full", "step_00000003",
+                                      f"trainer_state_rank{r}.pt"), weights_only=False)["data"] for r in (0, 1)]
+    assert any("buffer_start" in p for s in states for p in s["positions"].values()), "saved inside a buffer"
+    resumed = launch.ok("token_budget", "resumed")
+    assert "resumed from" in resumed.output and sorted(resumed.metrics) == [4, 5, 6]
+    for step in (4, 5, 6):
+        for key in ("train/loss", "train/kd_loss", "train/ce_loss", "progress/samples_seen", "perf/padding_frac"):
+            assert resumed.metrics[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
 @pytest.mark.launch_checks("resume_fewer_shards")

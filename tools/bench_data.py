@@ -25,19 +25,10 @@ from PIL import Image
 from trainer.data import build_train_loader
 from datagen.tts import EspeakTTS
 from datagen.writer import AUDIO_RATE, flac_bytes
-from trainer.models.processing import OmniProcessor
-from trainer.models.tiny import build_tiny_processor, build_tiny_tokenizer
+from trainer.models.tiny import build_real_size_processor, build_tiny_processor
 
 QUESTION = ("Looking carefully at the picture, what colour is the large circle on the left side "
             "of the table, and how many smaller shapes are next to it?")
-
-
-def real_size_processor() -> OmniProcessor:
-    from transformers import WhisperFeatureExtractor
-    from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
-
-    return OmniProcessor(build_tiny_tokenizer(), Qwen2VLImageProcessor(), WhisperFeatureExtractor(feature_size=128),
-                         audio_stack=4)
 
 
 def write_bench_shard(path: str, num_distinct: int, image_px: int, audio_s: float) -> None:
@@ -88,7 +79,7 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
         shard = os.path.join(tmp, "bench.tar")
         write_bench_shard(shard, args.distinct, args.image_px, args.audio_s)
-        for name, processor in (("tiny", build_tiny_processor()), ("qwen2vl+whisper-large-v3", real_size_processor())):
+        for name, processor in (("tiny", build_tiny_processor()), ("qwen2vl+whisper-large-v3", build_real_size_processor())):
             rate = bench(shard, processor, args.samples, args.micro_batch_size)
             results[name] = round(rate, 1)
             print(f"{name}: {rate:.1f} samples/s on 1 core ({args.image_px}px JPEG, {args.audio_s:g} s speech, "

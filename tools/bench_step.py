@@ -307,7 +307,7 @@ def bench_plain(args, spec: str, lora_r: int) -> dict:
                 if i >= args.warmup:
                     elapsed = time.perf_counter() - start
                     times.append(elapsed)
-                    _, student_tokens, _, patches, audio_tokens, audio_frames = batch_stats([batch], processor, False)
+                    _, student_tokens, _, patches, audio_tokens, audio_frames, _ = batch_stats([batch], processor, False)
                     computed.append((student_tokens, teacher_tokens))
                     if peak and mode == "kd":
                         answers = float(batch.answer_tokens())

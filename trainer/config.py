@@ -124,7 +124,15 @@ class OptimConfig:
     ds_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON; its "auto" fields are filled from the flags below."""
     micro_batch_size: int = 1
-    """Samples per rank per micro-step."""
+    """Samples per rank per micro-step (leave it unset with --max_tokens_per_micro_batch)."""
+    max_tokens_per_micro_batch: int = 0
+    """Micro-batches by token budget instead of a sample count: samples are grouped by length within a buffer of
+    --token_budget_buffer samples, so each micro-batch computes at most this many tokens, padding included (student +
+    teacher sequences; the teacher's only with a teacher pass). 0 = --micro_batch_size samples. Must hold one sample
+    of --max_seq_len on every side the step computes."""
+    token_budget_buffer: int = 128
+    """Samples each data worker sorts by length at a time for --max_tokens_per_micro_batch (larger: less padding,
+    more host memory; each holds its decoded image and log-mel)."""
     grad_accum: int = 1
     """Micro-steps per optimizer step."""
     lr: float = 2e-5
@@ -392,9 +400,20 @@ def validate(c: Config) -> None:
     if d.stage == "vl" and k.kd_alpha > 0:
         raise ConfigError("--stage vl trains the typed-question path itself (no teacher): set --kd_alpha 0")
 
-    for flag in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps"):
+    for flag in ("micro_batch_size", "grad_accum", "max_steps", "max_nonfinite_steps", "token_budget_buffer"):
         if getattr(o, flag) < 1:
             raise ConfigError(f"--{flag}: must be >= 1, got {getattr(o, flag)}")
+    if o.max_tokens_per_micro_batch < 0:
+        raise ConfigError(f"--max_tokens_per_micro_batch: must be >= 0, got {o.max_tokens_per_micro_batch}")
+    if o.max_tokens_per_micro_batch:
+        if o.micro_batch_size != 1:
+            raise ConfigError(f"--micro_batch_size {o.micro_batch_size} and --max_tokens_per_micro_batch "
+                              f"{o.max_tokens_per_micro_batch} both size the micro-batch: give one of them")
+        sides = 2 if counts_teacher_tokens(c) else 1
+        if o.max_tokens_per_micro_batch < sides * d.max_seq_len:
+            raise ConfigError(f"--max_tokens_per_micro_batch {o.max_tokens_per_micro_batch} cannot hold one sample of "
+                              f"--max_seq_len {d.max_seq_len} on each of the step's {sides} side(s): give at least "
+                              f"{sides * d.max_seq_len}, or lower --max_seq_len")
     if o.lr <= 0:
         raise ConfigError(f"--lr: must be > 0, got {o.lr}")
     if not 0.0 <= o.min_lr_ratio <= 1.0:
@@ -408,6 +427,11 @@ def validate(c: Config) -> None:
         raise ConfigError("--resume auto needs --save_dir to look in")
     if lg.log_every < 1 or lg.eval_every < 0 or lg.dist_timeout_s < 10:
         raise ConfigError("--log_every must be >= 1, --eval_every >= 0, --dist_timeout_s >= 10")
+
+
+def counts_teacher_tokens(config: Config) -> bool:
+    """Whether the step runs a teacher pass over the typed side (Self-KD with kd_alpha > 0)."""
+    return config.data.stage == "selfkd" and config.distill.kd_alpha > 0
 
 
 def reference_table() -> str:

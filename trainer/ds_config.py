@@ -30,6 +30,11 @@ def read(path: str) -> dict:
 def check(ds: dict, o: OptimConfig, k: DistillConfig) -> None:
     """Values the flags own must be "auto" in the DeepSpeed config, or equal to the flag; and
     the teacher must be possible with its offload settings."""
+    if o.max_tokens_per_micro_batch and ds.get("train_micro_batch_size_per_gpu", "auto") not in ("auto", 1):
+        raise ConfigError(
+            f"--max_tokens_per_micro_batch {o.max_tokens_per_micro_batch}: micro-batches hold a varying number of "
+            f"samples, so {o.ds_config} must leave train_micro_batch_size_per_gpu \"auto\" (the trainer sets it to 1: "
+            f"DeepSpeed then counts micro-batches), not {ds['train_micro_batch_size_per_gpu']}")
     owned = [
         (ds, "train_micro_batch_size_per_gpu", "micro_batch_size"),
         (ds, "gradient_accumulation_steps", "grad_accum"),
@@ -62,10 +67,14 @@ def check(ds: dict, o: OptimConfig, k: DistillConfig) -> None:
 def fill(ds: dict, o: OptimConfig, world_size: int, on_gpu: bool) -> dict:
     """Return a copy of the DeepSpeed config with every "auto" field filled from the flags."""
     ds = json.loads(json.dumps(ds))
+    # Under a token budget a micro-batch's sample count varies: DeepSpeed's batch fields then
+    # count micro-batches (1 per micro-step), which is all it uses them for here (the trainer
+    # feeds the engine itself and normalises the loss by the step's answer tokens).
+    micro = 1 if o.max_tokens_per_micro_batch else o.micro_batch_size
     fills = {
-        "train_micro_batch_size_per_gpu": o.micro_batch_size,
+        "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": o.grad_accum,
-        "train_batch_size": o.micro_batch_size * o.grad_accum * world_size,
+        "train_batch_size": micro * o.grad_accum * world_size,
         "gradient_clipping": o.max_grad_norm,
     }
     for key, value in fills.items():

@@ -55,7 +55,8 @@ def answer_chunks_for(max_answer_tokens: int, chunk_size: int) -> int:
     return max(1, math.ceil(max_answer_tokens / chunk_size))
 
 
-STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "image_patches", "audio_tokens", "audio_frames")
+STAT_NAMES = ("samples", "student_tokens", "teacher_tokens", "image_patches", "audio_tokens", "audio_frames",
+              "padded_tokens")
 
 
 def image_patches(batch) -> int:
@@ -67,8 +68,12 @@ def image_patches(batch) -> int:
 
 def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
     """Counts of a rank's micro-batches, in STAT_NAMES order, read from CPU tensors (the batch
-    reaches the device inside the engine's forward). Teacher tokens: the typed side's (the data)."""
+    reaches the device inside the engine's forward). Teacher tokens: the typed side's (the data).
+    Padded tokens: the sequences' tokens as the passes compute them, padding included."""
     audio_tokens = sum(float(b.audio_token_counts.sum()) for b in batches if b.audio_token_counts is not None)
+    padded = sum(b.student_attention_mask.numel() for b in batches)
+    if uses_teacher:
+        padded += sum(b.teacher_attention_mask.numel() for b in batches)
     return [
         float(sum(len(b) for b in batches)),
         float(sum(b.student_attention_mask.sum() for b in batches)),
@@ -76,6 +81,7 @@ def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
         float(sum(image_patches(b) for b in batches if b.pixel_values is not None)),
         audio_tokens,
         audio_tokens * processor.encoder_positions_per_token,  # audio encoder positions behind the audio tokens
+        float(padded),
     ]
 
 
@@ -214,6 +220,9 @@ class Trainer:
             seed=c.optim.seed,
             max_bad_fraction=c.data.max_bad_fraction,
             state=state["data"] if state else None,
+            max_tokens=c.optim.max_tokens_per_micro_batch,
+            buffer_size=c.optim.token_budget_buffer,
+            with_teacher=self.objective.uses_teacher,
         )
         self.data_iter = iter(self.loader)
         if state is not None:
@@ -306,6 +315,7 @@ class Trainer:
             "perf/data_wait_frac": wait / step_time,
             "perf/step_s": step_time,
             "perf/student_tokens": student_tokens,
+            "perf/padding_frac": 1.0 - tokens / max(totals["padded_tokens"], 1.0),
             "perf/teacher_tokens_computed": teacher_tokens_computed,
             "mem/peak_gib": peak_gib,
         }

@@ -18,6 +18,14 @@ never decoded.
 Position also carries `epoch_seen`, the samples (ok + bad) this slot has met in the current
 epoch, so a resumed slot knows the epoch was not empty even when it resumes at its very end.
 
+Token budget (`max_tokens` > 0, trainer/data/budget.py): a slot fills a buffer of
+`buffer_size` encoded samples, then hands out the micro-batches planned from it. A batch
+handed out before the buffer's last one carries, instead of a position, the buffer's start
+(position and counts before its first sample), how many of its micro-batches were handed
+out and the plan's settings: a resumed slot re-reads the buffer from its start, plans it
+again (the same samples, lengths and seeded order give the same micro-batches) and skips
+the ones already handed out. The buffer's last batch carries the position after the buffer.
+
 Bad-data policy: a broken sample is skipped, counted by reason and logged as one WARNING
 naming shard, key, field and reason; any exception raised while one sample is encoded
 counts as a broken sample (collate.py names the field), never as the job's death.
@@ -42,6 +50,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.data.batch import TRAINING_STAGES, Stage
+from trainer.data.budget import plan_micro_batches, sample_lengths
 from trainer.data.collate import SampleEncoder, collate_eval, collate_train
 from trainer.data.decode import SampleError
 from trainer.data.shards import expand_shard_spec, read_shard
@@ -114,7 +123,7 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
                  epochs: int | None, positions: dict, counts: dict, role_offset: int, shard_sizes: dict,
-                 split_samples: bool = False):
+                 split_samples: bool = False, max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True):
         self.urls = urls
         self.shard_sizes = shard_sizes
         self.encoder = encoder
@@ -132,6 +141,12 @@ class ShardStream(IterableDataset):
         self.num_slots = world_size * self.num_roles
         self.split_samples = split_samples or len(urls) < self.num_slots
         self.pad_id = encoder.processor.pad_id
+        self.max_tokens = max_tokens
+        self.buffer_size = buffer_size if max_tokens else micro_batch_size
+        self.with_teacher = with_teacher
+
+    def plan_settings(self) -> dict:
+        return {"max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "with_teacher": self.with_teacher}
 
     def epoch_shards(self, epoch: int, slot: int) -> list[int]:
         order = np.arange(len(self.urls))
@@ -147,10 +162,22 @@ class ShardStream(IterableDataset):
         role = (worker_id + self.role_offset) % self.num_roles
         slot = self.rank * self.num_roles + role
         where = f"rank {self.rank} worker role {role}"
-        position = dict(self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0})
-        position.setdefault("epoch_seen", 0)
+        saved = self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
         counts = dict(self.counts.get(str(role)) or {})
+        skip = 0  # micro-batches of the first buffer handed out before a resume
+        if "buffer_start" in saved:
+            if saved["plan"] != self.plan_settings():
+                raise ValueError(
+                    f"cannot resume the data stream exactly: {where} stopped inside a buffer planned with "
+                    f"{saved['plan']}, this run plans {self.plan_settings()} (--max_tokens_per_micro_batch, "
+                    "--token_budget_buffer and whether teacher tokens count must match the checkpoint's)")
+            position, counts = dict(saved["buffer_start"]["position"]), dict(saved["buffer_start"]["counts"])
+            skip = saved["emitted"]
+        else:
+            position = dict(saved)
+        position.setdefault("epoch_seen", 0)
         pending = []
+        buffer_start = shard_entry = None  # token budget: where the buffer / the current shard starts
         whole_shards, whole_samples = 0, 0  # shards this worker read without error, this run
 
         def count(reason, n=1):
@@ -170,6 +197,10 @@ class ShardStream(IterableDataset):
                 shard_pos = position["shard_pos"]
                 shard_index = shards[shard_pos]
                 url = self.urls[shard_index]
+                if self.max_tokens and not pending and position["cursor"] == 0:
+                    # A buffer that starts with this shard starts before its shard-level counts
+                    # (lost samples, ignored members), which a resume there counts again.
+                    shard_entry = self._snapshot(position, counts, seen_before)
                 raw_samples, ignored, error = read_shard(url)
                 if error is None:
                     whole_shards, whole_samples = whole_shards + 1, whole_samples + len(raw_samples)
@@ -194,6 +225,8 @@ class ShardStream(IterableDataset):
                 if self.shuffle:
                     order = np.random.default_rng([self.seed, epoch, shard_index]).permutation(len(raw_samples))
                 for j in range(position["cursor"], len(raw_samples)):
+                    if self.max_tokens and not pending:
+                        buffer_start = shard_entry if j == 0 else self._snapshot(position, counts, seen_before)
                     position["cursor"] = j + 1
                     if self.split_samples and (position["base"] + j) % self.num_slots != slot:
                         continue
@@ -210,10 +243,10 @@ class ShardStream(IterableDataset):
                     for note in sorted(notes):
                         count(note)
                     pending.append(sample)
-                    if len(pending) == self.micro_batch_size:
+                    if len(pending) == self.buffer_size:
                         position["epoch_seen"] = samples_seen(counts) - seen_before
-                        yield self._emit(pending, role, position, counts)
-                        pending = []
+                        yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip)
+                        pending, skip = [], 0
                 position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples),
                                 epoch_seen=samples_seen(counts) - seen_before)
             check_quality(counts, self.max_bad_fraction, True, where)
@@ -222,7 +255,26 @@ class ShardStream(IterableDataset):
                                  f"slots: {self.num_slots}); the data set is smaller than the number of readers")
             position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0, epoch_seen=0)
         if pending:
+            yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip)
+
+    @staticmethod
+    def _snapshot(position: dict, counts: dict, seen_before: int) -> dict:
+        """Where a buffer starts: the position and counts a resumed slot restarts it from."""
+        return {"position": {**position, "epoch_seen": samples_seen(counts) - seen_before}, "counts": dict(counts)}
+
+    def _hand_out(self, pending, slot, role, position, counts, buffer_start, skip):
+        """The buffer's micro-batches: one batch of them all, or the token budget's plan."""
+        if not self.max_tokens:
             yield self._emit(pending, role, position, counts)
+            return
+        start = buffer_start["position"]
+        rng = np.random.default_rng([self.seed, slot, start["epoch"], start["shard_pos"], start["cursor"]])
+        groups = plan_micro_batches([sample_lengths(s, self.with_teacher) for s in pending], self.max_tokens, rng)
+        for k, group in enumerate(groups):
+            if k < skip:
+                continue
+            inside = {"buffer_start": buffer_start, "emitted": k + 1, "plan": self.plan_settings()}
+            yield self._emit([pending[i] for i in group], role, position if k + 1 == len(groups) else inside, counts)
 
     def _emit(self, samples, role, position, counts):
         batch = self.collate(samples, self.pad_id)
@@ -275,9 +327,12 @@ class StreamingLoader:
 
     def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
-                 epochs: int | None, state: dict | None, split_samples: bool = False, fresh_each_pass: bool = False):
+                 epochs: int | None, state: dict | None, split_samples: bool = False, fresh_each_pass: bool = False,
+                 max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        if max_tokens < 0 or (max_tokens and buffer_size < 1):
+            raise ValueError(f"max_tokens must be >= 0 and, when set, buffer_size >= 1; got {max_tokens}, {buffer_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.urls = urls
@@ -288,7 +343,8 @@ class StreamingLoader:
         self._stream_args = dict(micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                                  num_workers=num_workers, seed=seed, shuffle=shuffle,
                                  max_bad_fraction=max_bad_fraction, epochs=epochs, split_samples=split_samples,
-                                 shard_sizes=read_shard_sizes(urls))
+                                 shard_sizes=read_shard_sizes(urls), max_tokens=max_tokens, buffer_size=buffer_size,
+                                 with_teacher=with_teacher)
         self.encoder = encoder
         self.collate = collate
         self._positions: dict = {}
@@ -345,15 +401,19 @@ class StreamingLoader:
 def build_train_loader(spec: str | list[str], processor, *, stage: Stage | str, micro_batch_size: int, max_seq_len: int,
                        rank: int, world_size: int, num_workers: int, seed: int, shuffle: bool = True,
                        max_bad_fraction: float = 0.01, state: dict | None = None,
-                       epochs: int | None = None) -> StreamingLoader:
+                       epochs: int | None = None, max_tokens: int = 0, buffer_size: int = 0,
+                       with_teacher: bool = True) -> StreamingLoader:
     """Training Batches (trainer/data/batch.py) from shards, forever (epochs=None) or for
-    `epochs` passes. stage: one of TRAINING_STAGES (trainer/data/batch.py)."""
+    `epochs` passes. stage: one of TRAINING_STAGES (trainer/data/batch.py). max_tokens > 0:
+    micro-batches by token budget from buffers of buffer_size samples (micro_batch_size is
+    then unused; with_teacher: teacher tokens count towards the budget)."""
     if Stage(stage).value not in TRAINING_STAGES:
         raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}")
     return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, stage, max_seq_len), collate_train,
                            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            num_workers=num_workers, seed=seed, shuffle=shuffle, max_bad_fraction=max_bad_fraction,
-                           epochs=epochs, state=state)
+                           epochs=epochs, state=state, max_tokens=max_tokens, buffer_size=buffer_size,
+                           with_teacher=with_teacher)
 
 
 def build_eval_loader(spec: str | list[str], processor, *, micro_batch_size: int, max_seq_len: int, rank: int,

@@ -115,6 +115,13 @@ def build_tiny_processor(audio_stack: int = 4, max_pixels: int = 112 * 112) -> O
     return OmniProcessor(build_tiny_tokenizer(), image_processor, feature_extractor, audio_stack=audio_stack)
 
 
+def build_real_size_processor() -> OmniProcessor:
+    """The real-size data path with the tiny tokenizer (no weights download): Qwen2-VL's image
+    processor at its defaults and a Whisper-large-v3 feature extractor (128 mel bins, 30 s window)."""
+    return OmniProcessor(build_tiny_tokenizer(), Qwen2VLImageProcessor(), WhisperFeatureExtractor(feature_size=128),
+                         audio_stack=4)
+
+
 def tiny_vlm_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4, vision_depth: int = 2,
                     vision_dim: int = 32, rope_theta: float = 1e6) -> Qwen2VLConfig:
     """A Qwen2-VL at toy size; by default a 2-layer 64-d LLM and a 2-block 32-d vision tower,
