@@ -35,8 +35,9 @@ lora_r, teacher (the Self-KD step's: --teacher), trained_params, teacher_residen
 teacher's own weights on this rank: a frozen or EMA copy of what trains; 0 for the shared
 teacher and for the frozen teacher under LoRA, the adapters-off model). `--lora_r 0,8` benches
 each rank in turn in this one process, so their step times compare; whisper_input (likewise a
-comma list: --whisper_input window,clip); overhead_s (when both engines ran: the DeepSpeed path's
-Self-KD step minus the plain loop's on the same batches, the framework's own time),
+comma list: --whisper_input window,clip); ds_config (likewise a comma list, the plain loop's null);
+overhead_s (on each DeepSpeed report when both engines ran: its Self-KD step minus the plain loop's on
+the same batches, the framework's own time),
 fetches_per_step (ZeRO-3: modules fetched, all-gathers issued, parameters gathered in one Self-KD
 step; null under ZeRO-1/2). The
 overhead-2b / overhead-8b presets have synthetic-2b's / -8b's module structure at tiny widths and
@@ -177,7 +178,7 @@ def _inside(event, labels) -> bool:
 def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
     from trainer.loop import Trainer
 
-    flags = ["--model", args.model, "--train_shards", spec, "--ds_config", args.ds_config,
+    flags = ["--model", args.model, "--train_shards", spec, "--ds_config", args.ds,
              "--teacher", args.teacher, "--lora_r", str(lora_r), "--lora_alpha", str(2 * max(lora_r, 1)),
              "--whisper_input", args.whisper,
              "--micro_batch_size", str(args.micro_batch_size), "--grad_accum", "1", "--num_workers", str(args.num_workers),
@@ -359,7 +360,8 @@ def main(argv=None) -> list:
                         choices=["tiny", "synthetic-2b", "synthetic-8b", "overhead-2b", "overhead-8b"])
     parser.add_argument("--engine", default="deepspeed,none",
                         help="comma list of deepspeed (the trainer under --ds_config) and none (plain PyTorch)")
-    parser.add_argument("--ds_config", default="ds_configs/zero3.json")
+    parser.add_argument("--ds_config", default="ds_configs/zero3.json",
+                        help="comma list: each DeepSpeed config benched in turn in this one process")
     parser.add_argument("--micro_batch_size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=6, help="timed steps per mode and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per mode before timing")
@@ -395,6 +397,7 @@ def main(argv=None) -> list:
         spec = write_shards(tmp, processor, shape, args.samples)
         configs = [(lora_r, whisper) for whisper in args.whisper_input.split(",") for lora_r in
                    [int(r) for r in args.lora_r.split(",")]]
+        ds_configs = [c.strip() for c in args.ds_config.split(",") if c.strip()]
         for lora_r, whisper in configs:
             args.whisper = whisper
             these = []
@@ -403,19 +406,24 @@ def main(argv=None) -> list:
                     if dist.is_main():
                         print("--engine none runs in a single process: skipped under the launcher", flush=True)
                     continue
-                report = bench_deepspeed(args, spec, lora_r) if engine == "deepspeed" else bench_plain(args, spec, lora_r)
-                report["whisper_input"] = whisper
-                these.append(report)
-            if len(these) == 2:  # the DeepSpeed path's Self-KD step minus the plain loop's, same run and batches
+                for ds_config in ds_configs if engine == "deepspeed" else [None]:
+                    args.ds = ds_config
+                    report = (bench_deepspeed(args, spec, lora_r) if engine == "deepspeed"
+                              else bench_plain(args, spec, lora_r))
+                    report.update(whisper_input=whisper, ds_config=ds_config)
+                    these.append(report)
+            plain = [r for r in these if r["engine"] == "none"]
+            if plain:  # the DeepSpeed path's Self-KD step minus the plain loop's, same run and batches
                 for report in these:
-                    report["overhead_s"] = round(these[0]["kd_step_s"] - these[1]["kd_step_s"], 4)
+                    if report["engine"] != "none":
+                        report["overhead_s"] = round(report["kd_step_s"] - plain[0]["kd_step_s"], 4)
             for report in these:
                 if dist.is_main():
                     print(json.dumps(report), flush=True)
             reports.extend(these)
     if dist.is_main() and not args.json:
         for report in reports:
-            print(f"{report['engine']} lora_r {report['lora_r']}: SFT {report['sft_step_s']} s, Self-KD "
+            print(f"{report['engine']} {report['ds_config'] or ''} lora_r {report['lora_r']}: SFT {report['sft_step_s']} s, Self-KD "
                   f"({report['teacher']} teacher, {report['teacher_resident_mib']} MiB of its own) {report['kd_step_s']} s "
                   f"(x{report['ratio']}), {report['tokens_per_s']} student tokens/s, MFU {report['mfu']}")
     dist.shutdown()
