@@ -159,15 +159,25 @@ def repeat_records(split: str, count: int, seed: int) -> list[dict]:
             for i, text in enumerate(sentences(split, count, seed + 1))]
 
 
-def picture_asr_records(vqa: list[dict], count: int, seed: int) -> list[dict]:
+PICTURE_ASR_SOURCES = ("questions", "sentences")
+
+
+def picture_asr_records(vqa: list[dict], count: int, seed: int, source: str = "questions") -> list[dict]:
     """`count` VQA records (drawn without replacement) turned into transcription with a picture: the
-    scene's picture, then its spoken question -> the question's words ("with_image": true, stage
-    align). Speech follows a picture, and no question about the picture is answered."""
+    scene's picture, then speech -> its words ("with_image": true, stage align). The speech is the
+    scene's own question (source "questions") or a training sentence of the grammar above, drawn
+    apart from the alignment's (source "sentences": the picture says nothing about it, and the
+    words are not the demo's question templates). Speech follows a picture, and no question about the picture is answered."""
+    if source not in PICTURE_ASR_SOURCES:
+        raise ValueError(f"source must be one of {PICTURE_ASR_SOURCES}, got {source!r}")
     chosen = random.Random(f"picture-asr-{seed}").sample(vqa, min(count, len(vqa)))
+    texts = sentences("train", len(chosen), seed + 2) if source == "sentences" else None
     records = []
-    for record in chosen:
+    for i, record in enumerate(chosen):
         question = record["conversations"][0]["value"].replace("<image>\n", "").replace("<image>", "").strip()
-        records.append({"id": "picture-asr-" + record["id"], "image": record["image"], "task": "asr",
+        question = texts[i] if texts else question
+        prefix = "picture-sentence-" if texts else "picture-asr-"
+        records.append({"id": prefix + record["id"], "image": record["image"], "task": "asr",
                         "source": "picture_asr", "stage": "align", "with_image": True,
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
                                           {"from": "gpt", "value": question}]})
@@ -176,7 +186,7 @@ def picture_asr_records(vqa: list[dict], count: int, seed: int) -> list[dict]:
 
 def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
                        samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None,
-                       picture_asr: int = 0) -> dict:
+                       picture_asr: int = 0, picture_asr_source: str = "questions") -> dict:
     """Write the alignment data under out_dir (the demo data's directory, whose images the typed
     VQA records name), each as sentences/NAME.json and shards/NAME:
       align_mix    `num_train` spoken sentences (ASR) + `num_train` // 2 spoken described-scene questions,
@@ -185,7 +195,8 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                    `num_train` // 2 typed described-scene questions,
       stage_mix    align_mix's records tagged "stage": "align" and typed_mix's tagged "vl", for a
                    --stage mixed run that trains the LLM to hear while it keeps reading, plus
-                   `picture_asr` transcriptions with a picture in the prompt (picture_asr_records),
+                   `picture_asr` transcriptions with a picture in the prompt (picture_asr_records, of
+                   `picture_asr_source`),
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:
@@ -197,7 +208,7 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                      + described_qa_records(num_train // 2, seed, spoken=False),
     }
     jobs["stage_mix"] = [{**r, "stage": "align"} for r in jobs["align_mix"]] + \
-        [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed)
+        [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed, picture_asr_source)
     specs = {}
     for name, records in jobs.items():
         json_path = os.path.join(out_dir, "sentences", f"{name}.json")

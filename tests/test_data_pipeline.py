@@ -568,13 +568,22 @@ def test_token_budget_resume_with_another_plan_is_refused(llava_shards, processo
     for other in ({"max_tokens": 700}, {"buffer_size": 9}, {"with_teacher": False}, {"max_tokens": 0}):
         with pytest.raises(ValueError, match="stopped inside a buffer"):
             _take(build_train_loader(llava_shards["spec"], processor, state=state, **{**_budget_args(), **other}), 1)
+    # The same plan over other samples: a lower --max_seq_len drops some of the buffer's as too_long.
+    lengths = sorted(max(b.student_input_ids.shape[1], b.teacher_input_ids.shape[1])
+                     for b in build_train_loader(llava_shards["spec"], processor, **{
+                         **_budget_args(epochs=1), "max_tokens": 0}))
+    fewer = {**_budget_args(), "max_seq_len": lengths[len(lengths) // 2], "max_bad_fraction": 1.0}
+    with pytest.raises(ValueError, match="now holds other samples or lengths"):
+        _take(build_train_loader(llava_shards["spec"], processor, state=state, **fewer), 1)
 
 
-def test_token_budget_resume_counts_shard_level_skips_once(llava_shards, processor, tmp_path):
+@pytest.mark.parametrize("with_index", [True, False])
+def test_token_budget_resume_counts_shard_level_skips_once(llava_shards, processor, tmp_path, with_index):
     """A buffer that starts at a shard's first sample starts before that shard's own counts (a
-    truncated shard's lost samples, ignored members): a resume there counts them once."""
+    truncated shard's lost samples, ignored members): a resume there counts them once, also when
+    no index.json gives the lost samples and they are estimated from the shards read before."""
     names = llava_shards["index"]["shards"]
-    for name in names + ["index.json"]:  # the index gives the truncated shard's lost samples exactly
+    for name in names + (["index.json"] if with_index else []):
         shutil.copy(os.path.join(llava_shards["out"], name), tmp_path / name)
     for name in names:  # every shard counts an ignored member when its reading starts
         with tarfile.open(tmp_path / name, "a") as tar:

@@ -179,3 +179,9 @@ def test_picture_transcription_records_put_the_picture_before_the_speech(tmp_pat
         prompt = processor.tokenizer.decode(ids[labels[: len(ids)] == IGNORE_INDEX])
         assert prompt.index("<|image_pad|>") < prompt.index("<|audio_pad|>") < prompt.index(ASR_INSTRUCTION.strip())
         assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "What colour is the square?<|im_end|>"
+    spoken = picture_asr_records(vqa, 2, seed=0, source="sentences")
+    assert [r["image"] for r in spoken] == [r["image"] for r in records]
+    assert [r["conversations"][1]["value"] for r in spoken] == sentences("train", 2, 2)
+    assert all(r["conversations"][0]["value"] == "<image>\n" + r["conversations"][1]["value"] for r in spoken)
+    with pytest.raises(ValueError, match="source"):
+        picture_asr_records(vqa, 2, seed=0, source="voices")

@@ -29,6 +29,7 @@ import io
 import json
 import math
 import os
+import sys
 import tarfile
 import tempfile
 
@@ -143,7 +144,8 @@ def main(argv=None) -> dict:
     sample_words = " ".join(WORDS)
     tokens_per_word = len(processor.tokenizer(sample_words, add_special_tokens=False)["input_ids"]) / len(WORDS)
     with_teacher = not args.sft
-    results = {"command": "python tools/bench_padding.py " + " ".join(argv or []), "samples": args.samples,
+    given = sys.argv[1:] if argv is None else argv
+    results = {"command": " ".join(["python tools/bench_padding.py", *given]), "samples": args.samples,
                "seed": args.seed, "with_teacher": with_teacher, "max_seq_len": args.max_seq_len, "arms": []}
     with tempfile.TemporaryDirectory(prefix="bench_padding_") as tmp:
         spec = args.shards or write_mix(os.path.join(tmp, "mix"), args.samples, args.seed, tokens_per_word)

@@ -41,6 +41,9 @@ def main(argv=None) -> None:
     parser.add_argument("--picture_asr", type=int, default=0,
                         help="with --sentences_train: training scenes whose picture + spoken question -> the "
                              "question's words join shards/stage_mix (transcription with a picture in the prompt)")
+    parser.add_argument("--picture_asr_source", default="questions", choices=["questions", "sentences"],
+                        help="what --picture_asr's speech says: the scene's own question, or a new training "
+                             "sentence of datagen/sentences.py's grammar")
     args = parser.parse_args(argv)
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
@@ -52,7 +55,8 @@ def main(argv=None) -> None:
                                         num_heldout=args.sentences_heldout, seed=args.seed,
                                         samples_per_shard=args.samples_per_shard, workers=args.workers,
                                         voices=args.voices.split(",") if args.voices else None,
-                                        picture_asr=args.picture_asr))
+                                        picture_asr=args.picture_asr,
+                                        picture_asr_source=args.picture_asr_source))
     print(json.dumps(paths, indent=2))
 
 

@@ -85,6 +85,14 @@ def batch_stats(batches: list, processor, uses_teacher: bool) -> list:
     ]
 
 
+def eval_batch_size(c: Config) -> int:
+    """Prompts per evaluation batch: --micro_batch_size, or under a token budget as many prompts of
+    --max_seq_len on both sides as the budget holds (at least 1)."""
+    if c.optim.max_tokens_per_micro_batch:
+        return max(1, c.optim.max_tokens_per_micro_batch // (2 * c.data.max_seq_len))
+    return c.optim.micro_batch_size
+
+
 def preflight(c: Config) -> dict:
     """The checks that read files, before anything slow starts: each component checks its
     own file, and a failure is a ConfigError naming the flag. Returns the filled DeepSpeed
@@ -439,7 +447,7 @@ class Trainer:
         loader = build_eval_loader(
             c.data.eval_shards,
             self.processor,
-            micro_batch_size=c.optim.micro_batch_size,
+            micro_batch_size=eval_batch_size(c),
             max_seq_len=c.data.max_seq_len,
             rank=dist.rank(),
             world_size=dist.world_size(),

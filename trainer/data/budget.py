@@ -4,9 +4,11 @@ size stays within N tokens, so each carries about N real tokens and little paddi
 
 Size of a micro-batch of n samples: n x (longest student sequence + longest teacher
 sequence), the tokens the LLM's passes compute, padding included (the teacher side counts
-only when the run has a teacher pass). Audio needs no term of its own: a clip's tokens are
-part of its student sequence (12.5 per second), so sorting by length groups clips of
-similar length too and the audio encoder, reading the batch's longest clip, pads little.
+only when the run has a teacher pass). Audio has no term of its own: a clip's tokens are part
+of its student sequence (12.5 per second), but a small part next to an image and an answer,
+so sorting by length does not group clips of similar length, and the audio encoder, reading
+the batch's longest clip, pads about as much as with a fixed sample count (measured:
+docs/training.md).
 
 A sample longer than N on its own forms a micro-batch alone (over the budget; --max_seq_len
 bounds it). The micro-batches of one buffer are handed out in a seeded random order, so the

@@ -31,7 +31,8 @@ naming shard, key, field and reason; any exception raised while one sample is en
 counts as a broken sample (collate.py names the field), never as the job's death.
 A missing/unreadable shard counts as the samples it should have held, a truncated one as the
 samples lost at the cut: the shard's count from the index.json beside it (make_shards writes
-one), else the mean of the shards this worker read whole so far (at least 1). In sample-split
+one), else the mean of the shards this slot has read whole so far (at least 1; the tally is
+part of the position, so a resumed slot estimates as the uninterrupted one). In sample-split
 mode each slot counts its share of those samples.
 When bad / (ok + bad) > max_bad_fraction, checked once MIN_QUALITY_COUNT samples were seen or
 at the end of every epoch (whichever comes first), DataQualityError lists the counts.
@@ -44,6 +45,7 @@ import math
 import multiprocessing
 import os
 import signal
+import zlib
 
 import numpy as np
 import torch
@@ -164,7 +166,7 @@ class ShardStream(IterableDataset):
         where = f"rank {self.rank} worker role {role}"
         saved = self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
         counts = dict(self.counts.get(str(role)) or {})
-        skip = 0  # micro-batches of the first buffer handed out before a resume
+        skip, fingerprint = 0, None  # the first buffer's micro-batches handed out before a resume, and its samples
         if "buffer_start" in saved:
             if saved["plan"] != self.plan_settings():
                 raise ValueError(
@@ -172,19 +174,20 @@ class ShardStream(IterableDataset):
                     f"{saved['plan']}, this run plans {self.plan_settings()} (--max_tokens_per_micro_batch, "
                     "--token_budget_buffer and whether teacher tokens count must match the checkpoint's)")
             position, counts = dict(saved["buffer_start"]["position"]), dict(saved["buffer_start"]["counts"])
-            skip = saved["emitted"]
+            skip, fingerprint = saved["emitted"], saved["fingerprint"]
         else:
             position = dict(saved)
         position.setdefault("epoch_seen", 0)
+        position.setdefault("whole", [0, 0])  # shards this slot read without error, and their samples
         pending = []
         buffer_start = shard_entry = None  # token budget: where the buffer / the current shard starts
-        whole_shards, whole_samples = 0, 0  # shards this worker read without error, this run
 
         def count(reason, n=1):
             counts[reason] = counts.get(reason, 0) + n
 
         def samples_lost(url, read):
             expected = self.shard_sizes.get(url)
+            whole_shards, whole_samples = position["whole"]
             if expected is None:
                 expected = max(1, math.ceil(whole_samples / whole_shards)) if whole_shards else 1
             return max(1, expected - read)
@@ -203,7 +206,8 @@ class ShardStream(IterableDataset):
                     shard_entry = self._snapshot(position, counts, seen_before)
                 raw_samples, ignored, error = read_shard(url)
                 if error is None:
-                    whole_shards, whole_samples = whole_shards + 1, whole_samples + len(raw_samples)
+                    if position["cursor"] == 0:  # counted once per shard, also across a resume inside it
+                        position["whole"] = [position["whole"][0] + 1, position["whole"][1] + len(raw_samples)]
                 # In sample-split mode every slot reads the shard; one slot owns its warnings.
                 owns_shard = not self.split_samples or shard_pos % self.num_slots == slot
                 if error is not None and position["cursor"] == 0:
@@ -245,7 +249,8 @@ class ShardStream(IterableDataset):
                     pending.append(sample)
                     if len(pending) == self.buffer_size:
                         position["epoch_seen"] = samples_seen(counts) - seen_before
-                        yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip)
+                        yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip,
+                                                  fingerprint)
                         pending, skip = [], 0
                 position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples),
                                 epoch_seen=samples_seen(counts) - seen_before)
@@ -255,25 +260,34 @@ class ShardStream(IterableDataset):
                                  f"slots: {self.num_slots}); the data set is smaller than the number of readers")
             position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0, epoch_seen=0)
         if pending:
-            yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip)
+            yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip, fingerprint)
 
     @staticmethod
     def _snapshot(position: dict, counts: dict, seen_before: int) -> dict:
         """Where a buffer starts: the position and counts a resumed slot restarts it from."""
         return {"position": {**position, "epoch_seen": samples_seen(counts) - seen_before}, "counts": dict(counts)}
 
-    def _hand_out(self, pending, slot, role, position, counts, buffer_start, skip):
-        """The buffer's micro-batches: one batch of them all, or the token budget's plan."""
+    def _hand_out(self, pending, slot, role, position, counts, buffer_start, skip, expected):
+        """The buffer's micro-batches: one batch of them all, or the token budget's plan. A resumed
+        buffer (skip > 0) must hold the samples, with the lengths, of the one planned before."""
         if not self.max_tokens:
             yield self._emit(pending, role, position, counts)
             return
+        lengths = [sample_lengths(s, self.with_teacher) for s in pending]
+        fingerprint = zlib.crc32(json.dumps([[s["key"], *n] for s, n in zip(pending, lengths)]).encode())
+        if skip and fingerprint != expected:
+            raise ValueError(
+                "cannot resume the data stream exactly: the buffer this worker stopped inside now holds other "
+                "samples or lengths (shards, --max_seq_len, the model's image or audio processing or the stage "
+                "changed since the checkpoint), so the micro-batches already trained cannot be told apart")
         start = buffer_start["position"]
         rng = np.random.default_rng([self.seed, slot, start["epoch"], start["shard_pos"], start["cursor"]])
-        groups = plan_micro_batches([sample_lengths(s, self.with_teacher) for s in pending], self.max_tokens, rng)
+        groups = plan_micro_batches(lengths, self.max_tokens, rng)
         for k, group in enumerate(groups):
             if k < skip:
                 continue
-            inside = {"buffer_start": buffer_start, "emitted": k + 1, "plan": self.plan_settings()}
+            inside = {"buffer_start": buffer_start, "emitted": k + 1, "plan": self.plan_settings(),
+                      "fingerprint": fingerprint}
             yield self._emit([pending[i] for i in group], role, position if k + 1 == len(groups) else inside, counts)
 
     def _emit(self, samples, role, position, counts):
@@ -332,7 +346,8 @@ class StreamingLoader:
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if max_tokens < 0 or (max_tokens and buffer_size < 1):
-            raise ValueError(f"max_tokens must be >= 0 and, when set, buffer_size >= 1; got {max_tokens}, {buffer_size}")
+            raise ValueError(f"max_tokens must be >= 0 and, when set, buffer_size >= 1; got {max_tokens}, "
+                             f"{buffer_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
         self.urls = urls
