@@ -3,9 +3,8 @@ and SIGTERM to the deepspeed launcher each stop every rank after the same step w
 complete checkpoint and exit 75, and `--resume auto` then reproduces the uninterrupted run's
 losses; SIGTERM to a rank under the plain `deepspeed` command does the same; a launcher or
 supervisor killed with SIGKILL leaves no rank running. Each signalled run is a launch of its
-own (its process tree is what is tested); the uninterrupted reference is one more launch of the
-same command, made once for the two resume tests, which form one xdist group ("preemption") so
-that the suite's other worker runs them beside the shared launch (tests/shared_launch.py)."""
+own (its process tree is what is tested); the uninterrupted reference is a check of the
+session's shared launch (tests/shared_launch.py), the same trainer/main.py command line."""
 
 import json
 import os
@@ -17,6 +16,7 @@ import time
 import psutil
 import pytest
 
+from tests.shared_launch import Check, main
 from trainer.preemption import EXIT_STOPPED
 from trainer.supervise import ranks_below
 
@@ -24,6 +24,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 MAX_STEPS = 20  # a signal sent at step 2 stops the run well before: the launcher watch polls every 2 s
 _port = iter(range(29740, 29760))  # fixed ranges per module: xdist runs modules side by side
+CHECKS = [Check("preemption_reference", [main("run", "--max_steps", str(MAX_STEPS), "--save_every", "1000",
+                                              "--save_dir", "{dir}/run/ckpt")])]
 
 
 @pytest.fixture(scope="module")
@@ -94,13 +96,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def reference(shards, tmp_path_factory):
-    """The uninterrupted run's metrics by step: the same command, not signalled."""
-    run_dir = tmp_path_factory.mktemp("preemption_reference")
-    run = Run(command(shards, run_dir), run_dir)
-    code = run.wait(600)
-    assert code == 0, run.output()[-4000:]
-    steps = run.steps()
+def reference(launch):
+    """The uninterrupted run's metrics by step (a test using it names "preemption_reference")."""
+    steps = {step: m for step, m in launch.ok("preemption_reference").metrics.items() if "train/loss" in m}
     assert sorted(steps) == list(range(1, MAX_STEPS + 1))
     return steps
 
@@ -127,7 +125,7 @@ def assert_resume_matches(shards, run_dir, stopped_at, reference):
             assert steps[step][key] == pytest.approx(reference[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
-@pytest.mark.xdist_group("preemption")
+@pytest.mark.launch_checks("preemption_reference")
 def test_sigusr1_to_one_rank_stops_every_rank_and_resumes_exactly(shards, tmp_path, reference):
     run = Run(command(shards, tmp_path), tmp_path)
     run.wait_for_step(2)
@@ -140,7 +138,7 @@ def test_sigusr1_to_one_rank_stops_every_rank_and_resumes_exactly(shards, tmp_pa
     assert_resume_matches(shards, tmp_path, stopped_at, reference)
 
 
-@pytest.mark.xdist_group("preemption")
+@pytest.mark.launch_checks("preemption_reference")
 def test_sigterm_to_the_deepspeed_launcher_stops_saves_and_resumes_exactly(shards, tmp_path, reference):
     """The launcher answers SIGTERM by sending SIGTERM to its ranks and their data workers:
     the ranks finish the step and save; the workers stay until their rank lets them go."""

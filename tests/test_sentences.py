@@ -153,7 +153,8 @@ def test_mixed_stage_batches_hearing_and_reading_samples_together(tmp_path):
         together = objective(mixed, normalizer=1.0).loss
         apart = objective(batch("spoken", spoken, "align")[0], normalizer=1.0).loss + \
             objective(batch("typed", typed, "vl")[0], normalizer=1.0).loss
-    assert together.item() == pytest.approx(apart.item(), rel=1e-5)
+    # fp32 sums of about 200 nats over other batch shapes: seen 1.8e-5 apart in one run of the suite
+    assert together.item() == pytest.approx(apart.item(), rel=1e-4)
 
 
 def test_picture_transcription_records_put_the_picture_before_the_speech(tmp_path):
