@@ -201,7 +201,8 @@ def process_asr_entry(job: tuple[dict, int]) -> dict:
 
 # --- shard writing ----------------------------------------------------------------------------
 
-def _write_tar(path: str, results: list[dict]) -> None:
+def write_tar(path: str, results: list[dict]) -> None:
+    """A WebDataset tar of results [{"key", "members": {ext: bytes}}], byte-identical on rebuild."""
     with tarfile.open(path, "w") as tar:
         for result in results:
             for ext, data in result["members"].items():
@@ -268,7 +269,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
                         stats["samples"] += 1
                         stats["seconds"] += result["seconds"]
                 tmp_path = shard_path + ".tmp"
-                _write_tar(tmp_path, good)
+                write_tar(tmp_path, good)
                 _atomic_write_json(stats_path, stats)
                 os.replace(tmp_path, shard_path)  # the shard exists only once complete
             else:

@@ -30,14 +30,13 @@ import json
 import math
 import os
 import sys
-import tarfile
 import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
 
-from datagen.writer import AUDIO_RATE, flac_bytes
+from datagen.writer import AUDIO_RATE, flac_bytes, write_tar
 from trainer.data import build_train_loader
 from trainer.models.tiny import build_real_size_processor
 
@@ -67,31 +66,28 @@ def write_mix(out_dir: str, num_samples: int, seed: int, tokens_per_word: float,
     """Shards of the mix above; returns their spec."""
     rng = np.random.default_rng(seed)
     os.makedirs(out_dir, exist_ok=True)
-    names = []
+    paths = []
     for start in range(0, num_samples, per_shard):
-        name = f"mix-{start // per_shard:06d}.tar"
-        names.append(name)
-        with tarfile.open(os.path.join(out_dir, name), "w") as tar:
-            for i in range(start, min(start + per_shard, num_samples)):
-                words = int(np.clip(round(rng.lognormal(math.log(12), 0.6)), 4, 60))
-                seconds = float(np.clip(words / 2.5 + rng.uniform(0.3, 1.2), 1.0, 20.0))
-                clip = (1e-3 * rng.standard_normal(int(seconds * AUDIO_RATE))).astype(np.float32)
-                meta = {"question": _text(rng, round(words * tokens_per_word), tokens_per_word),
-                        "answer": _text(rng, answer_tokens(rng), tokens_per_word)}
-                members = {"json": json.dumps(meta).encode(), "flac": flac_bytes(clip, AUDIO_RATE)}
-                if rng.random() < 0.94:
-                    side = rng.uniform(256, 800)
-                    aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
-                    w, h = int(side * math.sqrt(aspect)), int(side / math.sqrt(aspect))
-                    small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-                    jpeg = io.BytesIO()
-                    Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(jpeg, format="JPEG")
-                    members["jpg"] = jpeg.getvalue()
-                for ext, data in members.items():
-                    info = tarfile.TarInfo(f"s{i:06d}.{ext}")
-                    info.size = len(data)
-                    tar.addfile(info, io.BytesIO(data))
-    return ",".join(os.path.join(out_dir, n) for n in names)
+        samples = []
+        for i in range(start, min(start + per_shard, num_samples)):
+            words = int(np.clip(round(rng.lognormal(math.log(12), 0.6)), 4, 60))
+            seconds = float(np.clip(words / 2.5 + rng.uniform(0.3, 1.2), 1.0, 20.0))
+            clip = (1e-3 * rng.standard_normal(int(seconds * AUDIO_RATE))).astype(np.float32)
+            meta = {"question": _text(rng, round(words * tokens_per_word), tokens_per_word),
+                    "answer": _text(rng, answer_tokens(rng), tokens_per_word)}
+            members = {"json": json.dumps(meta).encode(), "flac": flac_bytes(clip, AUDIO_RATE)}
+            if rng.random() < 0.94:
+                side = rng.uniform(256, 800)
+                aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+                w, h = int(side * math.sqrt(aspect)), int(side / math.sqrt(aspect))
+                small = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+                jpeg = io.BytesIO()
+                Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR).save(jpeg, format="JPEG")
+                members["jpg"] = jpeg.getvalue()
+            samples.append({"key": f"s{i:06d}", "members": members})
+        paths.append(os.path.join(out_dir, f"mix-{start // per_shard:06d}.tar"))
+        write_tar(paths[-1], samples)
+    return ",".join(paths)
 
 
 def measure(spec: str, processor, *, micro_batch_size: int, max_tokens: int, buffer_size: int, with_teacher: bool,
