@@ -59,8 +59,13 @@ TEMPLATES = (
 # Other words for the demo's question forms (datagen/demo.py): (the demo's first line as a
 # pattern, whether it has option lines, the other forms); the answers stay the demo's.
 QA_FORMS = (
-    (r"What colour is the (?P<s>\w+)\?", False, ("Which colour does the {s} have?", "Tell me the colour of the {s}.")),
-    (r"How many shapes are there\?", False, ("How many shapes can you see?", "Count the shapes in the picture.")),
+    (r"What colour is the (?P<s>\w+)\?", False,
+     ("Which colour does the {s} have?", "Tell me the colour of the {s}.", "What colour does the {s} have?",
+      "What is the colour of the {s}?", "Say the colour of the {s}.")),
+    (r"How many shapes are there\?", False,
+     ("How many shapes can you see?", "Count the shapes in the picture.", "How many shapes are in the picture?",
+      "How many shapes does the picture have?", "How many shapes do you see?",
+      "Tell me how many shapes there are.")),
     (r"Where is the (?P<c>\w+) (?P<s>\w+)\?", False,
      ("Where can you see the {c} {s}?", "In which part of the picture is the {c} {s}?")),
     (r"Is there a (?P<c>\w+) (?P<s>\w+)\?", False, ("Can you see a {c} {s}?", "Do you see a {c} {s}?")),
@@ -77,29 +82,43 @@ def describe(scene: dict, rng: random.Random) -> str:
     return "In the picture: " + ", ".join(items) + "."
 
 
-def _reword(question: str, rng: random.Random) -> str:
-    """The demo's question in other words (QA_FORMS); its option lines and last line kept."""
+def _reword(question: str, rng: random.Random) -> str | None:
+    """The demo's question in other words (QA_FORMS), its option lines and last line kept; only
+    forms whose whole text is a training sentence (split_of), so no held-out transcription sentence
+    is ever spoken in the alignment data. None when every form of this question is held out."""
     first, _, rest = question.partition("\n")
     for pattern, has_options, forms in QA_FORMS:
         match = re.fullmatch(pattern, first)
         if match and has_options == bool(rest):
-            return rng.choice(forms).format(**match.groupdict()) + ("\n" + rest if rest else "")
+            worded = [form.format(**match.groupdict()) + ("\n" + rest if rest else "") for form in forms]
+            worded = [text for text in worded if split_of(text) == "train"]
+            return rng.choice(worded) if worded else None
     raise ValueError(f"no other words for the demo question {question!r}")
 
 
-def described_qa_records(count: int, seed: int, *, spoken: bool) -> list[dict]:
-    """Questions on scenes described in words, the description where the picture would be.
-    spoken=True: the question is spoken (the record's question) after the typed description
-    (the ALIGN stage reads "context"): "description\n<speech>" -> answer, a prompt that ends
-    with the speech as a spoken question about a picture does; spoken=False: the typed twin,
-    "description\nquestion" -> answer (VL stage)."""
-    rng = random.Random(f"described-{seed}-{spoken}")
+DESCRIBED_TASKS = ("colour", "count", "position", "yesno", "choice")
+
+
+def described_qa_records(count: int, seed: int, *, spoken: bool, tasks: tuple[str, ...] = DESCRIBED_TASKS,
+                         tag: str = "") -> list[dict]:
+    """Questions on scenes described in words, the description where the picture would be, the
+    question types cycling through `tasks`. spoken=True: the question is spoken (the record's
+    question) after the typed description (the ALIGN stage reads "context"): "description\n<speech>"
+    -> answer, a prompt that ends with the speech as a spoken question about a picture does;
+    spoken=False: the typed twin, "description\nquestion" -> answer (VL stage). A non-empty `tag`
+    draws another set (its own random stream and ids)."""
+    rng = random.Random(f"described-{seed}-{spoken}{'-' + tag if tag else ''}")
+    kind = ("spoken" if spoken else "typed") + (f"-{tag}" if tag else "")
     records = []
-    for i in range(count):
+    while len(records) < count:
+        i = len(records)
         scene = random_scene(rng)
-        qa = make_question(scene, ("colour", "count", "position", "yesno", "choice")[i % 5], rng, want_yes=i // 5 % 2 == 0)
-        question, description = _reword(qa["question"], rng), describe(scene, rng)
-        record = {"id": f"described-{'spoken' if spoken else 'typed'}-{i:05d}", "task": qa["task"],
+        qa = make_question(scene, tasks[i % len(tasks)], rng, want_yes=i // len(tasks) % 2 == 0)
+        question = _reword(qa["question"], rng)
+        if question is None:  # every other wording of this question is a held-out sentence: draw again
+            continue
+        description = describe(scene, rng)
+        record = {"id": f"described-{kind}-{i:05d}", "task": qa["task"],
                   "source": f"described_{qa['source']}", **{k: qa[k] for k in ("choices", "answers") if k in qa}}
         if spoken:
             record.update(conversations=[{"from": "human", "value": question}, {"from": "gpt", "value": qa["answer"]}],
@@ -186,7 +205,7 @@ def picture_asr_records(vqa: list[dict], count: int, seed: int, source: str = "q
 
 def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
                        samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None,
-                       picture_asr: int = 0, picture_asr_source: str = "questions") -> dict:
+                       picture_asr: int = 0, picture_asr_source: str = "questions", described_extra: int = 0) -> dict:
     """Write the alignment data under out_dir (the demo data's directory, whose images the typed
     VQA records name), each as sentences/NAME.json and shards/NAME:
       align_mix    `num_train` spoken sentences (ASR) + `num_train` // 2 spoken described-scene questions,
@@ -196,7 +215,8 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
       stage_mix    align_mix's records tagged "stage": "align" and typed_mix's tagged "vl", for a
                    --stage mixed run that trains the LLM to hear while it keeps reading, plus
                    `picture_asr` transcriptions with a picture in the prompt (picture_asr_records, of
-                   `picture_asr_source`),
+                   `picture_asr_source`), plus `described_extra` more spoken described-scene questions,
+                   colour and count in turn (the two kinds study v2's attempt 6 answered in the wrong form),
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:
@@ -208,7 +228,9 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                      + described_qa_records(num_train // 2, seed, spoken=False),
     }
     jobs["stage_mix"] = [{**r, "stage": "align"} for r in jobs["align_mix"]] + \
-        [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed, picture_asr_source)
+        [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed, picture_asr_source) \
+        + [{**r, "stage": "align"} for r in described_qa_records(described_extra, seed, spoken=True,
+                                                                  tasks=("colour", "count"), tag="extra")]
     specs = {}
     for name, records in jobs.items():
         json_path = os.path.join(out_dir, "sentences", f"{name}.json")

@@ -44,6 +44,9 @@ def main(argv=None) -> None:
     parser.add_argument("--picture_asr_source", default="questions", choices=["questions", "sentences"],
                         help="what --picture_asr's speech says: the scene's own question, or a new training "
                              "sentence of datagen/sentences.py's grammar")
+    parser.add_argument("--described_extra", type=int, default=0,
+                        help="with --sentences_train: more spoken questions on described scenes, colour and count "
+                             "in turn, join shards/stage_mix")
     args = parser.parse_args(argv)
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
@@ -56,7 +59,8 @@ def main(argv=None) -> None:
                                         samples_per_shard=args.samples_per_shard, workers=args.workers,
                                         voices=args.voices.split(",") if args.voices else None,
                                         picture_asr=args.picture_asr,
-                                        picture_asr_source=args.picture_asr_source))
+                                        picture_asr_source=args.picture_asr_source,
+                                        described_extra=args.described_extra))
     print(json.dumps(paths, indent=2))
 
 
