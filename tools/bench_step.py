@@ -357,7 +357,7 @@ def _report(args, engine, device, dtype, world_size, results, student_tokens, te
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        choices=["tiny", "synthetic-2b", "synthetic-8b", "overhead-2b", "overhead-8b"])
+                        choices=["tiny", "synthetic-2b", "synthetic-8b", "synthetic-qwen3vl-8b", "overhead-2b", "overhead-8b"])
     parser.add_argument("--engine", default="deepspeed,none",
                         help="comma list of deepspeed (the trainer under --ds_config) and none (plain PyTorch)")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json",
@@ -389,7 +389,7 @@ def main(argv=None) -> list:
     from trainer.models.presets import preset_processor
     from trainer.models.tiny import build_tiny_processor
 
-    processor = build_tiny_processor() if args.model == "tiny" else preset_processor()
+    processor = build_tiny_processor() if args.model == "tiny" else preset_processor(name=args.model)
     shape = SHAPES["realistic" if args.model.startswith("synthetic") else "tiny"]  # overhead-*: tiny inputs
     reports = []
     with tempfile.TemporaryDirectory(prefix="bench_step-") as tmp:

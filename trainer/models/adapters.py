@@ -6,6 +6,7 @@ run the decoder on input embeddings, name the LM head and the trainable parts. S
 another family means writing one more adapter and registering its `model_types`.
 
   QwenVLAdapter, Qwen25VLAdapter   VLMs composed with Whisper + a projector (trainer/models/omni.py)
+  Qwen3VLAdapter                   Qwen3-VL composed the same way: DeepStack image features, interleaved M-RoPE
   QwenOmniAdapter                  the Qwen2.5-Omni thinker: its own audio tower and placeholders
   Qwen3OmniAdapter                 the Qwen3-Omni thinker: MoE LLM, DeepStack image features
   Phi4MMAdapter                    Phi-4-multimodal: HD image crops, a conformer audio encoder, 1-D positions
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 from transformers import (Phi4MultimodalForCausalLM, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLForConditionalGeneration,
-                          Qwen3OmniMoeThinkerForConditionalGeneration)
+                          Qwen3OmniMoeThinkerForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
 
 class QwenVLAdapter:
@@ -137,6 +138,39 @@ class Qwen25VLAdapter(QwenVLAdapter):
     vlm_class = Qwen2_5_VLForConditionalGeneration
 
 
+def deepstack_inputs(input_ids: torch.Tensor, image_tokens: torch.Tensor | None, image_token_id: int) -> dict:
+    """A DeepStack decoder's inputs for a segment whose image placeholders `image_tokens`
+    (N, 1 + D, H) fill, in order: the placeholder mask and the D per-layer additions."""
+    if image_tokens is None:
+        return {}
+    return {"visual_pos_masks": input_ids == image_token_id, "deepstack_visual_embeds": list(image_tokens[:, 1:].unbind(1))}
+
+
+class Qwen3VLAdapter(QwenVLAdapter):
+    """Qwen3-VL (dense; Qwen3VLForConditionalGeneration), composed with Whisper + a projector like
+    Qwen2-VL: a ViT of 16 px patches with learned position embeddings resampled to each image's
+    grid, 2x2 merging, and DeepStack: the merged features of some ViT blocks are added to the
+    hidden states at the image positions after the decoder's first layers, so image features are
+    (N, 1 + D, H) as in Qwen3-Omni. Positions are M-RoPE ids computed like Qwen2-VL's for images
+    (the collator's CPU positions, tested against get_rope_index); the decoder's rotary embedding
+    interleaves the three axes' frequencies itself. Videos are not read (timestamps unsupported)."""
+
+    model_types = ("qwen3_vl",)
+    vlm_class = Qwen3VLForConditionalGeneration
+
+    def __init__(self, vlm: nn.Module):
+        super().__init__(vlm)
+        self.deepstack = len(vlm.config.vision_config.deepstack_visual_indexes)
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        vision = self.vision_tower
+        out = vision(pixel_values.to(next(vision.parameters()).dtype), grid_thw=image_grid_thw)
+        return torch.stack([out.pooler_output, *out.deepstack_features], dim=1)  # N, 1 + D, H
+
+    def deepstack_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> dict:
+        return deepstack_inputs(input_ids, image_tokens, self.image_token_id)
+
+
 class QwenOmniAdapter(QwenVLAdapter):
     """The Qwen2.5-Omni thinker: `model.{audio_tower, visual, language_model}` + `lm_head`.
     Audio: the valid mel frames of every clip, concatenated, through the thinker's own
@@ -229,12 +263,7 @@ class Qwen3OmniAdapter(QwenOmniAdapter):
         return torch.stack(layers, dim=1)  # N, 1 + D, H
 
     def deepstack_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> dict:
-        """The decoder's DeepStack inputs for a segment whose image placeholders `image_tokens`
-        (N, 1 + D, H) fill, in order."""
-        if image_tokens is None:
-            return {}
-        return {"visual_pos_masks": input_ids == self.image_token_id,
-                "deepstack_visual_embeds": list(image_tokens[:, 1:].unbind(1))}
+        return deepstack_inputs(input_ids, image_tokens, self.image_token_id)
 
 
 class Phi4MMAdapter(QwenVLAdapter):
@@ -391,7 +420,8 @@ class Phi4MMAdapter(QwenVLAdapter):
                                        **extra)  # 1-D positions: row 0
 
 
-ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter, Phi4MMAdapter)
+ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter,
+                                        Phi4MMAdapter)
             for model_type in cls.model_types}
 
 

@@ -156,15 +156,20 @@ def _check_zero3_setup(init_ctx) -> None:
 
 
 def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32, attn_impl="auto",
-               init_ctx=contextlib.nullcontext, seed: int = 0, toy: bool = False, whisper_input: str = "clip") -> OmniModel:
+               init_ctx=contextlib.nullcontext, seed: int = 0, toy: bool = False, whisper_input: str = "clip",
+               vlm: str = "qwen2_vl") -> OmniModel:
     """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights;
-    toy=True gives the larger `toy` preset (its processor: build_tiny_processor(max_pixels=TOY_MAX_PIXELS))."""
-    from trainer.models.tiny import TOY, TOY_AUDIO_DIM, tiny_vlm_config, tiny_whisper_config
+    toy=True gives the larger `toy` preset (its processor: build_tiny_processor(max_pixels=TOY_MAX_PIXELS));
+    vlm="qwen3_vl" the `tiny-qwen3vl` preset (its processor: build_tiny_qwen3vl_processor())."""
+    from trainer.models.tiny import TOY, TOY_AUDIO_DIM, tiny_qwen3vl_config, tiny_vlm_config, tiny_whisper_config
 
     audio = {"d_model": TOY_AUDIO_DIM} if toy else {}
+    if vlm == "qwen3_vl" and toy:
+        raise ValueError("the toy preset is Qwen2-VL only")
+    vlm_config = tiny_qwen3vl_config if vlm == "qwen3_vl" else tiny_vlm_config
     torch.manual_seed(seed)
     return build_from_configs(
-        tiny_vlm_config(len(processor.tokenizer), **(TOY if toy else {})),
+        vlm_config(len(processor.tokenizer), **(TOY if toy else {})),
         tiny_whisper_config(processor.num_mel_bins, processor.window_frames, **audio),
         processor,
         projector=projector,

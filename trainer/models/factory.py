@@ -23,9 +23,10 @@ from trainer.models.lora import apply_lora, lora_spec
 from trainer.models.presets import OVERHEAD, PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni
-from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor
+from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor, build_tiny_qwen3vl_processor
 
-NAMED_MODELS = ("tiny", "toy", *PRESETS, *native.PRESETS)  # --model values that build without a directory
+COMPOSED_TINY = {"tiny": "qwen2_vl", "toy": "qwen2_vl", "tiny-qwen3vl": "qwen3_vl"}  # preset -> the composed VLM
+NAMED_MODELS = (*COMPOSED_TINY, *PRESETS, *native.PRESETS)  # --model values that build without a directory
 
 
 def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds_config: dict | None = None,
@@ -40,13 +41,16 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
     hf_deepspeed_config = _hf_zero3_config(init_ctx, ds_config)
     if cfg.model not in (None, *NAMED_MODELS) and not os.path.isdir(cfg.model):
         raise FileNotFoundError(f"--model: {cfg.model} is neither one of {NAMED_MODELS} nor an existing directory")
-    if cfg.model in ("tiny", "toy"):
-        toy = cfg.model == "toy"
-        processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY_MAX_PIXELS} if toy else {}))
+    if cfg.model in COMPOSED_TINY:
+        toy, vlm = cfg.model == "toy", COMPOSED_TINY[cfg.model]
+        if vlm == "qwen3_vl":
+            processor = build_tiny_qwen3vl_processor(audio_stack=cfg.audio_stack)
+        else:
+            processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY_MAX_PIXELS} if toy else {}))
         model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx,
-                           toy=toy)
+                           toy=toy, vlm=vlm)
     elif cfg.model in PRESETS:
-        processor = preset_processor(cfg.audio_stack)
+        processor = preset_processor(cfg.audio_stack, cfg.model)
         model = build_from_configs(vlm_config(cfg.model), whisper_large_v3_config(small=cfg.model in OVERHEAD),
                                    processor, projector=cfg.projector,
                                    dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx)

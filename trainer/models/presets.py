@@ -1,6 +1,6 @@
 """Random-init models of real sizes, for benchmarks and throughput work without downloads:
 `--model synthetic-2b` / `synthetic-8b` build the architecture of a Qwen2-VL-2B / -7B plus a
-Whisper-large-v3 encoder (`overhead-2b` / `overhead-8b`: the same module structure at tiny widths
+Whisper-large-v3 encoder (`synthetic-qwen3vl-8b`: Qwen3-VL-8B's) (`overhead-2b` / `overhead-8b`: the same module structure at tiny widths
 and a 1k vocabulary, for the framework's per-module overhead), with the locally built tokenizer of the tiny preset, an image
 processor capped at 448x448 px (256 image tokens) and Whisper-large-v3's 128-bin, 30 s
 feature extractor. Their weights are noise: they measure speed and memory, never quality.
@@ -8,11 +8,11 @@ feature extractor. Their weights are noise: they measure speed and memory, never
     model, processor = build_preset("synthetic-2b", dtype=torch.bfloat16, init_ctx=...)
 """
 
-from transformers import Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers import Qwen2VLConfig, Qwen3VLConfig, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 from trainer.models.processing import OmniProcessor
-from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, build_tiny_tokenizer
+from trainer.models.tiny import QWEN2VL_SPECIAL_TOKENS, QWEN3VL_CHAT_TEMPLATE, build_tiny_tokenizer
 
 IMAGE_SIDE = 448  # px: 32 x 32 patches of 14 px, 2 x 2 merged -> 256 image tokens
 
@@ -33,20 +33,45 @@ OVERHEAD = {
                         num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False),
 }
 TEXT.update(OVERHEAD)
-PRESETS = tuple(TEXT)
+# Qwen3-VL-8B-Instruct's released config (8.77B parameters): a Qwen3-8B decoder with interleaved M-RoPE and
+# a 27-block ViT of 16 px patches whose blocks 8, 16 and 24 feed DeepStack.
+QWEN3VL = {
+    "synthetic-qwen3vl-8b": dict(
+        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=262144,
+                  rms_norm_eps=1e-6, tie_word_embeddings=False,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    hidden_act="gelu_pytorch_tanh", patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+                    in_channels=3, num_position_embeddings=2304, deepstack_visual_indexes=[8, 16, 24])),
+}
+PRESETS = (*TEXT, *QWEN3VL)
 
 
-def preset_processor(audio_stack: int = 4) -> OmniProcessor:
-    return OmniProcessor(
-        build_tiny_tokenizer(),
-        Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=IMAGE_SIDE * IMAGE_SIDE),
-        WhisperFeatureExtractor(feature_size=128, chunk_length=30),
-        audio_stack=audio_stack,
-    )
+def preset_processor(audio_stack: int = 4, name: str = "synthetic-2b") -> OmniProcessor:
+    """The presets' processor: the tiny tokenizer, the family's image processor capped at 448 x 448 px
+    (Qwen3-VL: 16 px patches, mean and std 0.5), Whisper-large-v3's feature extractor."""
+    if name in QWEN3VL:
+        images = Qwen2VLImageProcessor(patch_size=16, merge_size=2, min_pixels=32 * 32,
+                                       max_pixels=IMAGE_SIDE * IMAGE_SIDE, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+        tokenizer = build_tiny_tokenizer(chat_template=QWEN3VL_CHAT_TEMPLATE)
+    else:
+        images = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=IMAGE_SIDE * IMAGE_SIDE)
+        tokenizer = build_tiny_tokenizer()
+    return OmniProcessor(tokenizer, images, WhisperFeatureExtractor(feature_size=128, chunk_length=30),
+                         audio_stack=audio_stack)
 
 
-def vlm_config(name: str) -> Qwen2VLConfig:
+def vlm_config(name: str):
     special = {token: QWEN2VL_SPECIAL_TOKENS.index(token) for token in QWEN2VL_SPECIAL_TOKENS}
+    ids = dict(image_token_id=special["<|image_pad|>"], video_token_id=special["<|video_pad|>"],
+               vision_start_token_id=special["<|vision_start|>"], vision_end_token_id=special["<|vision_end|>"])
+    if name in QWEN3VL:
+        spec = QWEN3VL[name]
+        return Qwen3VLConfig(text_config=dict(**spec["text"], bos_token_id=None, eos_token_id=special["<|im_end|>"],
+                                              pad_token_id=special["<|endoftext|>"]),
+                             vision_config=spec["vision"], tie_word_embeddings=False, **ids)
     text = TEXT[name]
     small = name in OVERHEAD  # head_dim 8: M-RoPE sections of 4 rotary pairs; a 64-wide ViT
     return Qwen2VLConfig(

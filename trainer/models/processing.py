@@ -353,9 +353,17 @@ class OmniProcessor:
     @classmethod
     def compose(cls, vlm_path: str, audio_encoder_path: str, audio_stack: int) -> "OmniProcessor":
         """Processor for a new composition: the VLM's tokenizer and image processor plus
-        the audio encoder's feature extractor (paths or hub ids already cached locally)."""
+        the audio encoder's feature extractor (paths or hub ids already cached locally). A chat
+        template kept on the VLM's processor only (chat_template.json) goes to the tokenizer."""
+        tokenizer = AutoTokenizer.from_pretrained(vlm_path)
+        if tokenizer.chat_template is None:
+            from transformers import AutoProcessor
+
+            tokenizer.chat_template = getattr(AutoProcessor.from_pretrained(vlm_path), "chat_template", None)
+        if tokenizer.chat_template is None:
+            raise ValueError(f"{vlm_path}: neither the tokenizer nor the processor has a chat template")
         return cls(
-            AutoTokenizer.from_pretrained(vlm_path),
+            tokenizer,
             AutoImageProcessor.from_pretrained(vlm_path),
             WhisperFeatureExtractor.from_pretrained(audio_encoder_path),
             audio_stack=audio_stack,

@@ -6,7 +6,7 @@ larger, for the toy Self-KD vs SFT study.
 """
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen3VLConfig, WhisperConfig, WhisperFeatureExtractor
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
 from trainer.models.processing import AUDIO_TOKENS, OmniProcessor
@@ -48,6 +48,12 @@ QWEN2VL_CHAT_TEMPLATE = (
     "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Qwen3-VL's chat template for image and text content: Qwen2-VL's without the default system turn.
+QWEN3VL_CHAT_TEMPLATE = QWEN2VL_CHAT_TEMPLATE.replace(
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}", "")
+assert QWEN3VL_CHAT_TEMPLATE != QWEN2VL_CHAT_TEMPLATE
 
 # Enough English for the demo's questions and answers and for LLaVA-style prompts.
 _CORPUS = """
@@ -113,6 +119,43 @@ def build_tiny_processor(audio_stack: int = 4, max_pixels: int = 112 * 112) -> O
     image_processor = Qwen2VLImageProcessor(min_pixels=28 * 28, max_pixels=max_pixels)
     feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=10)
     return OmniProcessor(build_tiny_tokenizer(), image_processor, feature_extractor, audio_stack=audio_stack)
+
+
+def build_tiny_qwen3vl_processor(audio_stack: int = 4, max_pixels: int = 128 * 128) -> OmniProcessor:
+    """The `tiny-qwen3vl` processor: the tiny tokenizer (Qwen3-VL has Qwen2-VL's special tokens in the
+    same order) with Qwen3-VL's chat template, Qwen3-VL's image processing (16 px patches, 2x2
+    merge, mean and std 0.5) at <= 128x128 px, and the tiny 80-bin Whisper feature extractor."""
+    image_processor = Qwen2VLImageProcessor(patch_size=16, merge_size=2, temporal_patch_size=2, min_pixels=32 * 32,
+                                            max_pixels=max_pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    feature_extractor = WhisperFeatureExtractor(feature_size=80, chunk_length=10)
+    tokenizer = build_tiny_tokenizer(chat_template=QWEN3VL_CHAT_TEMPLATE)
+    return OmniProcessor(tokenizer, image_processor, feature_extractor, audio_stack=audio_stack)
+
+
+def tiny_qwen3vl_config(vocab_size: int, hidden_size: int = 64, layers: int = 3, heads: int = 4) -> Qwen3VLConfig:
+    """Qwen3-VL at toy size, shaped like the released config: a 3-layer Qwen3 decoder (head_dim 16,
+    q/k norms; a DeepStack addition after the last layer would reach image positions only) with interleaved M-RoPE (sections T, H, W = 4, 2, 2 of 8 rotary pairs; released 24, 20,
+    20 of 64), a 3-block 32-d ViT of 16 px patches with a 4 x 4 learned position grid, and
+    DeepStack from blocks 0 and 1 (released: 8, 16, 24 of 27) into the decoder's first two layers."""
+    return Qwen3VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=heads // 2, head_dim=hidden_size // heads,
+            max_position_embeddings=4096, rms_norm_eps=1e-6, tie_word_embeddings=False,
+            rope_parameters={"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2],
+                             "mrope_interleaved": True},
+            bos_token_id=None, eos_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|im_end|>"),
+            pad_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|endoftext|>"),
+        ),
+        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=hidden_size,
+                           patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                           num_position_embeddings=16, deepstack_visual_indexes=[0, 1]),
+        image_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|image_pad|>"),
+        video_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|video_pad|>"),
+        vision_start_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_start|>"),
+        vision_end_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
 
 
 def build_real_size_processor() -> OmniProcessor:

@@ -1,0 +1,242 @@
+"""Every composed base (a Hugging Face VLM + Whisper + our projector) holds what Qwen2-VL holds,
+at toy size from the family's real classes: the trainer's typed side against the family's own
+forward, the collator's CPU positions against its get_rope_index, the prefix-shared teacher
+against the full teacher pass, cached generation against a naive loop, trainable parts, and
+export -> reload. Qwen3-VL adds DeepStack (image features of shape (N, 1 + D, H)) and
+interleaved M-RoPE; the synthetic 8B preset is the released architecture by parameter count."""
+
+import inspect
+
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.distill.loss import KDSettings
+from trainer.distill.objective import SelfKDObjective
+from trainer.models.factory import build_model
+from trainer.models.serialize import load_omni, save_omni
+from trainer.models.synthetic import make_batch
+
+PRESETS = ["tiny", "tiny-qwen3vl"]
+KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl")
+# Two image shapes and a text-only sample: grids, image token counts and DeepStack rows differ per sample.
+SIZES = [(56, 84), None, (96, 64)]
+
+
+def build(preset, trainable=("llm", "projector")):
+    return build_model(ModelConfig(model=preset, trainable=trainable, attn_impl="sdpa"))
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def built(request):
+    model, processor = build(request.param)
+    return request.param, model.eval(), processor
+
+
+def family_logits(vlm, batch, role):
+    """The VLM's own forward on one side's tokens and images (the typed side has no audio)."""
+    input_ids, mask, _ = batch.side(role)
+    kwargs = dict(input_ids=input_ids, attention_mask=mask, pixel_values=batch.pixel_values,
+                  image_grid_thw=batch.image_grid_thw)
+    if "mm_token_type_ids" in inspect.signature(vlm.forward).parameters:
+        kwargs["mm_token_type_ids"] = (input_ids == vlm.config.image_token_id).int()
+    with torch.no_grad():
+        return vlm(**kwargs).logits
+
+
+def our_logits(model, batch, role):
+    with torch.no_grad():
+        images, _ = model.encode_images(batch)
+        audio, _ = model.encode_audio(batch)
+        hidden, _ = model.run_side(batch, role, images, audio if role == "student" else None)
+        return model.adapter.lm_head(hidden)
+
+
+@pytest.mark.parametrize("stage", ["selfkd", "eval"])
+def test_typed_side_equals_the_family_forward(built, stage):
+    """Image features (with DeepStack rows), placeholders replaced in order and the collator's
+    positions: the typed prompt's logits are the VLM's own, right- and left-padded (fp32, 1e-5)."""
+    _, model, processor = built
+    batch = make_batch(processor, 3, seed=3, image_size=SIZES, stage=stage)
+    mask = batch.teacher_attention_mask.bool()
+    torch.testing.assert_close(our_logits(model, batch, "teacher")[mask], family_logits(model.vlm, batch, "teacher")[mask],
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", ["selfkd", "eval"])
+def test_cpu_positions_equal_the_family_rope_index(built, stage):
+    _, model, processor = built
+    batch = make_batch(processor, 3, seed=6, image_size=SIZES, stage=stage)
+    for role in ("student", "teacher"):
+        input_ids, mask, _ = batch.side(role)
+        reference = model.adapter.position_ids(input_ids, batch.image_grid_thw, mask)
+        assert torch.equal(batch.position_ids(role)[:, mask.bool()], reference[:, mask.bool()]), role
+
+
+@pytest.mark.parametrize("sizes", [SIZES, [(64, 64), (64, 64)]], ids=["mixed", "image-in-the-prefix"])
+def test_prefix_shared_teacher_equals_the_full_teacher(built, sizes):
+    """With one image size the image (and, for Qwen3-VL, its DeepStack additions) lies in the
+    prefix the teacher reuses; with mixed sizes the images are recomputed after it."""
+    _, model, processor = built
+    batch = make_batch(processor, len(sizes), seed=4, image_size=sizes)
+    with torch.no_grad():
+        shared = SelfKDObjective(model, KD, share_prefix=True)(batch, 1.0)
+        full = SelfKDObjective(model, KD, share_prefix=False)(batch, 1.0)
+    assert shared.teacher_tokens < full.teacher_tokens
+    for name in ("loss", "ce_sum", "kd_sum", "teacher_ce_sum", "agree_count", "n_tokens"):
+        torch.testing.assert_close(getattr(shared, name), getattr(full, name), rtol=1e-5, atol=1e-5)
+
+
+def naive_greedy(model, batch, role, max_new_tokens):
+    """No cache: the whole sequence again for every new token (DeepStack rows re-added)."""
+    input_ids, attention_mask, _ = batch.side(role)
+    image_tokens, _ = model.encode_images(batch)
+    audio_tokens, _ = model.encode_audio(batch)
+    audio_tokens = audio_tokens if role == "student" else None
+    eos = model.processor.tokenizer.convert_tokens_to_ids(model.processor.turn_end)
+    outputs = [[] for _ in range(input_ids.shape[0])]
+    for _ in range(max_new_tokens):
+        embeds = model.embed(input_ids, image_tokens, audio_tokens)
+        positions = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
+        hidden, _ = model.adapter.decode(embeds, positions, attention_mask, **model.decoder_extras(input_ids, image_tokens))
+        next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
+        for row, token in zip(outputs, next_ids.tolist()):
+            if not row or row[-1] != eos:
+                row.append(token)
+        input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
+    return outputs
+
+
+@pytest.mark.parametrize("mode", ["text", "audio"])
+def test_cached_generation_equals_the_naive_loop(built, mode):
+    _, model, processor = built
+    batch = make_batch(processor, 3, seed=1, image_size=SIZES, stage="eval")
+    with torch.no_grad():
+        fast = model.generate_ids(batch, mode, 5, synced_gpus=True)
+        slow = naive_greedy(model, batch, "teacher" if mode == "text" else "student", 5)
+    assert fast == slow
+
+
+PART_PREFIXES = {
+    "llm": ("vlm.model.language_model.", "vlm.lm_head."), "vision": ("vlm.model.visual.",),
+    "audio": ("audio_encoder.",), "projector": ("projector.",),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("parts", [("llm",), ("vision",), ("audio", "projector")])
+def test_trainable_parts_map_to_the_family_modules(preset, parts):
+    model, processor = build(preset, parts)
+    expected = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
+    for name, param in model.named_parameters():
+        trains = name.startswith(expected) and "embed_positions" not in name  # Whisper's sinusoids never train
+        assert param.requires_grad == trains, name
+    SelfKDObjective(model, KD)(make_batch(processor, 2, image_size=(64, 96)), 1.0).loss.backward()
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            assert param.grad is not None and param.grad.abs().sum() > 0, f"{name} trains but got no gradient"
+
+
+def test_export_reloads_with_the_engine_logits(built, tmp_path):
+    preset, model, processor = built
+    save_omni(model, processor, str(tmp_path))
+    again, again_processor = load_omni(str(tmp_path), dtype=torch.float32, attn_impl="sdpa")
+    assert type(again.adapter) is type(model.adapter)
+    assert again_processor.tokenizer.chat_template == processor.tokenizer.chat_template
+    assert again_processor.image_processor.patch_size == processor.image_processor.patch_size
+    batch = make_batch(processor, 3, seed=2, image_size=SIZES)
+    for role in ("student", "teacher"):
+        mask = batch.side(role)[1].bool()
+        torch.testing.assert_close(our_logits(again.eval(), batch, role)[mask], our_logits(model, batch, role)[mask],
+                                   rtol=0, atol=0)
+
+
+def test_qwen3vl_deepstack_reaches_the_decoder():
+    """The image features carry one row per DeepStack level, and those rows change the typed
+    logits: zeroing them is not the same model."""
+    model, processor = build("tiny-qwen3vl")
+    model.eval()
+    batch = make_batch(processor, 2, seed=5, image_size=(64, 96))
+    images, _ = model.encode_images(batch)
+    assert images.shape[1] == 1 + len(model.vlm.config.vision_config.deepstack_visual_indexes) == 1 + model.adapter.deepstack
+    with torch.no_grad():
+        hidden, _ = model.run_side(batch, "teacher", images, None)
+        flat = torch.cat([images[:, :1], torch.zeros_like(images[:, 1:])], dim=1)
+        without, _ = model.run_side(batch, "teacher", flat, None)
+    assert not torch.allclose(hidden, without)
+
+
+def test_synthetic_qwen3vl_8b_is_the_released_architecture():
+    """Built on the meta device (8B fp32 weights do not fit this machine): the VLM has
+    Qwen3-VL-8B-Instruct's 8,767,123,696 parameters, its ViT 576,388,336, with whisper-large-v3's
+    encoder (637M) beside it."""
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from trainer.models.presets import vlm_config, whisper_large_v3_config
+    from trainer.models.omni import ZeroSafeWhisperEncoder
+
+    with torch.device("meta"):
+        vlm = Qwen3VLForConditionalGeneration(vlm_config("synthetic-qwen3vl-8b"))
+        whisper = ZeroSafeWhisperEncoder(whisper_large_v3_config())
+    assert sum(p.numel() for p in vlm.parameters()) == 8_767_123_696
+    assert sum(p.numel() for p in vlm.model.visual.parameters()) == 576_388_336
+    assert round(sum(p.numel() for p in whisper.parameters()) / 1e6) == 637
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_lora_adapts_the_llm_only_and_adapters_off_is_the_start(preset):
+    """LoRA on a composed base: adapters on the decoder's attention and MLP projections only (not
+    the ViT's or Whisper's), and with them off the typed side is the start model's (1e-5)."""
+    from tests.dist_logits import answer_logits
+    from tests.test_lora import trained_like
+    from trainer.models import lora
+
+    start, processor = build(preset)
+    model, _ = build_model(ModelConfig(model=preset, attn_impl="sdpa", lora_r=4, lora_alpha=8.0,
+                                       trainable=("llm", "projector")))
+    names = lora.adapter_names(model)
+    assert {n.rsplit(".", 1)[-1] for n in names} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                      "down_proj"}
+    assert all(n.startswith("vlm.model.language_model.") for n in names)
+    trained_like(model)
+    batch = make_batch(processor, 2, seed=8, image_size=(64, 96))
+    with lora.adapters_disabled(model):
+        off = answer_logits(model.eval(), batch, "teacher")
+    torch.testing.assert_close(off, answer_logits(start.eval(), batch, "teacher"), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(answer_logits(model, batch, "teacher"), off)
+
+
+def test_vlm_dir_composes_a_qwen3vl_checkpoint_with_whisper(tmp_path):
+    """--vlm DIR --audio_encoder DIR on a Qwen3-VL checkpoint saved as released (its processor
+    files: tokenizer, 16 px image processor, chat template) and a Whisper checkpoint: the VLM's and
+    the encoder's weights load unchanged, the processor is the checkpoint's, and a step runs."""
+    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor, WhisperForConditionalGeneration
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+
+    from trainer.models.tiny import build_tiny_qwen3vl_processor, tiny_qwen3vl_config, tiny_whisper_config
+
+    ours = build_tiny_qwen3vl_processor()
+    tokenizer = ours.tokenizer
+    torch.manual_seed(2)
+    vlm = Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(len(tokenizer)))
+    vlm.save_pretrained(tmp_path / "vlm")
+    Qwen3VLProcessor(image_processor=ours.image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
+                     chat_template=tokenizer.chat_template).save_pretrained(tmp_path / "vlm")
+    whisper_config = tiny_whisper_config(80, 1000)
+    whisper_config.pad_token_id = whisper_config.bos_token_id = whisper_config.eos_token_id = 0
+    whisper_config.decoder_start_token_id = 0
+    whisper = WhisperForConditionalGeneration(whisper_config)
+    whisper.save_pretrained(tmp_path / "whisper")
+    ours.feature_extractor.save_pretrained(tmp_path / "whisper")
+    model, processor = build_model(ModelConfig(vlm=str(tmp_path / "vlm"), audio_encoder=str(tmp_path / "whisper"),
+                                               attn_impl="sdpa"), dtype=torch.float32)
+    assert type(model.adapter).__name__ == "Qwen3VLAdapter"
+    for name, weight in vlm.state_dict().items():
+        assert torch.equal(model.vlm.state_dict()[name], weight), name
+    for name, weight in whisper.model.encoder.state_dict().items():
+        assert torch.equal(model.audio_encoder.state_dict()[name], weight), name
+    assert processor.tokenizer.chat_template == tokenizer.chat_template
+    assert processor.image_processor.patch_size == 16 and processor.image_merge_size == 2
+    out = SelfKDObjective(model, KD)(make_batch(processor, 2, image_size=(64, 96)), 1.0)
+    assert torch.isfinite(out.loss)
