@@ -130,10 +130,10 @@ def test_evaluate_two_ranks_matches_one(assets):
     assert (root / "one" / "report.predictions.jsonl").read_text() == (root / "two" / "report.predictions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm", "tiny-qwen3vl"])
 def test_both_tools_take_a_native_export(assets, preset, tmp_path):
     """tools/evaluate.py and tools/attention_analysis.py on a native model saved in its
-    family's layout (what tools/export_hf.py writes for it)."""
+    family's layout (what tools/export_hf.py writes for it), and on a composed Qwen3-VL export."""
     from trainer.config import ModelConfig
     from trainer.models.factory import build_model
 
@@ -148,7 +148,8 @@ def test_both_tools_take_a_native_export(assets, preset, tmp_path):
                                       "--out", str(tmp_path / "attn"), "--limit", "2", "--dtype", "fp32"])
     shares = report["models"]["model"]
     assert shares["n"] == 2 and set(shares["shares"]) == {"typed", "spoken"}
-    assert len(shares["shares"]["typed"]["question->image"]) == 2  # one share per decoder layer
+    layers = model.adapter.text_config.num_hidden_layers
+    assert len(shares["shares"]["typed"]["question->image"]) == layers  # one share per decoder layer
 
 
 def test_whisper_features_compares_the_window_with_the_clip(assets):
