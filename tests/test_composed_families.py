@@ -3,9 +3,12 @@ at toy size from the family's real classes: the trainer's typed side against the
 forward, the collator's CPU positions against its get_rope_index, the prefix-shared teacher
 against the full teacher pass, cached generation against a naive loop, trainable parts, and
 export -> reload. Qwen3-VL adds DeepStack (image features of shape (N, 1 + D, H)) and
-interleaved M-RoPE; the synthetic 8B preset is the released architecture by parameter count."""
+interleaved M-RoPE; InternVL tiles (crops + a thumbnail), pixel shuffle and 1-D positions, its
+prompts equal InternVLProcessor's; the synthetic 8B presets are the released architectures by
+parameter count."""
 
 import inspect
+import io
 
 import pytest
 import torch
@@ -17,7 +20,7 @@ from trainer.models.factory import build_model
 from trainer.models.serialize import load_omni, save_omni
 from trainer.models.synthetic import make_batch
 
-PRESETS = ["tiny", "tiny-qwen3vl"]
+PRESETS = ["tiny", "tiny-qwen3vl", "tiny-internvl"]
 KD = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl")
 # Two image shapes and a text-only sample: grids, image token counts and DeepStack rows differ per sample.
 SIZES = [(56, 84), None, (96, 64)]
@@ -36,6 +39,11 @@ def built(request):
 def family_logits(vlm, batch, role):
     """The VLM's own forward on one side's tokens and images (the typed side has no audio)."""
     input_ids, mask, _ = batch.side(role)
+    if vlm.config.model_type == "internvl":  # its tiles, and 1-D positions over the real tokens (as generate() makes)
+        side = vlm.config.vision_config.image_size[0]
+        with torch.no_grad():
+            return vlm(input_ids=input_ids, attention_mask=mask, pixel_values=batch.pixel_values.view(-1, 3, side, side),
+                       position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
     kwargs = dict(input_ids=input_ids, attention_mask=mask, pixel_values=batch.pixel_values,
                   image_grid_thw=batch.image_grid_thw)
     if "mm_token_type_ids" in inspect.signature(vlm.forward).parameters:
@@ -122,13 +130,15 @@ PART_PREFIXES = {
     "llm": ("vlm.model.language_model.", "vlm.lm_head."), "vision": ("vlm.model.visual.",),
     "audio": ("audio_encoder.",), "projector": ("projector.",),
 }
+VISION = {"tiny-internvl": ("vlm.model.vision_tower.", "vlm.model.multi_modal_projector.")}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
 @pytest.mark.parametrize("parts", [("llm",), ("vision",), ("audio", "projector")])
 def test_trainable_parts_map_to_the_family_modules(preset, parts):
     model, processor = build(preset, parts)
-    expected = tuple(prefix for part in parts for prefix in PART_PREFIXES[part])
+    expected = tuple(prefix for part in parts
+                     for prefix in (VISION.get(preset, PART_PREFIXES[part]) if part == "vision" else PART_PREFIXES[part]))
     for name, param in model.named_parameters():
         trains = name.startswith(expected) and "embed_positions" not in name  # Whisper's sinusoids never train
         assert param.requires_grad == trains, name
@@ -144,7 +154,8 @@ def test_export_reloads_with_the_engine_logits(built, tmp_path):
     again, again_processor = load_omni(str(tmp_path), dtype=torch.float32, attn_impl="sdpa")
     assert type(again.adapter) is type(model.adapter)
     assert again_processor.tokenizer.chat_template == processor.tokenizer.chat_template
-    assert again_processor.image_processor.patch_size == processor.image_processor.patch_size
+    assert type(again_processor.image_processor) is type(processor.image_processor)
+    assert (again_processor.vlm, again_processor.image_seq_length) == (processor.vlm, processor.image_seq_length)
     batch = make_batch(processor, 3, seed=2, image_size=SIZES)
     for role in ("student", "teacher"):
         mask = batch.side(role)[1].bool()
@@ -207,23 +218,33 @@ def test_lora_adapts_the_llm_only_and_adapters_off_is_the_start(preset):
     assert not torch.allclose(answer_logits(model, batch, "teacher"), off)
 
 
-def test_vlm_dir_composes_a_qwen3vl_checkpoint_with_whisper(tmp_path):
-    """--vlm DIR --audio_encoder DIR on a Qwen3-VL checkpoint saved as released (its processor
-    files: tokenizer, 16 px image processor, chat template) and a Whisper checkpoint: the VLM's and
-    the encoder's weights load unchanged, the processor is the checkpoint's, and a step runs."""
-    from transformers import Qwen3VLForConditionalGeneration, Qwen3VLProcessor, WhisperForConditionalGeneration
+@pytest.mark.parametrize("family", ["qwen3vl", "internvl"])
+def test_vlm_dir_composes_a_checkpoint_with_whisper(family, tmp_path):
+    """--vlm DIR --audio_encoder DIR on a checkpoint saved as released (the family's processor
+    files: tokenizer, image processor, chat template) and a Whisper checkpoint: the VLM's and the
+    encoder's weights load unchanged, the processor is the checkpoint's, and a step runs."""
+    from transformers import (InternVLForConditionalGeneration, InternVLProcessor, Qwen3VLForConditionalGeneration,
+                              Qwen3VLProcessor, WhisperForConditionalGeneration)
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
-    from trainer.models.tiny import build_tiny_qwen3vl_processor, tiny_qwen3vl_config, tiny_whisper_config
+    from trainer.models import tiny
 
-    ours = build_tiny_qwen3vl_processor()
-    tokenizer = ours.tokenizer
     torch.manual_seed(2)
-    vlm = Qwen3VLForConditionalGeneration(tiny_qwen3vl_config(len(tokenizer)))
+    if family == "qwen3vl":
+        ours = tiny.build_tiny_qwen3vl_processor()
+        vlm = Qwen3VLForConditionalGeneration(tiny.tiny_qwen3vl_config(len(ours.tokenizer)))
+        hf = Qwen3VLProcessor(image_processor=ours.image_processor, tokenizer=ours.tokenizer,
+                              video_processor=Qwen3VLVideoProcessor(), chat_template=ours.tokenizer.chat_template)
+    else:
+        ours = tiny.build_tiny_internvl_processor()
+        vlm = InternVLForConditionalGeneration(tiny.tiny_internvl_config(len(ours.tokenizer)))
+        hf = InternVLProcessor(image_processor=ours.image_processor, tokenizer=ours.tokenizer,
+                               video_processor=InternVLVideoProcessor(), image_seq_length=ours.image_seq_length,
+                               chat_template=ours.tokenizer.chat_template)
     vlm.save_pretrained(tmp_path / "vlm")
-    Qwen3VLProcessor(image_processor=ours.image_processor, tokenizer=tokenizer, video_processor=Qwen3VLVideoProcessor(),
-                     chat_template=tokenizer.chat_template).save_pretrained(tmp_path / "vlm")
-    whisper_config = tiny_whisper_config(80, 1000)
+    hf.save_pretrained(tmp_path / "vlm")
+    whisper_config = tiny.tiny_whisper_config(80, 1000)
     whisper_config.pad_token_id = whisper_config.bos_token_id = whisper_config.eos_token_id = 0
     whisper_config.decoder_start_token_id = 0
     whisper = WhisperForConditionalGeneration(whisper_config)
@@ -231,12 +252,60 @@ def test_vlm_dir_composes_a_qwen3vl_checkpoint_with_whisper(tmp_path):
     ours.feature_extractor.save_pretrained(tmp_path / "whisper")
     model, processor = build_model(ModelConfig(vlm=str(tmp_path / "vlm"), audio_encoder=str(tmp_path / "whisper"),
                                                attn_impl="sdpa"), dtype=torch.float32)
-    assert type(model.adapter).__name__ == "Qwen3VLAdapter"
+    assert type(model.adapter).__name__ == {"qwen3vl": "Qwen3VLAdapter", "internvl": "InternVLAdapter"}[family]
     for name, weight in vlm.state_dict().items():
         assert torch.equal(model.vlm.state_dict()[name], weight), name
     for name, weight in whisper.model.encoder.state_dict().items():
         assert torch.equal(model.audio_encoder.state_dict()[name], weight), name
-    assert processor.tokenizer.chat_template == tokenizer.chat_template
-    assert processor.image_processor.patch_size == 16 and processor.image_merge_size == 2
+    assert processor.tokenizer.chat_template == ours.tokenizer.chat_template
+    assert type(processor.image_processor) is type(ours.image_processor)
+    assert (processor.vlm, processor.image_seq_length) == (ours.vlm, ours.image_seq_length)
     out = SelfKDObjective(model, KD)(make_batch(processor, 2, image_size=(64, 96)), 1.0)
     assert torch.isfinite(out.loss)
+    # A template that writes no image placeholder (an early InternVL -hf one wrote "<image>") is refused.
+    hf.chat_template = hf.tokenizer.chat_template = ours.tokenizer.chat_template.replace(
+        "<IMG_CONTEXT>" if family == "internvl" else "<|image_pad|>", "<image>")
+    hf.save_pretrained(tmp_path / "vlm")
+    with pytest.raises(ValueError, match="without the model's image placeholder"):
+        build_model(ModelConfig(vlm=str(tmp_path / "vlm"), audio_encoder=str(tmp_path / "whisper"), attn_impl="sdpa"))
+
+
+def test_internvl_prompts_and_tiles_are_internvl_processors(tmp_path):
+    """The sample encoder's typed prompt and tiles for a picture equal InternVLProcessor's on the
+    same chat-template text: <img>, 4 tokens per tile for crops + thumbnail, </img>."""
+    import numpy as np
+    from PIL import Image
+    from transformers import InternVLProcessor
+    from transformers.models.internvl.video_processing_internvl import InternVLVideoProcessor
+
+    from trainer.data.batch import Stage
+    from trainer.data.collate import SampleEncoder
+    from trainer.models.synthetic import raw_sample
+
+    _, processor = build("tiny-internvl")
+    hf = InternVLProcessor(image_processor=processor.image_processor, tokenizer=processor.tokenizer,
+                           video_processor=InternVLVideoProcessor(),
+                           image_seq_length=processor.image_seq_length, chat_template=processor.tokenizer.chat_template)
+    sample = raw_sample("k", "what colour is the circle?", "red.", np.random.default_rng(0), image_size=(64, 150),
+                        audio_seconds=1.0, sampling_rate=processor.sampling_rate)
+    encoded, _ = SampleEncoder(processor, Stage.SELFKD, 4096)(sample)
+    image = Image.open(io.BytesIO(sample["png"])).convert("RGB")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the circle?"}]}]
+    text = hf.apply_chat_template(messages, add_generation_prompt=True)
+    reference = hf(images=[image], text=[text], return_tensors="pt")
+    assert encoded["teacher_prompt_ids"] == reference["input_ids"][0].tolist()
+    tiles = reference["pixel_values"]
+    assert tiles.shape[0] > 1, "want a cropped picture (crops + thumbnail)"
+    torch.testing.assert_close(encoded["image"]["pixel_values"], tiles.flatten(1))
+
+
+def test_synthetic_internvl3_8b_is_the_released_architecture():
+    """InternVL3-8B (-hf): 7,944,373,760 parameters, InternViT-300M 304,012,288, on the meta device."""
+    from transformers import InternVLForConditionalGeneration
+
+    from trainer.models.presets import vlm_config
+
+    with torch.device("meta"):
+        vlm = InternVLForConditionalGeneration(vlm_config("synthetic-internvl3-8b"))
+    assert sum(p.numel() for p in vlm.parameters()) == 7_944_373_760
+    assert sum(p.numel() for p in vlm.model.vision_tower.parameters()) == 304_012_288

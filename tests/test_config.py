@@ -91,7 +91,7 @@ def checked(args):
     "extra, message",
     [
         (["--ds_config", "nope.json"], "--ds_config: nope.json does not exist"),
-        (["--model", "/no/such/model"], "--model: /no/such/model is neither one of tiny, toy, tiny-qwen3vl, synthetic-2b, synthetic-8b, overhead-2b, overhead-8b, synthetic-qwen3vl-8b, tiny-qwen2_5_omni"),
+        (["--model", "/no/such/model"], "--model: /no/such/model is neither one of tiny, toy, tiny-qwen3vl, tiny-internvl, synthetic-2b, synthetic-8b, overhead-2b, overhead-8b, synthetic-qwen3vl-8b, synthetic-internvl3-8b, tiny-qwen2_5_omni"),
         (["--resume", "/no/such/ckpt"], "--resume: /no/such/ckpt is neither 'auto' nor a checkpoint directory"),
         (["--eval_shards", "/no/{0..1}.tar"], "--eval_shards: no shard matches"),
     ],

@@ -357,7 +357,8 @@ def _report(args, engine, device, dtype, world_size, results, student_tokens, te
 def main(argv=None) -> list:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny",
-                        choices=["tiny", "synthetic-2b", "synthetic-8b", "synthetic-qwen3vl-8b", "overhead-2b", "overhead-8b"])
+                        choices=["tiny", "synthetic-2b", "synthetic-8b", "synthetic-qwen3vl-8b", "synthetic-internvl3-8b",
+                                 "overhead-2b", "overhead-8b"])
     parser.add_argument("--engine", default="deepspeed,none",
                         help="comma list of deepspeed (the trainer under --ds_config) and none (plain PyTorch)")
     parser.add_argument("--ds_config", default="ds_configs/zero3.json",

@@ -38,14 +38,14 @@ from trainer.models.omni import PROJECTORS, WHISPER_INPUTS
 @dataclass(frozen=True)
 class ModelConfig:
     model: Optional[str] = None
-    """`tiny` (random toy model, no download), `toy` (the same classes larger: 128-d, 224 px, M-RoPE theta 10; the toy study), `tiny-qwen3vl` (a toy Qwen3-VL + Whisper), `synthetic-2b` / `synthetic-8b` / `synthetic-qwen3vl-8b` (random weights at Qwen2-VL-2B / -7B or Qwen3-VL-8B
+    """`tiny` (random toy model, no download), `toy` (the same classes larger: 128-d, 224 px, M-RoPE theta 10; the toy study), `tiny-qwen3vl` / `tiny-internvl` (a toy Qwen3-VL / InternVL + Whisper), `synthetic-2b` / `synthetic-8b` / `synthetic-qwen3vl-8b` / `synthetic-internvl3-8b` (random weights at Qwen2-VL-2B / -7B, Qwen3-VL-8B or InternVL3-8B
     + Whisper-large-v3 size, for throughput), `overhead-2b` / `overhead-8b` (their module structure at tiny widths: the
     framework's per-module overhead), a directory written by tools/export_hf.py, or a native omni model:
     a Hugging Face checkpoint directory of Qwen2.5-Omni or Qwen3-Omni (the full model or its thinker; the thinker
     is trained), `tiny-qwen2_5_omni` / `tiny-qwen3_omni` (random toy thinkers) or `synthetic-qwen2_5_omni-7b`.
     Leave unset and give --vlm and --audio_encoder to compose a new model."""
     vlm: Optional[str] = None
-    """Hugging Face VLM id or path (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) for a new composition."""
+    """Hugging Face VLM id or path (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, InternVL in the -hf layout) for a new composition."""
     audio_encoder: Optional[str] = None
     """Whisper id or path whose encoder becomes the model's ears (new composition)."""
     audio_stack: int = 4

@@ -49,6 +49,7 @@ class Batch:
     audio_token_counts: torch.Tensor | None = None  # B: <|audio_pad|> tokens (= valid audio tokens) per sample
     audio_frames: torch.Tensor | None = None  # B: valid mel frames of each clip (native audio towers read only those)
     pixel_values: torch.Tensor | None = None  # P, patch_dim: the images' patches, in sample order (Qwen)
+    #                                           tiles, 3 * s * s: each image's tiles, flat, in order (InternVL)
     #                                           N_img, C, 3, 448, 448: each image's crops, zero-padded (Phi-4)
     image_grid_thw: torch.Tensor | None = None  # N_img, 3: (t, h, w) patch grid of each image (Qwen)
     image_sizes: torch.Tensor | None = None  # N_img, 2: the resized image's (h, w) (Phi-4)

@@ -182,9 +182,10 @@ class SampleEncoder:
                                                             add_generation_prompt=True)
         ids = self.processor.tokenizer(text, add_special_tokens=False)["input_ids"]
         expanded = []
+        wrap = self.processor.image_wrap_ids  # InternVL: <img> pads </img>
         for token_id in ids:
             if token_id == self.processor.image_pad_id:
-                expanded.extend([token_id] * num_image_tokens)
+                expanded.extend([wrap[0], *[token_id] * num_image_tokens, wrap[1]] if wrap else [token_id] * num_image_tokens)
             elif token_id == self.processor.audio_pad_id:
                 expanded.extend([token_id] * num_audio_tokens)
             else:

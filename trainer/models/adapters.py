@@ -7,6 +7,7 @@ another family means writing one more adapter and registering its `model_types`.
 
   QwenVLAdapter, Qwen25VLAdapter   VLMs composed with Whisper + a projector (trainer/models/omni.py)
   Qwen3VLAdapter                   Qwen3-VL composed the same way: DeepStack image features, interleaved M-RoPE
+  InternVLAdapter                  InternVL 2.5 / 3 / 3.5 (-hf layout) composed the same way: tiles, pixel shuffle, 1-D positions
   QwenOmniAdapter                  the Qwen2.5-Omni thinker: its own audio tower and placeholders
   Qwen3OmniAdapter                 the Qwen3-Omni thinker: MoE LLM, DeepStack image features
   Phi4MMAdapter                    Phi-4-multimodal: HD image crops, a conformer audio encoder, 1-D positions
@@ -20,7 +21,7 @@ import inspect
 
 import torch
 from torch import nn
-from transformers import (Phi4MultimodalForCausalLM, Qwen2_5_VLForConditionalGeneration,
+from transformers import (InternVLForConditionalGeneration, Phi4MultimodalForCausalLM, Qwen2_5_VLForConditionalGeneration,
                           Qwen2_5OmniThinkerForConditionalGeneration, Qwen2VLForConditionalGeneration,
                           Qwen3OmniMoeThinkerForConditionalGeneration, Qwen3VLForConditionalGeneration)
 
@@ -169,6 +170,59 @@ class Qwen3VLAdapter(QwenVLAdapter):
 
     def deepstack_inputs(self, input_ids: torch.Tensor, image_tokens: torch.Tensor | None) -> dict:
         return deepstack_inputs(input_ids, image_tokens, self.image_token_id)
+
+
+class InternVLAdapter(QwenVLAdapter):
+    """InternVL in transformers' native layout (InternVLForConditionalGeneration: the `-hf`
+    checkpoints of InternVL 2.5, 3 and 3.5 with a dense LLM): `model.{vision_tower,
+    multi_modal_projector, language_model}` + `lm_head`. Images arrive as 448 px tiles (the
+    image processor's crops plus a thumbnail), flat in the batch (tiles, 3 * s * s); InternViT
+    encodes each tile, pixel shuffle (0.5) and the MLP projector make `image_seq_length` tokens
+    of it (256 at 448 px). Positions are 1-D (row 0 of the collator's (3, B, T)).
+    Trainable parts: llm, vision (InternViT + the pixel-shuffle projector), audio and projector
+    (Whisper and ours, as for every composed base)."""
+
+    model_types = ("internvl",)
+    vlm_class = InternVLForConditionalGeneration
+
+    def __init__(self, vlm: nn.Module):
+        self.vlm = vlm
+        self.config = vlm.config
+        self.image_token_id = int(vlm.config.image_token_id)
+        side = vlm.config.vision_config.image_size
+        self.tile = int(side[0] if isinstance(side, (list, tuple)) else side)
+        decode_params = inspect.signature(self.language_model.forward).parameters
+        self._cache_keyword = "cache" if "cache" in decode_params else "past_key_values"
+
+    @property
+    def vision_tower(self) -> nn.Module:
+        return self.core.vision_tower
+
+    def parts(self) -> dict:
+        return {"llm": [self.language_model, self.lm_head], "vision": [self.vision_tower, self.core.multi_modal_projector]}
+
+    def image_inputs(self, batch, device) -> dict:
+        return {"pixel_values": batch.pixel_values.to(device)}
+
+    def dummy_image(self, device) -> dict:
+        """One black tile."""
+        return {"pixel_values": torch.zeros(1, 3 * self.tile * self.tile, device=device)}
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(tiles, 3 * s * s) -> every tile's tokens in order (tiles * image_seq_length, H)."""
+        tiles = pixel_values.view(-1, 3, self.tile, self.tile)
+        out = self.core.get_image_features(pixel_values=tiles, vision_feature_layer=self.config.vision_feature_layer,
+                                           vision_feature_select_strategy=self.config.vision_feature_select_strategy,
+                                           return_dict=True)
+        return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
+
+    def position_ids(self, input_ids, image_grid_thw, attention_mask) -> torch.Tensor:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions[None].expand(3, -1, -1)
+
+    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        return super().decoder_outputs(inputs_embeds, position_ids[0], attention_mask, cache=cache, use_cache=use_cache,
+                                       **extra)  # 1-D positions: row 0
 
 
 class QwenOmniAdapter(QwenVLAdapter):
@@ -420,8 +474,8 @@ class Phi4MMAdapter(QwenVLAdapter):
                                        **extra)  # 1-D positions: row 0
 
 
-ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, QwenOmniAdapter, Qwen3OmniAdapter,
-                                        Phi4MMAdapter)
+ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, QwenOmniAdapter,
+                                        Qwen3OmniAdapter, Phi4MMAdapter)
             for model_type in cls.model_types}
 
 

@@ -160,13 +160,15 @@ def build_tiny(processor: OmniProcessor, *, projector="mlp", dtype=torch.float32
                vlm: str = "qwen2_vl") -> OmniModel:
     """The `tiny` preset: real Qwen2-VL / Whisper classes at toy size, random weights;
     toy=True gives the larger `toy` preset (its processor: build_tiny_processor(max_pixels=TOY_MAX_PIXELS));
-    vlm="qwen3_vl" the `tiny-qwen3vl` preset (its processor: build_tiny_qwen3vl_processor())."""
-    from trainer.models.tiny import TOY, TOY_AUDIO_DIM, tiny_qwen3vl_config, tiny_vlm_config, tiny_whisper_config
+    vlm="qwen3_vl" / "internvl" the `tiny-qwen3vl` / `tiny-internvl` preset (its processor:
+    build_tiny_qwen3vl_processor() / build_tiny_internvl_processor())."""
+    from trainer.models.tiny import (TOY, TOY_AUDIO_DIM, tiny_internvl_config, tiny_qwen3vl_config, tiny_vlm_config,
+                                     tiny_whisper_config)
 
     audio = {"d_model": TOY_AUDIO_DIM} if toy else {}
-    if vlm == "qwen3_vl" and toy:
+    if vlm != "qwen2_vl" and toy:
         raise ValueError("the toy preset is Qwen2-VL only")
-    vlm_config = tiny_qwen3vl_config if vlm == "qwen3_vl" else tiny_vlm_config
+    vlm_config = {"qwen2_vl": tiny_vlm_config, "qwen3_vl": tiny_qwen3vl_config, "internvl": tiny_internvl_config}[vlm]
     torch.manual_seed(seed)
     return build_from_configs(
         vlm_config(len(processor.tokenizer), **(TOY if toy else {})),

@@ -23,9 +23,11 @@ from trainer.models.lora import apply_lora, lora_spec
 from trainer.models.presets import OVERHEAD, PRESETS, preset_processor, vlm_config, whisper_large_v3_config
 from trainer.models.processing import OmniProcessor
 from trainer.models.serialize import load_omni
-from trainer.models.tiny import TOY_MAX_PIXELS, build_tiny_processor, build_tiny_qwen3vl_processor
+from trainer.models.tiny import (TOY_MAX_PIXELS, build_tiny_internvl_processor, build_tiny_processor,
+                                 build_tiny_qwen3vl_processor)
 
-COMPOSED_TINY = {"tiny": "qwen2_vl", "toy": "qwen2_vl", "tiny-qwen3vl": "qwen3_vl"}  # preset -> the composed VLM
+# preset -> the composed VLM
+COMPOSED_TINY = {"tiny": "qwen2_vl", "toy": "qwen2_vl", "tiny-qwen3vl": "qwen3_vl", "tiny-internvl": "internvl"}
 NAMED_MODELS = (*COMPOSED_TINY, *PRESETS, *native.PRESETS)  # --model values that build without a directory
 
 
@@ -45,6 +47,8 @@ def build_model(cfg, *, dtype=torch.float32, init_ctx=contextlib.nullcontext, ds
         toy, vlm = cfg.model == "toy", COMPOSED_TINY[cfg.model]
         if vlm == "qwen3_vl":
             processor = build_tiny_qwen3vl_processor(audio_stack=cfg.audio_stack)
+        elif vlm == "internvl":
+            processor = build_tiny_internvl_processor(audio_stack=cfg.audio_stack)
         else:
             processor = build_tiny_processor(audio_stack=cfg.audio_stack, **({"max_pixels": TOY_MAX_PIXELS} if toy else {}))
         model = build_tiny(processor, projector=cfg.projector, dtype=dtype, attn_impl=cfg.attn_impl, init_ctx=init_ctx,

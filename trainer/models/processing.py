@@ -35,6 +35,11 @@ IMAGE_PAD = "<|image_pad|>"
 AUDIO_TOKENS = (AUDIO_START, AUDIO_PAD, AUDIO_END)
 PROCESSOR_CONFIG = "omni_processor.json"
 COMPOSED = "composed"
+# A composed model's VLM kind: how its images become tokens. "qwen": Qwen2-VL / 2.5-VL / 3-VL patch grids
+# (<|image_pad|> per merged patch, M-RoPE); "internvl": InternVL's 448 px tiles (crops + a thumbnail),
+# `image_seq_length` <IMG_CONTEXT> tokens per tile between <img> and </img>, 1-D positions.
+COMPOSED_VLMS = ("qwen", "internvl")
+INTERNVL_IMAGE = ("<img>", "<IMG_CONTEXT>", "</img>")
 
 # Whisper's encoder halves the mel frame rate with its stride-2 second convolution.
 WHISPER_CONV_STRIDE = 2
@@ -97,12 +102,18 @@ class OmniProcessor:
     omni model_type in FAMILIES."""
 
     def __init__(self, tokenizer, image_processor, feature_extractor, audio_stack: int = 1, family: str = COMPOSED,
-                 video_processor=None):
+                 video_processor=None, vlm: str = "qwen", image_seq_length: int | None = None):
         if family != COMPOSED and family not in FAMILIES:
             raise ValueError(f"unknown processor family {family!r}; known: {[COMPOSED, *FAMILIES]}")
+        if vlm not in COMPOSED_VLMS or (vlm != "qwen" and family != COMPOSED):
+            raise ValueError(f"vlm must be one of {COMPOSED_VLMS} (a composed processor), got {vlm!r} for {family}")
+        if (vlm == "internvl") != (image_seq_length is not None):
+            raise ValueError("an InternVL processor needs image_seq_length (tokens per tile), only it")
         self.family = family
+        self.vlm = vlm
+        self.image_seq_length = image_seq_length
         native = FAMILIES.get(family)
-        self.image_pad = native.image_pad if native else IMAGE_PAD
+        self.image_pad = native.image_pad if native else INTERNVL_IMAGE[1] if vlm == "internvl" else IMAGE_PAD
         span = (native.audio_start, native.audio_pad, native.audio_end) if native else AUDIO_TOKENS
         self.audio_span_tokens = tuple(t for t in span if t)  # Phi-4 has a bare placeholder, no start/end
         missing = [t for t in self.audio_span_tokens if t not in tokenizer.get_vocab()]
@@ -124,6 +135,14 @@ class OmniProcessor:
         if self.image_pad not in vocab:
             raise ValueError(f"the tokenizer lacks the image placeholder {self.image_pad}")
         self.image_pad_id = vocab[self.image_pad]
+        # Tokens around each image's placeholders that the prompt's single placeholder expands into
+        # (InternVL: <img> ... </img>); None where the chat template writes them itself.
+        self.image_wrap_ids = None
+        if vlm == "internvl":
+            missing = [t for t in INTERNVL_IMAGE if t not in vocab]
+            if missing:
+                raise ValueError(f"the InternVL tokenizer lacks its image tokens {missing}")
+            self.image_wrap_ids = (vocab[INTERNVL_IMAGE[0]], vocab[INTERNVL_IMAGE[2]])
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     @property
@@ -218,6 +237,10 @@ class OmniProcessor:
             fields = {"pixel_values": out["image_pixel_values"], "image_sizes": out["image_sizes"],
                       "image_attention_mask": out["image_attention_mask"]}
             return fields, int(out["num_img_tokens"][0])
+        if self.vlm == "internvl":  # tiles (crops + a thumbnail when cropped), flat per tile: tiles, 3 * s * s
+            out = self.image_processor(images=[image], crop_to_patches=True, return_tensors="pt")
+            tiles = out["pixel_values"]
+            return {"pixel_values": tiles.flatten(1)}, tiles.shape[0] * self.image_seq_length
         out = self.image_processor(images=[image], return_tensors="pt")
         fields = {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
         return fields, self.image_token_count(out["image_grid_thw"][0])
@@ -252,8 +275,8 @@ class OmniProcessor:
         col) over its merged grid, and the text after it resumes at start + max(rows, cols).
         The same numbers as the VLM's get_rope_index (tested), computed per sample on the
         CPU by the sample encoder, so the training step never reads them off the device.
-        Families without M-RoPE (Phi-4) get 0..T-1 on all three rows."""
-        if self.native and not FAMILIES[self.family].mrope:
+        Families without M-RoPE (Phi-4, InternVL) get 0..T-1 on all three rows."""
+        if (self.native and not FAMILIES[self.family].mrope) or self.vlm == "internvl":
             return torch.arange(len(token_ids)).expand(3, -1).clone()
         merge = self.image_merge_size
         positions = []
@@ -306,8 +329,11 @@ class OmniProcessor:
             self.image_processor.save_pretrained(path)
             # The image processor owns preprocessor_config.json; Whisper's goes beside it.
             self.feature_extractor.save_pretrained(os.path.join(path, "audio_feature_extractor"))
+        config = {"audio_stack": self.audio_stack, "family": self.family}
+        if self.vlm != "qwen":
+            config.update(vlm=self.vlm, image_seq_length=self.image_seq_length)
         with open(os.path.join(path, PROCESSOR_CONFIG), "w") as f:
-            json.dump({"audio_stack": self.audio_stack, "family": self.family}, f, indent=2)
+            json.dump(config, f, indent=2)
 
     @classmethod
     def from_pretrained(cls, path: str) -> "OmniProcessor":
@@ -331,6 +357,8 @@ class OmniProcessor:
             AutoImageProcessor.from_pretrained(path),
             WhisperFeatureExtractor.from_pretrained(os.path.join(path, "audio_feature_extractor")),
             audio_stack=cfg["audio_stack"],
+            vlm=cfg.get("vlm", "qwen"),
+            image_seq_length=cfg.get("image_seq_length"),
         )
 
     @classmethod
@@ -354,7 +382,10 @@ class OmniProcessor:
     def compose(cls, vlm_path: str, audio_encoder_path: str, audio_stack: int) -> "OmniProcessor":
         """Processor for a new composition: the VLM's tokenizer and image processor plus
         the audio encoder's feature extractor (paths or hub ids already cached locally). A chat
-        template kept on the VLM's processor only (chat_template.json) goes to the tokenizer."""
+        template kept on the VLM's processor only (chat_template.json) goes to the tokenizer.
+        InternVL: its tokens per tile from the checkpoint's config (image_seq_length)."""
+        from transformers import AutoConfig
+
         tokenizer = AutoTokenizer.from_pretrained(vlm_path)
         if tokenizer.chat_template is None:
             from transformers import AutoProcessor
@@ -362,12 +393,21 @@ class OmniProcessor:
             tokenizer.chat_template = getattr(AutoProcessor.from_pretrained(vlm_path), "chat_template", None)
         if tokenizer.chat_template is None:
             raise ValueError(f"{vlm_path}: neither the tokenizer nor the processor has a chat template")
-        return cls(
+        config = AutoConfig.from_pretrained(vlm_path)
+        internvl = config.model_type == "internvl"
+        processor = cls(
             tokenizer,
             AutoImageProcessor.from_pretrained(vlm_path),
             WhisperFeatureExtractor.from_pretrained(audio_encoder_path),
             audio_stack=audio_stack,
+            vlm="internvl" if internvl else "qwen",
+            image_seq_length=int(config.image_seq_length) if internvl else None,
         )
+        image_turn = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}], tokenize=False)
+        if processor.image_pad not in image_turn:  # e.g. an early InternVL -hf template that writes "<image>"
+            raise ValueError(f"{vlm_path}: its chat template renders an image as {image_turn!r}, without the model's "
+                             f"image placeholder {processor.image_pad}; fix the template (chat_template.jinja)")
+        return processor
 
 
 # A native checkpoint's config.json model_type (the full model or its thinker) -> family.

@@ -6,10 +6,11 @@ larger, for the toy Self-KD vs SFT study.
 """
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast, Qwen2VLConfig, Qwen3VLConfig, WhisperConfig, WhisperFeatureExtractor
+from transformers import (GotOcr2ImageProcessor, InternVLConfig, PreTrainedTokenizerFast, Qwen2VLConfig, Qwen3VLConfig,
+                          WhisperConfig, WhisperFeatureExtractor)
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import Qwen2VLImageProcessor
 
-from trainer.models.processing import AUDIO_TOKENS, OmniProcessor
+from trainer.models.processing import AUDIO_TOKENS, INTERNVL_IMAGE, OmniProcessor
 
 # Qwen2-VL's own special tokens, in its id order, so chat templates and the model's
 # image/video token ids work unchanged.
@@ -54,6 +55,20 @@ QWEN3VL_CHAT_TEMPLATE = QWEN2VL_CHAT_TEMPLATE.replace(
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}", "")
 assert QWEN3VL_CHAT_TEMPLATE != QWEN2VL_CHAT_TEMPLATE
+
+# InternVL (-hf): Qwen2.5's tokens, then its image tokens; an image is one <IMG_CONTEXT> line in the
+# template, which the processor expands to <img> + image_seq_length x tiles <IMG_CONTEXT> + </img>.
+INTERNVL_SPECIAL_TOKENS = QWEN2VL_SPECIAL_TOKENS + [*INTERNVL_IMAGE, "<video>"]
+INTERNVL_NAMED_TOKENS = {"start_image_token": INTERNVL_IMAGE[0], "context_image_token": INTERNVL_IMAGE[1],
+                         "end_image_token": INTERNVL_IMAGE[2], "video_token": "<video>"}
+INTERNVL_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}{% elif content['type'] == 'video' %}{{ '<video>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}{{ '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TINY_INTERNVL_TILE = 56  # px: 4 x 4 patches of 14 px, pixel-shuffled to 2 x 2 = 4 tokens per tile
 
 # Enough English for the demo's questions and answers and for LLaVA-style prompts.
 _CORPUS = """
@@ -154,6 +169,40 @@ def tiny_qwen3vl_config(vocab_size: int, hidden_size: int = 64, layers: int = 3,
         video_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|video_pad|>"),
         vision_start_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_start|>"),
         vision_end_token_id=QWEN2VL_SPECIAL_TOKENS.index("<|vision_end|>"),
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_internvl_processor(audio_stack: int = 4) -> OmniProcessor:
+    """The `tiny-internvl` processor: the tiny tokenizer with InternVL's image tokens and chat
+    template, InternVL's tiling image processor (GotOcr2: crops + a thumbnail, at most 4 crops)
+    at 56 px tiles, 4 tokens per tile, and the tiny 80-bin Whisper feature extractor."""
+    tokenizer = build_tiny_tokenizer(special_tokens=INTERNVL_SPECIAL_TOKENS + list(AUDIO_TOKENS),
+                                     chat_template=INTERNVL_CHAT_TEMPLATE, named_tokens=INTERNVL_NAMED_TOKENS)
+    images = GotOcr2ImageProcessor(size={"height": TINY_INTERNVL_TILE, "width": TINY_INTERNVL_TILE}, crop_to_patches=True,
+                                   min_patches=1, max_patches=4, image_mean=[0.485, 0.456, 0.406],
+                                   image_std=[0.229, 0.224, 0.225])
+    return OmniProcessor(tokenizer, images, WhisperFeatureExtractor(feature_size=80, chunk_length=10),
+                         audio_stack=audio_stack, vlm="internvl", image_seq_length=4)
+
+
+def tiny_internvl_config(vocab_size: int, hidden_size: int = 64, layers: int = 2, heads: int = 4) -> InternVLConfig:
+    """InternVL 3 at toy size, shaped like the released config: a Qwen2 decoder, a 2-layer 32-d
+    InternViT (layer norm, layer scale, absolute positions) on 56 px tiles, pixel shuffle 0.5 and the
+    LayerNorm-Linear-GELU-Linear projector."""
+    tokens = {t: i for i, t in enumerate(INTERNVL_SPECIAL_TOKENS)}
+    return InternVLConfig(
+        text_config=dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden_size,
+                         intermediate_size=2 * hidden_size, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads // 2, max_position_embeddings=4096, rope_theta=1e6,
+                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=tokens["<|im_end|>"],
+                         pad_token_id=tokens["<|endoftext|>"]),
+        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                           image_size=[TINY_INTERNVL_TILE] * 2, patch_size=[14, 14], norm_type="layer_norm",
+                           use_qk_norm=False, layer_scale_init_value=0.1, use_mean_pooling=True,
+                           use_absolute_position_embeddings=True),
+        image_token_id=tokens[INTERNVL_IMAGE[1]], image_seq_length=4, downsample_ratio=0.5,
+        projector_hidden_act="gelu", vision_feature_layer=-1, vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
 
