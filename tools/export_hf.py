@@ -18,7 +18,10 @@ from (`--model DIR`, `--vlm` / `--audio_encoder` hub ids) is read again. The par
 consolidated into fp32 with DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint(SAVE_DIR,
 tag=TAG)` (fp32 master weights, so nothing is lost to bf16), loaded into a model built from
 omni_spec.json without pretrained weights, and written with `save_omni`: omni_config.json,
-model.safetensors and the processor -- what `load_omni` / `--model DIR` read.
+model.safetensors and the processor -- what `load_omni` / `--model DIR` read. A composed model's
+export is also a transformers model (config.json, the self-contained modeling_selfkd_omni.py and
+processing_selfkd_omni.py): AutoModelForCausalLM / AutoProcessor.from_pretrained(OUT,
+trust_remote_code=True) load it without this project (docs/training.md).
 
 A LoRA run (omni_spec.json has "lora"): by default each adapter is folded into its base weight
 (peft's delta, W + scale * B @ A) and the merged model is written in the standard layout above,

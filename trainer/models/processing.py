@@ -353,7 +353,7 @@ class OmniProcessor:
         if family != COMPOSED:
             return cls.native_from_pretrained(path, family)
         return cls(
-            AutoTokenizer.from_pretrained(path),
+            load_tokenizer(path),
             AutoImageProcessor.from_pretrained(path),
             WhisperFeatureExtractor.from_pretrained(os.path.join(path, "audio_feature_extractor")),
             audio_stack=cfg["audio_stack"],
@@ -408,6 +408,18 @@ class OmniProcessor:
             raise ValueError(f"{vlm_path}: its chat template renders an image as {image_turn!r}, without the model's "
                              f"image placeholder {processor.image_pad}; fix the template (chat_template.jinja)")
         return processor
+
+
+def load_tokenizer(path: str):
+    """The tokenizer of an export, by the class its tokenizer_config.json names: AutoTokenizer would
+    read config.json first, which in a composed export names the export's own transformers code
+    (auto_map) and would ask to run it."""
+    import transformers.models.auto.tokenization_auto as tokenization_auto
+
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        name = json.load(f).get("tokenizer_class")
+    cls = tokenization_auto.tokenizer_class_from_name(name) if name else None
+    return cls.from_pretrained(path) if cls is not None else AutoTokenizer.from_pretrained(path)
 
 
 # A native checkpoint's config.json model_type (the full model or its thinker) -> family.

@@ -64,6 +64,39 @@ def save_omni(model: OmniModel, processor: OmniProcessor, out_dir: str, state_di
     with open(os.path.join(out_dir, OMNI_CONFIG), "w") as f:
         json.dump(omni_spec(model), f, indent=2)
     processor.save_pretrained(out_dir)
+    if not getattr(model, "lora", None):  # a LoRA checkpoint's spec is exported merged (tools/export_hf.py)
+        write_auto_classes(model, processor, out_dir)
+
+
+REMOTE_CODE = ("modeling_selfkd_omni.py", "processing_selfkd_omni.py")  # trainer/models/hf_remote/
+
+
+def write_auto_classes(model: OmniModel, processor: OmniProcessor, out_dir: str) -> None:
+    """Make a composed export a transformers model: the two self-contained files of
+    trainer/models/hf_remote/ beside the weights, config.json and processor_config.json naming them
+    (auto_map), and generation_config.json (greedy, stopping at the turn's end), so that
+    AutoModelForCausalLM / AutoProcessor.from_pretrained(out_dir, trust_remote_code=True) load it
+    without this project."""
+    import shutil
+
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_remote")
+    for name in REMOTE_CODE:
+        shutil.copyfile(os.path.join(here, name), os.path.join(out_dir, name))
+    spec = omni_spec(model)
+    config = {"model_type": "selfkd_omni", "architectures": ["SelfKDOmniForCausalLM"],
+              "auto_map": {"AutoConfig": "modeling_selfkd_omni.SelfKDOmniConfig",
+                           "AutoModelForCausalLM": "modeling_selfkd_omni.SelfKDOmniForCausalLM"},
+              **spec, "audio_pad_id": processor.audio_pad_id}
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    with open(os.path.join(out_dir, "processor_config.json"), "w") as f:
+        json.dump({"processor_class": "SelfKDOmniProcessor",
+                   "auto_map": {"AutoProcessor": "processing_selfkd_omni.SelfKDOmniProcessor"}}, f, indent=2)
+    tokenizer = processor.tokenizer
+    ends = sorted({i for i in (tokenizer.convert_tokens_to_ids(processor.turn_end), tokenizer.eos_token_id)
+                   if i is not None})
+    with open(os.path.join(out_dir, "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": ends, "pad_token_id": processor.pad_id, "do_sample": False}, f, indent=2)
 
 
 def load_omni(model_dir: str, *, dtype=torch.float32, attn_impl="auto", init_ctx=contextlib.nullcontext):

@@ -1,0 +1,134 @@
+"""Composed exports as transformers models: AutoModelForCausalLM / AutoProcessor.from_pretrained(DIR,
+trust_remote_code=True) load what save_omni (tools/export_hf.py) writes, in a fresh process where
+this project cannot be imported, and give the engine's logits (fp32, 1e-5) and tools/evaluate.py's
+greedy answers on the same held-out samples, typed and spoken, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL
+and InternVL bases."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from trainer.config import ModelConfig
+from trainer.data import build_eval_loader
+from trainer.data.decode import decode_audio, decode_image
+from trainer.models.factory import build_model
+from trainer.models.serialize import save_omni
+from tools import evaluate
+
+MAX_NEW_TOKENS = 6
+SAMPLES = 4
+
+# Runs in a fresh interpreter, cwd = the test's folder: the project's packages are blocked first.
+REMOTE_CHECK = r'''
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("trainer", "datagen", "tools", "tests"):
+            raise ModuleNotFoundError(f"blocked: {name}")
+sys.meta_path.insert(0, Block())
+try:
+    import trainer  # noqa: F401
+    raise SystemExit("the project is importable")
+except ModuleNotFoundError:
+    pass
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoModelForCausalLM, AutoProcessor
+export, inputs_dir = sys.argv[1], sys.argv[2]
+meta = json.load(open(f"{inputs_dir}/meta.json"))
+model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
+processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+images = [Image.open(f"{inputs_dir}/{i}.png") if has else None for i, has in enumerate(meta["has_image"])]
+audios = [np.load(f"{inputs_dir}/{i}.npy") for i in range(len(images))]
+out = {}
+for mode in ("text", "audio"):
+    batch = processor(images=images, questions=meta["questions"]) if mode == "text" else processor(images=images, audios=audios)
+    with torch.no_grad():
+        logits = model(**batch).logits
+        ids = model.generate(**batch, max_new_tokens=meta["max_new_tokens"], do_sample=False)
+    mask = batch["attention_mask"].bool()
+    torch.save({"input_ids": batch["input_ids"], "logits": logits[mask]}, f"{inputs_dir}/remote_{mode}.pt")
+    out[mode] = processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+json.dump(out, open(f"{inputs_dir}/remote_answers.json", "w"))
+'''
+
+
+def build(preset):
+    if preset != "tiny-qwen25vl":
+        return build_model(ModelConfig(model=preset, attn_impl="sdpa"))
+    from tests.test_model_omni import tiny_qwen25_vl_config
+    from trainer.models.build import build_from_configs
+    from trainer.models.tiny import build_tiny_processor, tiny_whisper_config
+
+    processor = build_tiny_processor()
+    torch.manual_seed(0)
+    return build_from_configs(tiny_qwen25_vl_config(len(processor.tokenizer)), tiny_whisper_config(80, 1000), processor,
+                              attn_impl="sdpa"), processor
+
+
+def raw_samples(spec: str) -> dict:
+    """The first shard's samples as stored, by their JSON id: {"json", "png"?, "flac"} bytes."""
+    path = spec.split("{")[0] + "000000.tar" if "{" in spec else spec
+    samples = {}
+    with tarfile.open(path) as tar:
+        for member in tar.getmembers():
+            key, _, ext = member.name.partition(".")
+            samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
+    return {json.loads(sample["json"])["id"]: sample for sample in samples.values()}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen25vl", "tiny-qwen3vl", "tiny-internvl"])
+def test_auto_classes_load_the_export_without_this_project(preset, demo_shards, tmp_path):
+    model, processor = build(preset)
+    model.eval()
+    export = tmp_path / "export"
+    save_omni(model, processor, str(export))
+    shards = demo_shards["heldout_shards"]
+    # tools/evaluate.py's greedy answers on the held-out shard (batches of SAMPLES, left-padded).
+    evaluate.main(["--model", str(export), "--shards", shards, "--out", str(tmp_path / "eval" / "report.json"),
+                   "--batch_size", str(SAMPLES), "--max_new_tokens", str(MAX_NEW_TOKENS)])
+    records = [json.loads(line) for line in (tmp_path / "eval" / "report.predictions.jsonl").read_text().splitlines()]
+    # The engine's logits on the first batch, and the same samples decoded as the loader decodes them.
+    batch = next(iter(build_eval_loader(shards, processor, micro_batch_size=SAMPLES, max_seq_len=4096, rank=0,
+                                        world_size=1)))
+    stored = raw_samples(shards)
+    raws = [stored[i] for i in batch.ids]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    meta = {"questions": [], "has_image": [], "ids": [], "max_new_tokens": MAX_NEW_TOKENS}
+    for i, raw in enumerate(raws):
+        record = json.loads(raw["json"])
+        meta["ids"].append(record.get("id"))
+        meta["questions"].append(record["question"])
+        image_bytes = raw.get("png") or raw.get("jpg")
+        meta["has_image"].append(image_bytes is not None)
+        if image_bytes is not None:
+            decode_image(image_bytes, 10**9)[0].save(inputs / f"{i}.png")
+        audio_bytes = next(raw[ext] for ext in ("flac", "wav", "mp3", "ogg") if ext in raw)
+        np.save(inputs / f"{i}.npy", decode_audio(audio_bytes, processor.sampling_rate, 30.0)[0])
+    (inputs / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "check.py").write_text(REMOTE_CHECK)
+    run = subprocess.run([sys.executable, "-I", str(tmp_path / "check.py"), str(export), str(inputs)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr[-3000:]
+    remote = json.loads((inputs / "remote_answers.json").read_text())
+    for mode in ("text", "audio"):
+        role = "teacher" if mode == "text" else "student"
+        ids, mask, _ = batch.side(role)
+        theirs = torch.load(inputs / f"remote_{mode}.pt")
+        assert torch.equal(theirs["input_ids"], ids), f"{mode}: the processor's prompts are the loader's"
+        with torch.no_grad():
+            images, _ = model.encode_images(batch)
+            audio, _ = model.encode_audio(batch)
+            hidden, _ = model.run_side(batch, role, images, audio if role == "student" else None)
+            ours = model.adapter.lm_head(hidden)[mask.bool()]
+        torch.testing.assert_close(theirs["logits"], ours, rtol=1e-5, atol=1e-5)
+        evaluated = {r["id"]: r["prediction"] for r in records if r["mode"] == mode}
+        assert remote[mode] == [evaluated[i] for i in meta["ids"]], mode
