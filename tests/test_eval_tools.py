@@ -130,10 +130,10 @@ def test_evaluate_two_ranks_matches_one(assets):
     assert (root / "one" / "report.predictions.jsonl").read_text() == (root / "two" / "report.predictions.jsonl").read_text()
 
 
-@pytest.mark.parametrize("preset", ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm", "tiny-qwen3vl"])
+@pytest.mark.parametrize("preset", ["tiny-qwen2_5_omni", "tiny-qwen3_omni", "tiny-phi4mm", "tiny-qwen3vl", "tiny-internvl"])
 def test_both_tools_take_a_native_export(assets, preset, tmp_path):
     """tools/evaluate.py and tools/attention_analysis.py on a native model saved in its
-    family's layout (what tools/export_hf.py writes for it), and on a composed Qwen3-VL export."""
+    family's layout (what tools/export_hf.py writes for it), and on composed Qwen3-VL and InternVL exports."""
     from trainer.config import ModelConfig
     from trainer.models.factory import build_model
 
