@@ -132,3 +132,32 @@ def test_auto_classes_load_the_export_without_this_project(preset, demo_shards, 
         torch.testing.assert_close(theirs["logits"], ours, rtol=1e-5, atol=1e-5)
         evaluated = {r["id"]: r["prediction"] for r in records if r["mode"] == mode}
         assert remote[mode] == [evaluated[i] for i in meta["ids"]], mode
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3vl", "tiny-internvl"])
+def test_beams_dtype_and_picture_modes(preset, tmp_path):
+    """In process: beam search expands each sample's patches or tiles whole (its first step's
+    scores are the forward's), `dtype=` reaches every part, and a transparent picture is put on
+    white as the trainer's loader does."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from trainer.data.decode import to_rgb
+
+    model, processor = build(preset)
+    save_omni(model, processor, str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True, dtype=torch.float32).eval()
+    hp = AutoProcessor.from_pretrained(str(tmp_path), trust_remote_code=True)
+    rng = np.random.default_rng(0)
+    pictures = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in ((56, 84), (96, 64))]
+    batch = hp(images=[pictures[0], None, pictures[1]], questions=["what colour is the circle?", "hi", "where?"])
+    with torch.no_grad():
+        last = hf(**batch).logits[:, -1]
+        out = hf.generate(**batch, num_beams=2, max_new_tokens=1, do_sample=False, output_logits=True,
+                          return_dict_in_generate=True)
+    torch.testing.assert_close(out.logits[0], last.repeat_interleave(2, dim=0), rtol=1e-5, atol=1e-5)
+    half = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True, dtype=torch.bfloat16)
+    assert {p.dtype for p in half.parameters()} == {torch.bfloat16}
+    clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    clear.paste((255, 0, 0, 255), (16, 16, 48, 48))
+    assert np.array_equal(np.asarray(hp.prepare_image(clear)), np.asarray(to_rgb(clear)))

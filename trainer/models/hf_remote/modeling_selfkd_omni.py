@@ -8,7 +8,9 @@ stacks `audio_stack` encoder frames into one LLM token, the clips' valid tokens 
 `<|audio_pad|>` placeholders in order, and the VLM's own forward runs on those embeddings
 (images through its own vision tower) with the trainer's positions: M-RoPE for the Qwen VLMs,
 1-D for InternVL, counted over the real tokens of left-padded prompts. Inputs come from the
-processor beside it (processing_selfkd_omni.py).
+processor beside it (processing_selfkd_omni.py). Not supported: new images or audio once the cache
+holds a conversation (raised), concurrent generate() calls on one model object (positions between
+decoding steps live on it), videos.
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
@@ -48,7 +50,7 @@ class SelfKDOmniConfig(PretrainedConfig):
         super().__init__(**kwargs)
 
     def vlm(self) -> PretrainedConfig:
-        fields = dict(self.vlm_config)
+        fields = {k: v for k, v in self.vlm_config.items() if k not in ("dtype", "torch_dtype")}  # from_pretrained's
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
 
     def get_text_config(self, *args, **kwargs):
@@ -127,7 +129,8 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
         vlm_config = config.vlm()
         vlm_config._attn_implementation = getattr(config, "_attn_implementation", None) or "sdpa"
         self.family = vlm_config.model_type
-        self.vlm = getattr(transformers, VLM_CLASSES[self.family])._from_config(vlm_config)
+        # In the dtype from_pretrained was asked for (it sets the default dtype while the model is built).
+        self.vlm = getattr(transformers, VLM_CLASSES[self.family])._from_config(vlm_config, dtype=torch.get_default_dtype())
         whisper = WhisperConfig(**{k: v for k, v in config.whisper_config.items() if k != "model_type"})
         whisper._attn_implementation = vlm_config._attn_implementation
         self.audio_encoder = ClipWhisperEncoder(whisper)
@@ -183,6 +186,9 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
                 audio_frames=None, cache=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
         cache = cache if cache is not None else past_key_values
         prefill = cache is None or cache.get_seq_length() == 0
+        if not prefill and (pixel_values is not None or input_features is not None):
+            raise NotImplementedError("images or audio after the first turn (a filled cache): start a new conversation "
+                                      "with every turn in the prompt")
         embeds = self.get_input_embeddings()(input_ids)
         audio = input_ids == self.config.audio_pad_id
         if prefill and input_features is not None and bool(audio.any()):
@@ -208,16 +214,55 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
                 extra.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
         keyword = "cache" if "cache" in inspect.signature(self.vlm.forward).parameters else "past_key_values"
         return self.vlm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=use_cache,
-                        logits_to_keep=logits_to_keep, **{keyword: cache}, **extra)
+                        logits_to_keep=logits_to_keep, **{keyword: cache}, **extra, **kwargs)  # labels, output_* ...
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
                                       use_cache=True, pixel_values=None, image_grid_thw=None, input_features=None,
-                                      audio_frames=None, **kwargs):
+                                      audio_frames=None, logits_to_keep=None, **kwargs):
         cache = cache if cache is not None else past_key_values
         prefill = cache is None or cache.get_seq_length() == 0
         inputs = {"input_ids": input_ids if prefill else input_ids[:, cache.get_seq_length():],
                   "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        if logits_to_keep is not None:
+            inputs["logits_to_keep"] = logits_to_keep
         if prefill:
             inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw, input_features=input_features,
                           audio_frames=audio_frames)
         return inputs
+
+    def _image_starts(self, input_ids):
+        """B, T: True where an image's placeholder run begins."""
+        image = (input_ids == self.image_token_id).int()
+        return (image - F.pad(image, (1, -1))) == 1
+
+    def _image_rows(self, input_ids, pixel_values, image_grid_thw) -> list:
+        """pixel_values split per sample (a sample's patches or tiles may be none), in order."""
+        if self.family == "internvl":
+            seq = self.vlm.config.image_seq_length
+            counts = [int((row == self.image_token_id).sum()) // seq for row in input_ids]  # tiles per sample
+        else:
+            images = self._image_starts(input_ids).sum(1).tolist()  # images per sample; each its grid's t*h*w patch rows
+            per_image = image_grid_thw.prod(-1).tolist() if image_grid_thw is not None else []
+            counts, at = [], 0
+            for n in images:
+                counts.append(int(sum(per_image[at:at + n])))
+                at += n
+        return list(torch.split(pixel_values, counts)) if pixel_values is not None else [None] * len(counts)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beams and num_return_sequences: every per-sample input repeated expand_size times, the
+        images' patches (or tiles) and grids as whole samples, not row by row."""
+        if expand_size == 1:
+            return input_ids, model_kwargs
+        pixel_values, grids = model_kwargs.get("pixel_values"), model_kwargs.get("image_grid_thw")
+        if pixel_values is not None:
+            chunks = self._image_rows(input_ids, pixel_values, grids)
+            model_kwargs["pixel_values"] = torch.cat([c for c in chunks for _ in range(expand_size)])
+            if grids is not None:
+                per_sample = torch.split(grids, self._image_starts(input_ids).sum(1).tolist())
+                model_kwargs["image_grid_thw"] = torch.cat([g for g in per_sample for _ in range(expand_size)])
+        for key, value in list(model_kwargs.items()):
+            if key not in ("pixel_values", "image_grid_thw", "cache", "past_key_values") and torch.is_tensor(value) \
+                    and value.dim() > 0 and value.shape[0] == input_ids.shape[0]:
+                model_kwargs[key] = value.repeat_interleave(expand_size, dim=0)
+        return input_ids.repeat_interleave(expand_size, dim=0), model_kwargs

@@ -91,8 +91,27 @@ class SelfKDOmniProcessor:
                    image_seq_length=config.get("image_seq_length"))
 
     # --- pieces ------------------------------------------------------------------
+    @staticmethod
+    def to_rgb(image: Image.Image) -> Image.Image:
+        """The trainer's conversion (trainer/data/decode.py): transparency onto white, 16-bit grey scaled."""
+        if image.mode == "RGB":
+            return image
+        if image.mode == "P":
+            image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            rgba = image.convert("RGBA")
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+            array = np.asarray(image, dtype=np.float64)
+            peak = array.max() if array.size and array.max() > 0 else 1.0
+            return Image.fromarray((array / peak * 255).astype(np.uint8)).convert("RGB")
+        return image.convert("RGB")
+
     def prepare_image(self, image: Image.Image) -> Image.Image:
-        image = image.convert("RGB")
+        """As the trainer's loader: RGB, at most the image processor's pixel cap, padded to the shape
+        limits. (The loader decodes a large JPEG at reduced size first; pass such a picture decoded
+        the same way for the same pixels.)"""
+        image = self.to_rgb(image)
         if image.width * image.height > self.max_pixels:
             scale = (self.max_pixels / (image.width * image.height)) ** 0.5
             image = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
