@@ -56,3 +56,22 @@ def test_a_transcription_report_without_spoken_wer_is_refused():
     answers, _ = _reports()
     with pytest.raises(ValueError, match="--transcribe"):
         start_report.start_report(answers, {"wer": {"text": 0.0}, "n": 3}, **BOUNDS)
+
+
+def test_excluded_sentences_leave_the_wer_target(tmp_path):
+    """--exclude_sentences: the WER target counts only the other held-out sentences, read from the
+    transcription's predictions (hand-computed: 1 edit in 4 words), the WER of all is kept."""
+    answers, transcribe = _reports(wer=0.05)
+    rows = [("Is there a red star?", "Is there a red star?", "audio"),      # excluded: spoken in training
+            ("Where is the circle?", "Where is the square?", "audio"),      # 1 substitution of 4 words
+            ("Where is the circle?", "nothing alike", "text")]             # the typed twin: not counted
+    (tmp_path / "asr.json").write_text(json.dumps(transcribe))
+    (tmp_path / "asr.predictions.jsonl").write_text("".join(
+        json.dumps({"answer": ref, "prediction": pred, "mode": mode}) + "\n" for ref, pred, mode in rows))
+    (tmp_path / "answers.json").write_text(json.dumps(answers))
+    (tmp_path / "exclude.json").write_text(json.dumps(["Is there a red star?"]))
+    code = start_report.main(["--answers", str(tmp_path / "answers.json"), "--transcribe", str(tmp_path / "asr.json"),
+                              "--out", str(tmp_path / "r.json"), "--exclude_sentences", str(tmp_path / "exclude.json")])
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert code == 1 and report["targets"]["wer"]["value"] == pytest.approx(25.0) and not report["targets"]["wer"]["met"]
+    assert report["wer_spoken_all"] == 0.05 and report["wer_excluded"] == 1 and report["wer_n"] == 1

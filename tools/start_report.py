@@ -11,6 +11,12 @@ Targets (the defaults are the ones docs/study.md fixes for study v2): VL >= --mi
 of the spoken held-out sentences <= --max_wer; a gap: VA <= VL - --min_gap; for every task
 (source), at least --min_kind of the spoken answers of the right kind (a colour for a colour
 question, a count, a position, yes/no, an option: trainer.eval.scoring.answer_kind).
+
+--exclude_sentences FILE (a JSON list of sentences): the WER target is scored on the held-out
+sentences outside the list only, read from the transcription's predictions file beside its
+report (report.predictions.jsonl); the WER of all of them is kept as `wer_spoken_all`. Study v2's
+start lineage was trained on data that spoke some held-out sentences
+(docs/results/selfkd_vs_sft_v2/once_spoken_heldout.json), so its scripts pass that list.
 """
 
 import argparse
@@ -19,13 +25,28 @@ import os
 import sys
 
 
+def spoken_wer_without(predictions: list[dict], excluded: set) -> tuple[float, int]:
+    """Corpus WER of the spoken transcriptions whose reference is not in `excluded`, and their count."""
+    from trainer.eval.scoring import corpus_word_error_rate
+
+    pairs = [(r["prediction"], r["answer"]) for r in predictions if r["mode"] == "audio" and r["answer"] not in excluded]
+    if not pairs:
+        raise ValueError("every held-out sentence is excluded: no WER to score")
+    return corpus_word_error_rate(pairs), len(pairs)
+
+
 def start_report(answers: dict, transcribe: dict, *, min_vl: float, max_wer: float, min_gap: float,
-                 min_kind: float) -> dict:
-    """The figures of the two evaluate.py reports and the verdict of each target."""
-    wer = transcribe.get("wer", {})
+                 min_kind: float, transcriptions: list[dict] | None = None, excluded: set | None = None) -> dict:
+    """The figures of the two evaluate.py reports and the verdict of each target. With `excluded`
+    sentences, the WER is that of the other held-out sentences (`transcriptions`: the
+    transcription report's predictions)."""
+    wer = dict(transcribe.get("wer", {}))
     if wer.get("audio") is None:
         raise ValueError("the transcription report has no spoken WER (report['wer']['audio']): was it written by "
                          "tools/evaluate.py --transcribe with the audio mode?")
+    wer_all, wer_n = wer["audio"], transcribe["n"]
+    if excluded:
+        wer["audio"], wer_n = spoken_wer_without(transcriptions, excluded)
     for key in ("vl_score", "va_score"):
         if answers.get(key) is None:
             raise ValueError(f"the answers report has no {key}: score the questions typed and spoken")
@@ -45,7 +66,8 @@ def start_report(answers: dict, transcribe: dict, *, min_vl: float, max_wer: flo
     }
     return {
         "vl": answers["vl_score"], "va": answers["va_score"], "gap": answers["gap"], "n": answers["n"],
-        "wer_spoken": wer["audio"], "wer_typed": wer.get("text"), "wer_n": transcribe["n"],
+        "wer_spoken": wer["audio"], "wer_typed": wer.get("text"), "wer_n": wer_n,
+        **({"wer_spoken_all": wer_all, "wer_excluded": len(excluded)} if excluded else {}),
         "yes_share": {"typed": yesno.get("vl_yes_rate"), "spoken": yesno.get("va_yes_rate")},
         "tasks": tasks, "targets": targets, "met": all(t["met"] for t in targets.values()),
     }
@@ -77,14 +99,24 @@ def main(argv=None) -> int:
     parser.add_argument("--max_wer", type=float, default=0.10, help="a fraction")
     parser.add_argument("--min_gap", type=float, default=15.0)
     parser.add_argument("--min_kind", type=float, default=0.80, help="a fraction")
+    parser.add_argument("--exclude_sentences", default=None,
+                        help="JSON list of held-out sentences the WER target leaves out (spoken in the training data)")
     args = parser.parse_args(argv)
     reports = []
     for path in (args.answers, args.transcribe):
         with open(path) as f:
             reports.append(json.load(f))
+    extra = {}
+    if args.exclude_sentences:
+        with open(args.exclude_sentences) as f:
+            extra["excluded"] = set(json.load(f))
+        stem = args.transcribe[: -len(".json")] if args.transcribe.endswith(".json") else args.transcribe
+        with open(stem + ".predictions.jsonl") as f:  # tools/evaluate.py writes it beside the report
+            extra["transcriptions"] = [json.loads(line) for line in f if line.strip()]
     report = start_report(*reports, min_vl=args.min_vl, max_wer=args.max_wer, min_gap=args.min_gap,
-                          min_kind=args.min_kind)
-    report["inputs"] = {"answers": args.answers, "transcribe": args.transcribe}
+                          min_kind=args.min_kind, **extra)
+    report["inputs"] = {"answers": args.answers, "transcribe": args.transcribe,
+                        "exclude_sentences": args.exclude_sentences}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
