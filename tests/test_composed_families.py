@@ -13,6 +13,8 @@ import io
 import pytest
 import torch
 
+from tests.test_model_omni import naive_greedy
+from tests.test_native_omni import our_logits
 from trainer.config import ModelConfig
 from trainer.distill.loss import KDSettings
 from trainer.distill.objective import SelfKDObjective
@@ -52,14 +54,6 @@ def family_logits(vlm, batch, role):
         return vlm(**kwargs).logits
 
 
-def our_logits(model, batch, role):
-    with torch.no_grad():
-        images, _ = model.encode_images(batch)
-        audio, _ = model.encode_audio(batch)
-        hidden, _ = model.run_side(batch, role, images, audio if role == "student" else None)
-        return model.adapter.lm_head(hidden)
-
-
 @pytest.mark.parametrize("stage", ["selfkd", "eval"])
 def test_typed_side_equals_the_family_forward(built, stage):
     """Image features (with DeepStack rows), placeholders replaced in order and the collator's
@@ -93,27 +87,6 @@ def test_prefix_shared_teacher_equals_the_full_teacher(built, sizes):
     assert shared.teacher_tokens < full.teacher_tokens
     for name in ("loss", "ce_sum", "kd_sum", "teacher_ce_sum", "agree_count", "n_tokens"):
         torch.testing.assert_close(getattr(shared, name), getattr(full, name), rtol=1e-5, atol=1e-5)
-
-
-def naive_greedy(model, batch, role, max_new_tokens):
-    """No cache: the whole sequence again for every new token (DeepStack rows re-added)."""
-    input_ids, attention_mask, _ = batch.side(role)
-    image_tokens, _ = model.encode_images(batch)
-    audio_tokens, _ = model.encode_audio(batch)
-    audio_tokens = audio_tokens if role == "student" else None
-    eos = model.processor.tokenizer.convert_tokens_to_ids(model.processor.turn_end)
-    outputs = [[] for _ in range(input_ids.shape[0])]
-    for _ in range(max_new_tokens):
-        embeds = model.embed(input_ids, image_tokens, audio_tokens)
-        positions = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
-        hidden, _ = model.adapter.decode(embeds, positions, attention_mask, **model.decoder_extras(input_ids, image_tokens))
-        next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
-        for row, token in zip(outputs, next_ids.tolist()):
-            if not row or row[-1] != eos:
-                row.append(token)
-        input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
-        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
-    return outputs
 
 
 @pytest.mark.parametrize("mode", ["text", "audio"])

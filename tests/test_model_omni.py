@@ -203,17 +203,17 @@ def test_lazy_load_reads_each_stored_tensor_once(model, processor, tmp_path):
 
 
 def naive_greedy(model, batch, role, max_new_tokens):
-    """No cache: re-run the whole sequence for every new token, positions recomputed."""
+    """No cache: re-run the whole sequence for every new token, positions recomputed (DeepStack rows re-added)."""
     input_ids, attention_mask, _ = batch.side(role)
     image_tokens, _ = model.encode_images(batch)
     audio_tokens, _ = model.encode_audio(batch)
     audio_tokens = audio_tokens if role == "student" else None
-    eos = model.processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    eos = model.processor.tokenizer.convert_tokens_to_ids(model.processor.turn_end)
     outputs = [[] for _ in range(input_ids.shape[0])]
     for _ in range(max_new_tokens):
         embeds = model.embed(input_ids, image_tokens, audio_tokens)
         positions = model.adapter.position_ids(input_ids, batch.image_grid_thw, attention_mask)
-        hidden, _ = model.adapter.decode(embeds, positions, attention_mask)
+        hidden, _ = model.adapter.decode(embeds, positions, attention_mask, **model.decoder_extras(input_ids, image_tokens))
         next_ids = model.adapter.lm_head(hidden[:, -1]).argmax(-1)
         for row, token in zip(outputs, next_ids.tolist()):
             if not row or row[-1] != eos:
