@@ -225,7 +225,8 @@ def test_study_v2_script_scores_its_start_runs_a_budget_and_measures_the_mechani
     done = study(START_MIN_VL="0", START_MAX_WER="1000", START_MIN_GAP="-100", START_MIN_KIND="0")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((out / "start" / "eval" / "start_report.json").read_text())
-    assert report["met"] and report["n"] == 5 and report["wer_n"] == 3
+    # the WER leaves out the held-out sentences study v2's start lineage once heard: 1 of these 3
+    assert report["met"] and report["n"] == 5 and report["wer_n"] == 2 and "wer_spoken_all" in report
     results = json.loads((out / "scarce" / "results.json").read_text())
     runs = results["runs"]
     assert [(r["recipe"], r["seed"], r["budget"], r["steps"]) for r in runs] == [("sft", 0, "scarce", 1),
