@@ -161,3 +161,34 @@ def test_beams_dtype_and_picture_modes(preset, tmp_path):
     clear = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
     clear.paste((255, 0, 0, 255), (16, 16, 48, 48))
     assert np.array_equal(np.asarray(hp.prepare_image(clear)), np.asarray(to_rgb(clear)))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3vl", "tiny-internvl"])
+def test_a_later_turn_with_its_own_picture_and_speech_continues_the_cache(preset, tmp_path):
+    """A prompt cut before its picture: the first part cached, then the rest (picture, speech) given
+    with that cache gives the logits of the whole prompt at once (1e-5), and generate() from the
+    cache gives the answer of generate() without it."""
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    model, processor = build(preset)
+    save_omni(model, processor, str(tmp_path))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path), trust_remote_code=True, dtype=torch.float32).eval()
+    hp = AutoProcessor.from_pretrained(str(tmp_path), trust_remote_code=True)
+    rng = np.random.default_rng(1)
+    picture = Image.fromarray(rng.integers(0, 255, (64, 96, 3), dtype=np.uint8))
+    speech = (0.1 * rng.standard_normal(16000)).astype(np.float32)
+    for batch in (hp(images=[picture], audios=[speech]), hp(images=[picture], questions=["where is the star?"])):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        cut = int((ids[0] == hf.image_token_id).nonzero()[0, 0]) - 1  # before the picture's first token
+        media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+        with torch.no_grad():
+            whole = hf(**batch).logits
+            first = hf(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], use_cache=True)
+            rest = hf(input_ids=ids[:, cut:], attention_mask=mask, past_key_values=first.past_key_values, use_cache=True,
+                      **media).logits
+            torch.testing.assert_close(rest, whole[:, cut:], rtol=1e-5, atol=1e-5)
+            plain = hf.generate(**batch, max_new_tokens=4, do_sample=False)
+            cache = hf(input_ids=ids[:, :cut], attention_mask=mask[:, :cut], use_cache=True).past_key_values
+            continued = hf.generate(**batch, past_key_values=cache, max_new_tokens=4, do_sample=False)
+        assert torch.equal(continued, plain)
