@@ -8,9 +8,10 @@ stacks `audio_stack` encoder frames into one LLM token, the clips' valid tokens 
 `<|audio_pad|>` placeholders in order, and the VLM's own forward runs on those embeddings
 (images through its own vision tower) with the trainer's positions: M-RoPE for the Qwen VLMs,
 1-D for InternVL, counted over the real tokens of left-padded prompts. Inputs come from the
-processor beside it (processing_selfkd_omni.py). Not supported: new images or audio once the cache
-holds a conversation (raised), concurrent generate() calls on one model object (positions between
-decoding steps live on it), videos.
+processor beside it (processing_selfkd_omni.py). A later turn with its own pictures or speech can be
+given with the cache of the earlier ones (its positions continue from theirs). Not supported:
+concurrent generate() calls on one model object (where positions continue lives on it), a cache
+this model did not fill (refused), videos.
 
     model = AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
@@ -139,7 +140,7 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
         if vlm_config.get_text_config().tie_word_embeddings:
             self._tied_weights_keys = {"vlm.lm_head.weight": "vlm.model.language_model.embed_tokens.weight"}
         self.image_token_id = int(vlm_config.image_token_id)
-        self._decode = None  # (next position per sample, prefill length) between generate() steps
+        self._decode = None  # (next position per sample, tokens the cache then held): where positions continue
         self.post_init()
 
     def _init_weights(self, module):
@@ -168,7 +169,8 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
         return tokens.reshape(-1, tokens.shape[-1]).index_select(0, index.to(tokens.device))
 
     def positions(self, input_ids, attention_mask, image_grid_thw):
-        """Prefill positions: M-RoPE (3, B, T) for the Qwen VLMs, 1-D (B, T) for InternVL; real tokens only."""
+        """Positions of a run of tokens counted from 0 over its real tokens: M-RoPE (3, B, T) for the
+        Qwen VLMs (its images' grids in order), 1-D (B, T) for InternVL."""
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         if self.family == "internvl":
             return (mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -184,28 +186,33 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, image_grid_thw=None, input_features=None,
                 audio_frames=None, cache=None, past_key_values=None, use_cache=None, logits_to_keep=0, **kwargs):
+        """`input_ids`: the tokens after those the cache holds (all of them without a cache: the
+        prompt, a decoding step, or a later turn with its own pictures and speech);
+        `attention_mask`: over every token, cached ones included."""
         cache = cache if cache is not None else past_key_values
-        prefill = cache is None or cache.get_seq_length() == 0
-        if not prefill and (pixel_values is not None or input_features is not None):
-            raise NotImplementedError("images or audio after the first turn (a filled cache): start a new conversation "
-                                      "with every turn in the prompt")
+        done = 0 if cache is None else cache.get_seq_length()
+        batch, length = input_ids.shape
+        if done == 0:
+            offset = torch.zeros(batch, dtype=torch.long, device=input_ids.device)
+        elif self._decode is None:
+            raise ValueError("a filled cache this model did not fill: positions continue from the model's own calls")
+        else:
+            next_position, consumed = self._decode
+            offset = next_position + (done - consumed)  # B: where this run of tokens starts
         embeds = self.get_input_embeddings()(input_ids)
         audio = input_ids == self.config.audio_pad_id
-        if prefill and input_features is not None and bool(audio.any()):
+        if input_features is not None and bool(audio.any()):
             tokens = self.audio_tokens(input_features, audio_frames.cpu(), audio.sum(1).cpu())
             embeds = embeds.masked_scatter(audio[..., None], tokens.to(embeds.dtype))
-        if prefill:
-            positions = self.positions(input_ids, attention_mask, image_grid_thw)
-            last = positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, 2))
-            self._decode = (last + 1, input_ids.shape[1])
-        else:
-            start, prefill_len = self._decode
-            step = start + (cache.get_seq_length() - prefill_len)  # B
-            positions = (step[:, None] + torch.arange(input_ids.shape[1], device=step.device)).to(input_ids.device)
-            if self.family != "internvl":
-                positions = positions[None].expand(3, -1, -1)
+        mask = None if attention_mask is None else attention_mask[:, -length:]
+        relative = self.positions(input_ids, mask, image_grid_thw)
+        shift = offset[:, None] if relative.dim() == 2 else offset[None, :, None]
+        positions = relative + shift.to(relative.device)
+        last = positions.amax(dim=-1) if positions.dim() == 2 else positions.amax(dim=(0, 2))
+        real = torch.ones(batch, dtype=torch.bool) if mask is None else mask.bool().any(-1)
+        self._decode = (torch.where(real.to(last.device), last + 1, offset.to(last.device)), done + length)
         extra = {}
-        if prefill and pixel_values is not None:
+        if pixel_values is not None:
             if self.family == "internvl":
                 side = self.vlm.config.vision_config.image_size
                 side = side[0] if isinstance(side, (list, tuple)) else side
@@ -219,15 +226,18 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
                                       use_cache=True, pixel_values=None, image_grid_thw=None, input_features=None,
                                       audio_frames=None, logits_to_keep=None, **kwargs):
+        """The tokens the cache does not hold yet; pictures and speech only with the run that holds
+        their placeholders (the prompt, or a later turn given with the cache of the earlier ones)."""
         cache = cache if cache is not None else past_key_values
-        prefill = cache is None or cache.get_seq_length() == 0
-        inputs = {"input_ids": input_ids if prefill else input_ids[:, cache.get_seq_length():],
-                  "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
+        done = 0 if cache is None else cache.get_seq_length()
+        new = input_ids[:, done:]
+        inputs = {"input_ids": new, "attention_mask": attention_mask, "cache": cache, "use_cache": use_cache}
         if logits_to_keep is not None:
             inputs["logits_to_keep"] = logits_to_keep
-        if prefill:
-            inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw, input_features=input_features,
-                          audio_frames=audio_frames)
+        if bool((new == self.image_token_id).any()):
+            inputs.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
+        if bool((new == self.config.audio_pad_id).any()):
+            inputs.update(input_features=input_features, audio_frames=audio_frames)
         return inputs
 
     def _image_starts(self, input_ids):
