@@ -172,7 +172,20 @@ class Qwen3VLAdapter(QwenVLAdapter):
         return deepstack_inputs(input_ids, image_tokens, self.image_token_id)
 
 
-class InternVLAdapter(QwenVLAdapter):
+class FlatPositions:
+    """1-D positions over the real tokens (row 0 of the collator's (3, B, T); the rows are equal),
+    for families without M-RoPE (InternVL, Phi-4-multimodal)."""
+
+    def position_ids(self, input_ids, image_grid_thw, attention_mask, audio_frames=None) -> torch.Tensor:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        return positions[None].expand(3, -1, -1)
+
+    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
+        return super().decoder_outputs(inputs_embeds, position_ids[0], attention_mask, cache=cache, use_cache=use_cache,
+                                       **extra)
+
+
+class InternVLAdapter(FlatPositions, QwenVLAdapter):
     """InternVL in transformers' native layout (InternVLForConditionalGeneration: the `-hf`
     checkpoints of InternVL 2.5, 3 and 3.5 with a dense LLM): `model.{vision_tower,
     multi_modal_projector, language_model}` + `lm_head`. Images arrive as 448 px tiles (the
@@ -215,14 +228,6 @@ class InternVLAdapter(QwenVLAdapter):
                                            vision_feature_select_strategy=self.config.vision_feature_select_strategy,
                                            return_dict=True)
         return out.pooler_output.reshape(-1, out.pooler_output.shape[-1])
-
-    def position_ids(self, input_ids, image_grid_thw, attention_mask) -> torch.Tensor:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return positions[None].expand(3, -1, -1)
-
-    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
-        return super().decoder_outputs(inputs_embeds, position_ids[0], attention_mask, cache=cache, use_cache=use_cache,
-                                       **extra)  # 1-D positions: row 0
 
 
 class QwenOmniAdapter(QwenVLAdapter):
@@ -320,7 +325,7 @@ class Qwen3OmniAdapter(QwenOmniAdapter):
         return deepstack_inputs(input_ids, image_tokens, self.image_token_id)
 
 
-class Phi4MMAdapter(QwenVLAdapter):
+class Phi4MMAdapter(FlatPositions, QwenVLAdapter):
     """Phi-4-multimodal (Phi4MultimodalForCausalLM): `model.{embed_tokens, layers, norm}` is the
     LLM, `model.embed_tokens_extend.{image_embed, audio_embed}` hold the SigLIP vision tower
     with its HD-crop projection and the conformer audio encoder with its two projection
@@ -465,13 +470,6 @@ class Phi4MMAdapter(QwenVLAdapter):
         index = torch.cat([i * tokens.shape[1] + torch.arange(int(n)) for i, n in enumerate(audio_embed_sizes.tolist())])
         return tokens.reshape(-1, tokens.shape[-1]).index_select(0, index.to(tokens.device))  # sum(sizes), H
 
-    def position_ids(self, input_ids, image_grid_thw, attention_mask, audio_frames=None) -> torch.Tensor:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        return positions[None].expand(3, -1, -1)
-
-    def decoder_outputs(self, inputs_embeds, position_ids, attention_mask, cache=None, use_cache=False, **extra):
-        return super().decoder_outputs(inputs_embeds, position_ids[0], attention_mask, cache=cache, use_cache=use_cache,
-                                       **extra)  # 1-D positions: row 0
 
 
 ADAPTERS = {model_type: cls for cls in (QwenVLAdapter, Qwen25VLAdapter, Qwen3VLAdapter, InternVLAdapter, QwenOmniAdapter,

@@ -140,6 +140,8 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
         if vlm_config.get_text_config().tie_word_embeddings:
             self._tied_weights_keys = {"vlm.lm_head.weight": "vlm.model.language_model.embed_tokens.weight"}
         self.image_token_id = int(vlm_config.image_token_id)
+        # the VLM's keyword for the KV cache (`cache` from transformers 5.2x, `past_key_values` before)
+        self._cache_keyword = "cache" if "cache" in inspect.signature(self.vlm.forward).parameters else "past_key_values"
         self._decode = None  # (next position per sample, tokens the cache then held): where positions continue
         self.post_init()
 
@@ -219,9 +221,8 @@ class SelfKDOmniForCausalLM(PreTrainedModel, GenerationMixin):
                 extra["pixel_values"] = pixel_values.view(-1, 3, side, side)
             else:
                 extra.update(pixel_values=pixel_values, image_grid_thw=image_grid_thw)
-        keyword = "cache" if "cache" in inspect.signature(self.vlm.forward).parameters else "past_key_values"
         return self.vlm(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=positions, use_cache=use_cache,
-                        logits_to_keep=logits_to_keep, **{keyword: cache}, **extra, **kwargs)  # labels, output_* ...
+                        logits_to_keep=logits_to_keep, **{self._cache_keyword: cache}, **extra, **kwargs)  # labels, output_* ...
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, cache=None, past_key_values=None,
                                       use_cache=True, pixel_values=None, image_grid_thw=None, input_features=None,
