@@ -205,7 +205,8 @@ def picture_asr_records(vqa: list[dict], count: int, seed: int, source: str = "q
 
 def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
                        samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None,
-                       picture_asr: int = 0, picture_asr_source: str = "questions", described_extra: int = 0) -> dict:
+                       picture_asr: int = 0, picture_asr_source: str = "questions", described_extra: int = 0,
+                       described_extra_tasks: tuple[str, ...] = ("colour", "count")) -> dict:
     """Write the alignment data under out_dir (the demo data's directory, whose images the typed
     VQA records name), each as sentences/NAME.json and shards/NAME:
       align_mix    `num_train` spoken sentences (ASR) + `num_train` // 2 spoken described-scene questions,
@@ -216,8 +217,13 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                    --stage mixed run that trains the LLM to hear while it keeps reading, plus
                    `picture_asr` transcriptions with a picture in the prompt (picture_asr_records, of
                    `picture_asr_source`), plus `described_extra` more spoken described-scene questions,
-                   colour and count in turn (the two kinds study v2's attempt 6 answered in the wrong form),
+                   `described_extra_tasks` in turn (default colour and count, the two kinds study v2's
+                   attempt 6 answered in the wrong form; another choice draws its own set),
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
+    unknown = sorted(set(described_extra_tasks) - set(DESCRIBED_TASKS))
+    if unknown or not described_extra_tasks:
+        raise ValueError(f"described_extra_tasks {described_extra_tasks!r}: each one of {DESCRIBED_TASKS}")
+    extra_tag = "extra" if tuple(described_extra_tasks) == ("colour", "count") else "extra-" + "-".join(described_extra_tasks)
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:
         vqa = json.load(f)
@@ -230,7 +236,7 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
     jobs["stage_mix"] = [{**r, "stage": "align"} for r in jobs["align_mix"]] + \
         [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed, picture_asr_source) \
         + [{**r, "stage": "align"} for r in described_qa_records(described_extra, seed, spoken=True,
-                                                                  tasks=("colour", "count"), tag="extra")]
+                                                                  tasks=described_extra_tasks, tag=extra_tag)]
     specs = {}
     for name, records in jobs.items():
         json_path = os.path.join(out_dir, "sentences", f"{name}.json")

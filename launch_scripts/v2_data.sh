@@ -10,14 +10,16 @@ HELDOUT_SENTENCES=${HELDOUT_SENTENCES:-400}
 SAMPLES_PER_SHARD=${SAMPLES_PER_SHARD:-500}
 PICTURE_ASR=${PICTURE_ASR:-0}  # transcriptions with a picture in stage_mix (the start's attempt 5 used 5000)
 PICTURE_ASR_SOURCE=${PICTURE_ASR_SOURCE:-questions}  # their speech: the scene's question, or `sentences`
-DESCRIBED_EXTRA=${DESCRIBED_EXTRA:-0}  # more spoken described-scene colour and count questions in stage_mix
+DESCRIBED_EXTRA=${DESCRIBED_EXTRA:-0}  # more spoken described-scene questions in stage_mix
+DESCRIBED_EXTRA_TASKS=${DESCRIBED_EXTRA_TASKS:-colour,count}  # their kinds, in turn
 
 if [ ! -f "$OUT/data.json" ]; then
   mkdir -p "$OUT"
   python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
     --workers 2 --samples_per_shard "$SAMPLES_PER_SHARD" --sentences_train "$SENTENCES" \
     --sentences_heldout "$HELDOUT_SENTENCES" --picture_asr "$PICTURE_ASR" \
-    --picture_asr_source "$PICTURE_ASR_SOURCE" --described_extra "$DESCRIBED_EXTRA" > "$OUT/data.json.tmp"
+    --picture_asr_source "$PICTURE_ASR_SOURCE" --described_extra "$DESCRIBED_EXTRA" \
+    --described_extra_tasks "$DESCRIBED_EXTRA_TASKS" > "$OUT/data.json.tmp"
   mv "$OUT/data.json.tmp" "$OUT/data.json"
 fi
 spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }

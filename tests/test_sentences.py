@@ -11,6 +11,7 @@ import torch
 from datagen.sentences import (
     ASR_INSTRUCTION,
     described_qa_records,
+    make_sentence_data,
     repeat_records,
     sentence_records,
     sentences,
@@ -81,7 +82,7 @@ def test_described_questions_are_answered_by_their_description(spoken):
     assert yesno.count("yes") == yesno.count("no")
 
 
-def test_described_questions_never_speak_a_heldout_sentence():
+def test_described_questions_never_speak_a_heldout_sentence(tmp_path):
     """The transcription test's sentences are held out of everything spoken in the alignment data,
     the described-scene questions included (their other wordings overlap the grammar's templates)."""
     records = described_qa_records(3000, seed=0, spoken=True)
@@ -93,6 +94,11 @@ def test_described_questions_never_speak_a_heldout_sentence():
     assert [r["source"] for r in extra[:4]] == ["described_demo_colour", "described_demo_count"] * 2
     assert {r["id"] for r in extra}.isdisjoint(r["id"] for r in records)
     assert extra[0]["conversations"] != records[0]["conversations"]
+    three = described_qa_records(6, seed=0, spoken=True, tasks=("colour", "position", "count"), tag="extra-3")
+    assert [r["source"] for r in three] == [f"described_demo_{t}" for t in ("colour", "position", "count")] * 2
+    with pytest.raises(ValueError, match="described_extra_tasks"):  # refused before anything is written
+        make_sentence_data(str(tmp_path), str(tmp_path / "absent.json"), num_train=1, num_heldout=1,
+                           described_extra_tasks=("colour", "size"))
 
 
 def align_batch(tmp_path, records: list[dict]):

@@ -45,8 +45,11 @@ def main(argv=None) -> None:
                         help="what --picture_asr's speech says: the scene's own question, or a new training "
                              "sentence of datagen/sentences.py's grammar")
     parser.add_argument("--described_extra", type=int, default=0,
-                        help="with --sentences_train: more spoken questions on described scenes, colour and count "
-                             "in turn, join shards/stage_mix")
+                        help="with --sentences_train: more spoken questions on described scenes, of "
+                             "--described_extra_tasks in turn, join shards/stage_mix")
+    parser.add_argument("--described_extra_tasks", default="colour,count",
+                        help="comma-separated question kinds of --described_extra (colour, count, position, yesno, "
+                             "choice)")
     args = parser.parse_args(argv)
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
@@ -60,7 +63,8 @@ def main(argv=None) -> None:
                                         voices=args.voices.split(",") if args.voices else None,
                                         picture_asr=args.picture_asr,
                                         picture_asr_source=args.picture_asr_source,
-                                        described_extra=args.described_extra))
+                                        described_extra=args.described_extra,
+                                        described_extra_tasks=tuple(args.described_extra_tasks.split(","))))
     print(json.dumps(paths, indent=2))
 
 
