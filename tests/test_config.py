@@ -43,6 +43,18 @@ def test_defaults_then_yaml_then_cli(tmp_path, shards):
     assert c.distill.kd_alpha == 0.25 and c.optim.lr == 1e-4 and c.model.trainable == ("llm", "projector")
 
 
+def test_gjsd_beta_from_the_command_line_and_yaml(tmp_path, shards):
+    """--kd_beta is a number (from the CLI's text or YAML's float) and reaches the loss settings."""
+    from trainer.distill.loss import KDSettings
+
+    c = load_config(base(shards, "--kd_divergence", "gjsd", "--kd_beta", "0.25"))
+    assert c.distill.kd_beta == 0.25 and c.distill.kd_divergence == "gjsd"
+    assert KDSettings(divergence=c.distill.kd_divergence, beta=c.distill.kd_beta).gjsd_beta == 0.25
+    c = load_config(base(shards, "--config", write_yaml(tmp_path, {"distill": {"kd_divergence": "gjsd", "kd_beta": 1}})))
+    assert c.distill.kd_beta == 1.0 and isinstance(c.distill.kd_beta, float)
+    assert load_config(base(shards)).distill.kd_beta is None
+
+
 def test_config_is_frozen(shards):
     c = load_config(base(shards))
     with pytest.raises(Exception):
@@ -54,7 +66,12 @@ def test_config_is_frozen(shards):
     [
         (["--kd_alpha", "1.5"], "--kd_alpha: must lie in [0, 1], got 1.5"),
         (["--kd_alpha", "abc"], "kd_alpha: expected float, got 'abc'"),
-        (["--kd_divergence", "kl"], "--kd_divergence: 'kl' is not one of fkl, rkl, jsd"),
+        (["--kd_divergence", "kl"], "--kd_divergence: 'kl' is not one of fkl, rkl, jsd, gjsd"),
+        (["--kd_divergence", "gjsd"], "--kd_divergence gjsd: give --kd_beta in [0, 1]"),
+        (["--kd_divergence", "gjsd", "--kd_beta", "1.5"], "--kd_divergence gjsd: give --kd_beta in [0, 1]"),
+        (["--kd_beta", "0.5"], "--kd_beta 0.5: only with --kd_divergence gjsd (fkl is gjsd with beta 0.0)"),
+        (["--kd_divergence", "jsd", "--kd_beta", "0.5"], "--kd_beta 0.5: only with --kd_divergence gjsd (jsd is"),
+        (["--kd_divergence", "gjsd", "--kd_beta", "x"], "kd_beta"),
         (["--teacher", "big"], "--teacher: 'big' is not one of shared, frozen, ema"),
         (["--max_steps", "0"], "--max_steps: must be >= 1, got 0"),
         (["--gradient_checkpointing", "maybe"], "gradient_checkpointing: expected true/false, got 'maybe'"),

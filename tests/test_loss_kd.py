@@ -10,7 +10,7 @@ from trainer.loop import answer_chunks_for
 B, T, H, V = 3, 11, 16, 37
 
 
-def naive_reference(student_hidden_btH, teacher_hidden_btH, labels_bt, lm_head, divergence, temperature):
+def naive_reference(student_hidden_btH, teacher_hidden_btH, labels_bt, lm_head, divergence, temperature, beta=None):
     """Full logits for every position, shift by one, mask -100, sum over tokens."""
     student_logits = lm_head(student_hidden_btH)[:, :-1].float()  # B, T-1, V
     teacher_logits = lm_head(teacher_hidden_btH)[:, :-1].float().detach()
@@ -23,6 +23,9 @@ def naive_reference(student_hidden_btH, teacher_hidden_btH, labels_bt, lm_head, 
         per_token = (p_t * (p_t.log() - p_s.log())).sum(-1)
     elif divergence == "rkl":
         per_token = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    elif divergence == "gjsd":  # GKD's generalized JSD, mixture M = beta p_T + (1 - beta) p_S
+        m = beta * p_t + (1 - beta) * p_s
+        per_token = beta * (p_t * (p_t.log() - m.log())).sum(-1) + (1 - beta) * (p_s * (p_s.log() - m.log())).sum(-1)
     else:
         m = 0.5 * (p_s + p_t)
         per_token = 0.5 * (p_t * (p_t.log() - m.log())).sum(-1) + 0.5 * (p_s * (p_s.log() - m.log())).sum(-1)
@@ -54,15 +57,16 @@ def gather_answers(hidden_btH, labels_bt):
     return hidden_btH[:, :-1][mask], targets[mask]
 
 
-@pytest.mark.parametrize("divergence", ["fkl", "rkl", "jsd"])
+@pytest.mark.parametrize("divergence, beta", [("fkl", None), ("rkl", None), ("jsd", None), ("gjsd", 0.1),
+                                              ("gjsd", 0.5), ("gjsd", 0.9)])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 1000])
 @pytest.mark.parametrize("teacher_as_logits", [False, True])
-def test_matches_full_logits_reference(divergence, temperature, chunk_size, teacher_as_logits):
+def test_matches_full_logits_reference(divergence, beta, temperature, chunk_size, teacher_as_logits):
     lm_head, student_hidden, teacher_hidden, labels = make_inputs()
-    settings = KDSettings(alpha=0.75, temperature=temperature, divergence=divergence)
+    settings = KDSettings(alpha=0.75, temperature=temperature, divergence=divergence, beta=beta)
 
-    ref = naive_reference(student_hidden, teacher_hidden, labels, lm_head, divergence, temperature)
+    ref = naive_reference(student_hidden, teacher_hidden, labels, lm_head, divergence, temperature, beta)
     ref_loss = (0.75 * temperature**2 * ref[1] + (1 - 0.75) * ref[0]) / 5.0  # alpha T^2 KD + (1 - alpha) CE
     (ref_grad,) = torch.autograd.grad(ref_loss, student_hidden)
 
@@ -85,6 +89,35 @@ def test_matches_full_logits_reference(divergence, temperature, chunk_size, teac
     torch.testing.assert_close(sums["teacher_entropy_sum"], ref[5], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("named, beta", [("fkl", 0.0), ("rkl", 1.0), ("jsd", 0.5)])
+def test_named_divergences_are_gjsd_cases(named, beta):
+    """gjsd at beta 0, 1 and 0.5 is the forward KL, the reverse KL and the JSD, loss and gradient
+    (the ends by definition, as in GKD; 0.5 through the mixture formula)."""
+    lm_head, student_hidden, teacher_hidden, labels = make_inputs(2)
+    teacher_answers, _ = gather_answers(teacher_hidden, labels)
+
+    def kd_and_grad(settings):
+        student_answers, targets = gather_answers(student_hidden, labels)
+        sums = answer_token_loss(student_answers, targets, lm_head, settings, teacher_hidden=teacher_answers, chunk_size=4)
+        return sums["kd_sum"], torch.autograd.grad(combine(sums, settings, 3.0), student_hidden)[0]
+
+    kd, grad = kd_and_grad(KDSettings(divergence=named, temperature=2.0))
+    kd_gjsd, grad_gjsd = kd_and_grad(KDSettings(divergence="gjsd", beta=beta, temperature=2.0))
+    torch.testing.assert_close(kd_gjsd, kd, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad_gjsd, grad, rtol=1e-6, atol=1e-7)
+    if named != "jsd":  # next to an end the mixture form itself tends to 0: why the ends are the KLs by definition
+        near, _ = kd_and_grad(KDSettings(divergence="gjsd", beta=abs(beta - 1e-4), temperature=2.0))
+        assert 0 < near.item() < 0.01 * kd.item()
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(divergence="gjsd"), "gjsd needs a beta in"),
+                                             (dict(divergence="gjsd", beta=-0.1), "gjsd needs a beta in"),
+                                             (dict(divergence="rkl", beta=1.0), "rkl is gjsd")])
+def test_beta_belongs_to_gjsd(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        KDSettings(**kwargs)
 
 
 def test_sft_ignores_teacher_and_lm_head_grad_matches():

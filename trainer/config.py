@@ -27,7 +27,7 @@ from typing import Any, Optional
 import yaml
 
 from trainer.data.batch import TRAINING_STAGES
-from trainer.distill.loss import DIVERGENCES
+from trainer.distill.loss import DIVERGENCES, NAMED_BETA
 from trainer.distill.teachers import TEACHERS
 from trainer.errors import ConfigError
 from trainer.models.build import ATTN_IMPLS, DEFAULT_TRAINABLE, TRAINABLE_PARTS
@@ -105,7 +105,11 @@ class DistillConfig:
     kd_temperature: float = 1.0
     """Softmax temperature of both distributions; the KD term is scaled by T^2."""
     kd_divergence: str = "fkl"
-    """fkl = KL(teacher || student) (the paper), rkl = KL(student || teacher), jsd."""
+    """fkl = KL(teacher || student) (the paper), rkl = KL(student || teacher), jsd (beta 0.5), or gjsd with --kd_beta
+    (generalized JSD as in GKD; fkl, rkl and jsd are its beta 0, 1 and 0.5)."""
+    kd_beta: Optional[float] = None
+    """--kd_divergence gjsd only: beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta)
+    student; 0 = forward KL (fkl) ... 1 = reverse KL (rkl)."""
     teacher: str = "shared"
     """shared: the live weights; frozen: the starting weights; ema: an EMA of the weights."""
     ema_decay: float = 0.999
@@ -222,6 +226,8 @@ def _coerce(name: str, f, value: Any) -> Any:
     default = f.default
     if value is None:
         return None
+    if default is None and f.type in (Optional[float], "Optional[float]"):
+        default = 0.0  # a number when given
     try:
         if isinstance(default, bool):
             if isinstance(value, bool):
@@ -371,6 +377,12 @@ def validate(c: Config) -> None:
     if k.kd_temperature <= 0:
         raise ConfigError(f"--kd_temperature: must be > 0, got {k.kd_temperature}")
     _check_choice("kd_divergence", k.kd_divergence, DIVERGENCES)
+    if k.kd_divergence == "gjsd" and (k.kd_beta is None or not 0.0 <= k.kd_beta <= 1.0):
+        raise ConfigError(f"--kd_divergence gjsd: give --kd_beta in [0, 1] (0 forward KL ... 1 reverse KL), "
+                          f"got {k.kd_beta}")
+    if k.kd_divergence != "gjsd" and k.kd_beta is not None:
+        raise ConfigError(f"--kd_beta {k.kd_beta}: only with --kd_divergence gjsd ({k.kd_divergence} is gjsd with "
+                          f"beta {NAMED_BETA[k.kd_divergence]})")
     _check_choice("teacher", k.teacher, TEACHERS)
     if not 0.0 < k.ema_decay < 1.0:
         raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")

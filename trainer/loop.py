@@ -172,7 +172,7 @@ class Trainer:
         kd = None
         if c.data.stage == Stage.SELFKD and c.distill.kd_alpha > 0:
             kd = KDSettings(alpha=c.distill.kd_alpha, temperature=c.distill.kd_temperature,
-                            divergence=c.distill.kd_divergence)
+                            divergence=c.distill.kd_divergence, beta=c.distill.kd_beta)
         # The engine wraps the objective, so ZeRO-3 hooks every module the objective calls.
         objective = SelfKDObjective(model, kd, chunk_size=c.distill.kd_chunk_size,
                                     share_prefix=c.distill.teacher_share_prefix)

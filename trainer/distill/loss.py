@@ -8,9 +8,12 @@ at a time as well.
 
   loss = (alpha * T^2 * kd_sum + (1 - alpha) * ce_sum) / normalizer      (see `combine`)
 
-  fkl: KL(p_T || p_S)   (the paper's Self-KD loss, teacher first)
-  rkl: KL(p_S || p_T)
-  jsd: 0.5 KL(p_T || M) + 0.5 KL(p_S || M),  M = (p_T + p_S) / 2
+  gjsd(beta): beta KL(p_T || M) + (1 - beta) KL(p_S || M),  M = beta p_T + (1 - beta) p_S
+              for 0 < beta < 1 (GKD's generalized JSD, as TRL's GKD trainer computes it); its ends
+              are the two KLs by definition (the mixture form itself tends to 0 there):
+  fkl = gjsd(0): KL(p_T || p_S)   (the paper's Self-KD loss, teacher first)
+  rkl = gjsd(1): KL(p_S || p_T)
+  jsd = gjsd(0.5): 0.5 KL(p_T || M) + 0.5 KL(p_S || M),  M = (p_T + p_S) / 2
 with p = softmax(logits / T) for both sides, and CE at T = 1 on the student.
 """
 
@@ -21,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-DIVERGENCES = ("fkl", "rkl", "jsd")
+DIVERGENCES = ("fkl", "rkl", "jsd", "gjsd")
+NAMED_BETA = {"fkl": 0.0, "rkl": 1.0, "jsd": 0.5}  # the named cases of gjsd
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class KDSettings:
 
     alpha: float = 0.75  # weight of the KD term; 0 = plain SFT (no teacher pass at all)
     temperature: float = 1.0  # applied to teacher and student logits; KD term scaled by T^2
-    divergence: str = "fkl"  # fkl | rkl | jsd
+    divergence: str = "fkl"  # fkl | rkl | jsd | gjsd
+    beta: float | None = None  # gjsd only: 0 forward KL ... 1 reverse KL
 
     def __post_init__(self):
         if not 0.0 <= self.alpha <= 1.0:
@@ -39,27 +44,39 @@ class KDSettings:
             raise ValueError(f"kd temperature must be > 0, got {self.temperature}")
         if self.divergence not in DIVERGENCES:
             raise ValueError(f"kd divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+        if self.divergence == "gjsd" and (self.beta is None or not 0.0 <= self.beta <= 1.0):
+            raise ValueError(f"kd divergence gjsd needs a beta in [0, 1], got {self.beta}")
+        if self.divergence != "gjsd" and self.beta is not None:
+            raise ValueError(f"kd beta {self.beta} is gjsd's: {self.divergence} is gjsd({NAMED_BETA[self.divergence]})")
+
+    @property
+    def gjsd_beta(self) -> float:
+        """The generalized JSD's beta this divergence is."""
+        return self.beta if self.divergence == "gjsd" else NAMED_BETA[self.divergence]
 
     @property
     def uses_teacher(self) -> bool:
         return self.alpha > 0
 
 
-def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str, temperature: float):
-    """Summed per-token divergence between tempered distributions; logits (n, V), fp32."""
+def divergence_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str, temperature: float,
+                   beta: float | None = None):
+    """Summed per-token divergence between tempered distributions; logits (n, V), fp32.
+    `divergence` is a named case or gjsd with its `beta`."""
+    beta = KDSettings(divergence=divergence, beta=beta).gjsd_beta
     student_logp = F.log_softmax(student_logits / temperature, dim=-1)
     teacher_logp = F.log_softmax(teacher_logits / temperature, dim=-1)
-    if divergence == "fkl":
+    if beta == 0.0:
         return (teacher_logp.exp() * (teacher_logp - student_logp)).sum()
-    if divergence == "rkl":
+    if beta == 1.0:
         return (student_logp.exp() * (student_logp - teacher_logp)).sum()
-    mixture_logp = torch.logsumexp(torch.stack([teacher_logp, student_logp]), dim=0) - math.log(2.0)
-    return 0.5 * (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum() + 0.5 * (
+    mixture_logp = torch.logsumexp(torch.stack([teacher_logp + math.log(beta), student_logp + math.log1p(-beta)]), dim=0)
+    return beta * (teacher_logp.exp() * (teacher_logp - mixture_logp)).sum() + (1.0 - beta) * (
         student_logp.exp() * (student_logp - mixture_logp)
     ).sum()
 
 
-def _chunk_sums(student_hidden, teacher_hidden, teacher_logits, target_ids, lm_head, divergence, temperature):
+def _chunk_sums(student_hidden, teacher_hidden, teacher_logits, target_ids, lm_head, divergence, temperature, beta):
     """One chunk: (ce_sum, kd_sum, teacher_ce_sum, agree_count, teacher_entropy_sum). Run under
     checkpoint, so its logits are freed after the forward and recomputed in the backward."""
     student_logits = lm_head(student_hidden).float()  # n, H -> n, V
@@ -71,7 +88,7 @@ def _chunk_sums(student_hidden, teacher_hidden, teacher_logits, target_ids, lm_h
         with torch.no_grad():
             teacher_logits = lm_head(teacher_hidden)  # n, H -> n, V
     teacher_logits = teacher_logits.float().detach()
-    kd_sum = divergence_sum(student_logits, teacher_logits, divergence, temperature)
+    kd_sum = divergence_sum(student_logits, teacher_logits, divergence, temperature, beta)
     with torch.no_grad():
         teacher_logp = F.log_softmax(teacher_logits, dim=-1)  # the teacher's own distribution (T = 1)
         teacher_ce_sum = F.nll_loss(teacher_logp, target_ids, reduction="sum")
@@ -133,6 +150,7 @@ def answer_token_loss(
         teacher_hidden = teacher_logits = None
     divergence = settings.divergence if settings is not None else "fkl"
     temperature = settings.temperature if settings is not None else 1.0
+    beta = settings.beta if settings is not None else None
 
     totals = [student_hidden.new_zeros((), dtype=torch.float32) for _ in range(5)]
     for start, end in chunk_bounds(n_tokens, chunk_size, num_chunks):
@@ -145,6 +163,7 @@ def answer_token_loss(
             lm_head,
             divergence,
             temperature,
+            beta,
             use_reentrant=False,
         )
         totals = [total + part for total, part in zip(totals, sums)]
