@@ -220,6 +220,13 @@ def _atomic_write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+# A spawned worker imports torch and the TTS engine (several seconds of CPU) before its first
+# sample, the time of about a hundred samples written in this process: fewer samples than this per
+# worker are written in this process (the same samples: each one's voice settings are seeded by its
+# key, not its worker).
+MIN_SAMPLES_PER_WORKER = 64
+
+
 def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samples_per_shard: int, workers: int,
                  seed: int, tts_config: dict | None, skipped: dict, progress: bool = True) -> dict:
     """Run `process` over entries, write complete shards, return (and write) index.json."""
@@ -237,6 +244,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
     else:
         _atomic_write_json(plan_path, plan)
     num_shards = (len(entries) + samples_per_shard - 1) // samples_per_shard
+    workers = min(workers, max(1, len(entries) // MIN_SAMPLES_PER_WORKER))
     # spawn, not fork: forking a process that already runs torch threads can deadlock. A worker
     # that dies breaks the executor (BrokenProcessPool) instead of being respawned forever.
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tts_config,)) \

@@ -19,6 +19,7 @@ from transformers import WhisperFeatureExtractor
 from tools.inspect_shards import main as inspect_main
 from trainer.data import DataQualityError, build_eval_loader, build_train_loader
 from trainer.data.batch import IGNORE_INDEX
+from datagen import writer
 from datagen.writer import make_asr_shards, make_llava_shards
 from trainer.models.processing import AUDIO_PAD
 from trainer.models.tiny import build_tiny_processor
@@ -65,8 +66,10 @@ def llava_shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("llava")
     json_path, image_dir = write_llava(root)
     out = root / "shards"
-    index = make_llava_shards(str(json_path), str(image_dir), str(out), seed=3, samples_per_shard=SAMPLES_PER_SHARD,
-                              workers=2, progress=False)
+    with pytest.MonkeyPatch.context() as patch:  # the worker pool, on a split far too small to need it
+        patch.setattr(writer, "MIN_SAMPLES_PER_WORKER", 1)
+        index = make_llava_shards(str(json_path), str(image_dir), str(out), seed=3, samples_per_shard=SAMPLES_PER_SHARD,
+                                  workers=2, progress=False)
     return {"root": root, "json": json_path, "images": image_dir, "out": out, "index": index,
             "spec": index["shard_spec"]}
 
@@ -90,6 +93,28 @@ def loader_keys(loader, limit=None):
         if limit is not None and len(keys) >= limit:
             break
     return keys
+
+
+def test_a_split_too_small_for_workers_is_written_in_process_to_the_same_bytes(llava_shards, tmp_path):
+    """--workers 2 on 20 samples starts no pool (MIN_SAMPLES_PER_WORKER), and the shards hold the
+    pool's samples (the fixture's, written by two spawned workers): the same keys, pictures and
+    texts byte for byte, speech of the same voice settings (seeded by the key) and length (eSpeak's
+    waveform itself varies slightly from one synthesis to the next, in one process too)."""
+    assert llava_shards["index"]["samples"] < 2 * writer.MIN_SAMPLES_PER_WORKER
+    out = tmp_path / "in_process"
+    index = make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(out), seed=3,
+                              samples_per_shard=SAMPLES_PER_SHARD, workers=2, progress=False)
+    assert index["shard_samples"] == llava_shards["index"]["shard_samples"]
+    mine, pools = shard_samples(out), shard_samples(llava_shards["out"])
+    assert sorted(mine) == sorted(pools)
+    for key, members in mine.items():
+        assert sorted(members) == sorted(pools[key])
+        for ext, data in members.items():
+            if ext == "flac":
+                seconds = [sf.info(io.BytesIO(blob)).duration for blob in (data, pools[key][ext])]
+                assert seconds[0] == pytest.approx(seconds[1], rel=0.02), key
+            else:
+                assert data == pools[key][ext], (key, ext)
 
 
 def test_make_shards_index(llava_shards):
