@@ -25,7 +25,10 @@ from tools import evaluate
 MAX_NEW_TOKENS = 6
 SAMPLES = 4
 
-# Runs in a fresh interpreter, cwd = the test's folder: the project's packages are blocked first.
+PRESETS = ["tiny", "tiny-qwen25vl", "tiny-qwen3vl", "tiny-internvl"]
+
+# Runs in a fresh interpreter, cwd = the tests' folder: the project's packages are blocked first.
+# Its arguments are pairs (export, inputs folder): one interpreter checks every base's export.
 REMOTE_CHECK = r'''
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -41,22 +44,22 @@ except ModuleNotFoundError:
 import numpy as np, torch
 from PIL import Image
 from transformers import AutoModelForCausalLM, AutoProcessor
-export, inputs_dir = sys.argv[1], sys.argv[2]
-meta = json.load(open(f"{inputs_dir}/meta.json"))
-model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
-processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
-images = [Image.open(f"{inputs_dir}/{i}.png") if has else None for i, has in enumerate(meta["has_image"])]
-audios = [np.load(f"{inputs_dir}/{i}.npy") for i in range(len(images))]
-out = {}
-for mode in ("text", "audio"):
-    batch = processor(images=images, questions=meta["questions"]) if mode == "text" else processor(images=images, audios=audios)
-    with torch.no_grad():
-        logits = model(**batch).logits
-        ids = model.generate(**batch, max_new_tokens=meta["max_new_tokens"], do_sample=False)
-    mask = batch["attention_mask"].bool()
-    torch.save({"input_ids": batch["input_ids"], "logits": logits[mask]}, f"{inputs_dir}/remote_{mode}.pt")
-    out[mode] = processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-json.dump(out, open(f"{inputs_dir}/remote_answers.json", "w"))
+for export, inputs_dir in zip(sys.argv[1::2], sys.argv[2::2]):
+    meta = json.load(open(f"{inputs_dir}/meta.json"))
+    model = AutoModelForCausalLM.from_pretrained(export, trust_remote_code=True, dtype=torch.float32).eval()
+    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+    images = [Image.open(f"{inputs_dir}/{i}.png") if has else None for i, has in enumerate(meta["has_image"])]
+    audios = [np.load(f"{inputs_dir}/{i}.npy") for i in range(len(images))]
+    out = {}
+    for mode in ("text", "audio"):
+        batch = processor(images=images, questions=meta["questions"]) if mode == "text" else processor(images=images, audios=audios)
+        with torch.no_grad():
+            logits = model(**batch).logits
+            ids = model.generate(**batch, max_new_tokens=meta["max_new_tokens"], do_sample=False)
+        mask = batch["attention_mask"].bool()
+        torch.save({"input_ids": batch["input_ids"], "logits": logits[mask]}, f"{inputs_dir}/remote_{mode}.pt")
+        out[mode] = processor.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+    json.dump(out, open(f"{inputs_dir}/remote_answers.json", "w"))
 '''
 
 
@@ -84,41 +87,54 @@ def raw_samples(spec: str) -> dict:
     return {json.loads(sample["json"])["id"]: sample for sample in samples.values()}
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-qwen25vl", "tiny-qwen3vl", "tiny-internvl"])
-def test_auto_classes_load_the_export_without_this_project(preset, demo_shards, tmp_path):
-    model, processor = build(preset)
-    model.eval()
-    export = tmp_path / "export"
-    save_omni(model, processor, str(export))
-    shards = demo_shards["heldout_shards"]
-    # tools/evaluate.py's greedy answers on the held-out shard (batches of SAMPLES, left-padded).
-    evaluate.main(["--model", str(export), "--shards", shards, "--out", str(tmp_path / "eval" / "report.json"),
-                   "--batch_size", str(SAMPLES), "--max_new_tokens", str(MAX_NEW_TOKENS)])
-    records = [json.loads(line) for line in (tmp_path / "eval" / "report.predictions.jsonl").read_text().splitlines()]
-    # The engine's logits on the first batch, and the same samples decoded as the loader decodes them.
-    batch = next(iter(build_eval_loader(shards, processor, micro_batch_size=SAMPLES, max_seq_len=4096, rank=0,
-                                        world_size=1)))
+@pytest.fixture(scope="module")
+def remote(demo_shards, tmp_path_factory) -> dict:
+    """Per base: its model and processor, its export's tools/evaluate.py answers, the held-out batch
+    and the same samples as stored, then the fresh interpreter's logits and answers for all four."""
+    shards, runs, argv = demo_shards["heldout_shards"], {}, []
     stored = raw_samples(shards)
-    raws = [stored[i] for i in batch.ids]
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    meta = {"questions": [], "has_image": [], "ids": [], "max_new_tokens": MAX_NEW_TOKENS}
-    for i, raw in enumerate(raws):
-        record = json.loads(raw["json"])
-        meta["ids"].append(record.get("id"))
-        meta["questions"].append(record["question"])
-        image_bytes = raw.get("png") or raw.get("jpg")
-        meta["has_image"].append(image_bytes is not None)
-        if image_bytes is not None:
-            decode_image(image_bytes, 10**9)[0].save(inputs / f"{i}.png")
-        audio_bytes = next(raw[ext] for ext in ("flac", "wav", "mp3", "ogg") if ext in raw)
-        np.save(inputs / f"{i}.npy", decode_audio(audio_bytes, processor.sampling_rate, 30.0)[0])
-    (inputs / "meta.json").write_text(json.dumps(meta))
-    (tmp_path / "check.py").write_text(REMOTE_CHECK)
-    run = subprocess.run([sys.executable, "-I", str(tmp_path / "check.py"), str(export), str(inputs)], cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL)
-    assert run.returncode == 0, run.stderr[-3000:]
-    remote = json.loads((inputs / "remote_answers.json").read_text())
+    for preset in PRESETS:
+        root = tmp_path_factory.mktemp(f"hf_{preset}")
+        model, processor = build(preset)
+        model.eval()
+        export = root / f"export_{preset}"
+        save_omni(model, processor, str(export))
+        # tools/evaluate.py's greedy answers on the held-out shard (batches of SAMPLES, left-padded).
+        evaluate.main(["--model", str(export), "--shards", shards, "--out", str(root / "eval" / "report.json"),
+                       "--batch_size", str(SAMPLES), "--max_new_tokens", str(MAX_NEW_TOKENS)])
+        records = [json.loads(line) for line in (root / "eval" / "report.predictions.jsonl").read_text().splitlines()]
+        # The engine's logits on the first batch, and the same samples decoded as the loader decodes them.
+        batch = next(iter(build_eval_loader(shards, processor, micro_batch_size=SAMPLES, max_seq_len=4096, rank=0,
+                                            world_size=1)))
+        inputs = root / "inputs"
+        inputs.mkdir()
+        meta = {"questions": [], "has_image": [], "ids": [], "max_new_tokens": MAX_NEW_TOKENS}
+        for i, raw in enumerate(stored[i] for i in batch.ids):
+            record = json.loads(raw["json"])
+            meta["ids"].append(record.get("id"))
+            meta["questions"].append(record["question"])
+            image_bytes = raw.get("png") or raw.get("jpg")
+            meta["has_image"].append(image_bytes is not None)
+            if image_bytes is not None:
+                decode_image(image_bytes, 10**9)[0].save(inputs / f"{i}.png")
+            audio_bytes = next(raw[ext] for ext in ("flac", "wav", "mp3", "ogg") if ext in raw)
+            np.save(inputs / f"{i}.npy", decode_audio(audio_bytes, processor.sampling_rate, 30.0)[0])
+        (inputs / "meta.json").write_text(json.dumps(meta))
+        runs[preset] = dict(model=model, batch=batch, records=records, meta=meta, inputs=inputs)
+        argv += [str(export), str(inputs)]
+    folder = tmp_path_factory.mktemp("hf_remote")
+    (folder / "check.py").write_text(REMOTE_CHECK)
+    run = subprocess.run([sys.executable, "-I", str(folder / "check.py"), *argv], cwd=folder, capture_output=True,
+                         text=True, timeout=900, stdin=subprocess.DEVNULL)
+    return {"run": run, **runs}
+
+
+@pytest.mark.xdist_group("hf_export")  # one worker builds the four exports and starts the one interpreter
+@pytest.mark.parametrize("preset", PRESETS)
+def test_auto_classes_load_the_export_without_this_project(preset, remote):
+    assert remote["run"].returncode == 0, remote["run"].stderr[-3000:]
+    model, batch, records, meta, inputs = (remote[preset][k] for k in ("model", "batch", "records", "meta", "inputs"))
+    remote_answers = json.loads((inputs / "remote_answers.json").read_text())
     for mode in ("text", "audio"):
         role = "teacher" if mode == "text" else "student"
         ids, mask, _ = batch.side(role)
@@ -131,7 +147,7 @@ def test_auto_classes_load_the_export_without_this_project(preset, demo_shards, 
             ours = model.adapter.lm_head(hidden)[mask.bool()]
         torch.testing.assert_close(theirs["logits"], ours, rtol=1e-5, atol=1e-5)
         evaluated = {r["id"]: r["prediction"] for r in records if r["mode"] == mode}
-        assert remote[mode] == [evaluated[i] for i in meta["ids"]], mode
+        assert remote_answers[mode] == [evaluated[i] for i in meta["ids"]], mode
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-qwen3vl", "tiny-internvl"])
