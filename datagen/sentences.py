@@ -130,6 +130,36 @@ def described_qa_records(count: int, seed: int, *, spoken: bool, tasks: tuple[st
     return records
 
 
+def pictured_described_records(vqa: list[dict], count: int, seed: int,
+                               tasks: tuple[str, ...] = DESCRIBED_TASKS) -> list[dict]:
+    """Spoken questions on training scenes with both the picture and its description in the prompt:
+    picture, "description\n", speech -> answer (stage align, "with_image": true, "context"), the
+    question types cycling through `tasks`, worded as the described-scene questions are (never a
+    held-out sentence). The answer can be read in the description, so these teach the answer's
+    form when a spoken question follows a picture, not reading the picture under speech (the gap
+    study v2 measures is left to close). `count` records (at most one per VQA record that carries its
+    scene)."""
+    rng = random.Random(f"pictured-described-{seed}")
+    scenes = [record for record in vqa if record.get("scene")]
+    records = []
+    for record in rng.sample(scenes, len(scenes)):
+        if len(records) == count:
+            break
+        i = len(records)
+        scene = {"shapes": record["scene"]}
+        qa = make_question(scene, tasks[i % len(tasks)], rng, want_yes=i // len(tasks) % 2 == 0)
+        question = _reword(qa["question"], rng)
+        if question is None:  # every other wording of this question is a held-out sentence
+            continue
+        records.append({"id": f"pictured-described-{i:05d}", "image": record["image"], "task": qa["task"],
+                        "source": f"pictured_{qa['source']}", "stage": "align", "with_image": True,
+                        "context": describe(scene, rng),
+                        **{k: qa[k] for k in ("choices", "answers") if k in qa},
+                        "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                          {"from": "gpt", "value": qa["answer"]}]})
+    return records
+
+
 def split_of(sentence: str) -> str:
     """"heldout" for about HELDOUT_PERCENT% of distinct sentences, chosen by their text alone."""
     digest = hashlib.sha256(sentence.encode("utf-8")).digest()
@@ -206,7 +236,8 @@ def picture_asr_records(vqa: list[dict], count: int, seed: int, source: str = "q
 def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num_heldout: int, seed: int = 0,
                        samples_per_shard: int = 500, workers: int = 1, voices: list[str] | None = None,
                        picture_asr: int = 0, picture_asr_source: str = "questions", described_extra: int = 0,
-                       described_extra_tasks: tuple[str, ...] = ("colour", "count")) -> dict:
+                       described_extra_tasks: tuple[str, ...] = ("colour", "count"),
+                       pictured_described: int = 0) -> dict:
     """Write the alignment data under out_dir (the demo data's directory, whose images the typed
     VQA records name), each as sentences/NAME.json and shards/NAME:
       align_mix    `num_train` spoken sentences (ASR) + `num_train` // 2 spoken described-scene questions,
@@ -219,6 +250,9 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                    `picture_asr_source`), plus `described_extra` more spoken described-scene questions,
                    `described_extra_tasks` in turn (default colour and count, the two kinds study v2's
                    attempt 6 answered in the wrong form; another choice draws its own set),
+      pictured_described  (with `pictured_described` > 0) that many pictured_described_records, the
+                   five question types in turn, on their own shards (a run adds them to stage_mix's
+                   spec),
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
     unknown = sorted(set(described_extra_tasks) - set(DESCRIBED_TASKS))
     if unknown or not described_extra_tasks:
@@ -237,6 +271,8 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
         [{**r, "stage": "vl"} for r in jobs["typed_mix"]] + picture_asr_records(vqa, picture_asr, seed, picture_asr_source) \
         + [{**r, "stage": "align"} for r in described_qa_records(described_extra, seed, spoken=True,
                                                                   tasks=described_extra_tasks, tag=extra_tag)]
+    if pictured_described:
+        jobs["pictured_described"] = pictured_described_records(vqa, pictured_described, seed)
     specs = {}
     for name, records in jobs.items():
         json_path = os.path.join(out_dir, "sentences", f"{name}.json")

@@ -12,6 +12,7 @@ PICTURE_ASR=${PICTURE_ASR:-0}  # transcriptions with a picture in stage_mix (the
 PICTURE_ASR_SOURCE=${PICTURE_ASR_SOURCE:-questions}  # their speech: the scene's question, or `sentences`
 DESCRIBED_EXTRA=${DESCRIBED_EXTRA:-0}  # more spoken described-scene questions in stage_mix
 DESCRIBED_EXTRA_TASKS=${DESCRIBED_EXTRA_TASKS:-colour,count}  # their kinds, in turn
+PICTURED_DESCRIBED=${PICTURED_DESCRIBED:-0}  # spoken questions with picture + description (own shards)
 
 if [ ! -f "$OUT/data.json" ]; then
   mkdir -p "$OUT"
@@ -19,7 +20,7 @@ if [ ! -f "$OUT/data.json" ]; then
     --workers 2 --samples_per_shard "$SAMPLES_PER_SHARD" --sentences_train "$SENTENCES" \
     --sentences_heldout "$HELDOUT_SENTENCES" --picture_asr "$PICTURE_ASR" \
     --picture_asr_source "$PICTURE_ASR_SOURCE" --described_extra "$DESCRIBED_EXTRA" \
-    --described_extra_tasks "$DESCRIBED_EXTRA_TASKS" > "$OUT/data.json.tmp"
+    --described_extra_tasks "$DESCRIBED_EXTRA_TASKS" --pictured_described "$PICTURED_DESCRIBED" > "$OUT/data.json.tmp"
   mv "$OUT/data.json.tmp" "$OUT/data.json"
 fi
 spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }

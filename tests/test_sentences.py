@@ -10,8 +10,10 @@ import torch
 
 from datagen.sentences import (
     ASR_INSTRUCTION,
+    DESCRIBED_TASKS,
     described_qa_records,
     make_sentence_data,
+    pictured_described_records,
     repeat_records,
     sentence_records,
     sentences,
@@ -134,6 +136,32 @@ def test_align_stage_reads_a_spoken_question_on_a_typed_text(tmp_path):
             assert target == spoken + "<|im_end|>"
         seen.add(record["id"])
     assert seen == set(by_id)
+
+
+def test_pictured_described_questions_put_the_picture_and_its_description_before_the_speech(tmp_path):
+    """pictured_described_records: a training scene's picture, its description, then the spoken
+    question (never a held-out sentence), the five kinds in turn; the align stage encodes the
+    picture's tokens, the description and the speech, and trains on the answer."""
+    from datagen.demo import make_split
+
+    vqa = make_split(str(tmp_path), "train", 12, seed=0)
+    records = pictured_described_records(vqa, 5, seed=0)
+    assert [r["source"] for r in records] == [f"pictured_demo_{t}" for t in DESCRIBED_TASKS]
+    assert all(split_of(r["conversations"][0]["value"].removeprefix("<image>\n")) == "train"
+               for r in pictured_described_records(vqa, 12, seed=0))
+    batch, processor = align_batch(tmp_path, records)
+    by_id = {r["id"]: r for r in records}
+    assert len(batch.keys) == 5 and int(batch.image_token_counts.min()) > 0
+    for row, key in enumerate(batch.keys):
+        record = by_id[key.rsplit("_t", 1)[0]]
+        ids = batch.student_input_ids[row][batch.student_attention_mask[row] == 1]
+        labels = batch.student_labels[row]
+        prompt = processor.tokenizer.decode(ids[labels[: len(ids)] == IGNORE_INDEX])
+        assert prompt.count(processor.image_pad) == int(batch.image_token_counts[row])
+        picture_end = prompt.rindex(processor.image_pad)
+        assert prompt.index(record["context"] + "\n<|audio_start|>") > picture_end
+        assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == record["conversations"][1]["value"] + \
+            "<|im_end|>"
 
 
 def test_mixed_stage_batches_hearing_and_reading_samples_together(tmp_path):

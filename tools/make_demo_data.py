@@ -50,6 +50,9 @@ def main(argv=None) -> None:
     parser.add_argument("--described_extra_tasks", default="colour,count",
                         help="comma-separated question kinds of --described_extra (colour, count, position, yesno, "
                              "choice)")
+    parser.add_argument("--pictured_described", type=int, default=0,
+                        help="with --sentences_train: spoken questions on training scenes with the picture and its "
+                             "description in the prompt, on their own shards (shards/pictured_described)")
     args = parser.parse_args(argv)
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
@@ -64,7 +67,8 @@ def main(argv=None) -> None:
                                         picture_asr=args.picture_asr,
                                         picture_asr_source=args.picture_asr_source,
                                         described_extra=args.described_extra,
-                                        described_extra_tasks=tuple(args.described_extra_tasks.split(","))))
+                                        described_extra_tasks=tuple(args.described_extra_tasks.split(",")),
+                                        pictured_described=args.pictured_described))
     print(json.dumps(paths, indent=2))
 
 
