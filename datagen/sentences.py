@@ -157,6 +157,9 @@ def pictured_described_records(vqa: list[dict], count: int, seed: int,
                         **{k: qa[k] for k in ("choices", "answers") if k in qa},
                         "conversations": [{"from": "human", "value": "<image>\n" + question},
                                           {"from": "gpt", "value": qa["answer"]}]})
+    if len(records) < count:
+        raise ValueError(f"pictured_described: {count} asked, only {len(records)} of the {len(vqa)} VQA records carry "
+                         "a scene with a question that is not a held-out sentence")
     return records
 
 

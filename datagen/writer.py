@@ -249,6 +249,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
     # that dies breaks the executor (BrokenProcessPool) instead of being respawned forever.
     pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), _init_worker, (tts_config,)) \
         if workers > 1 else None
+    threads = torch.get_num_threads()
     if pool is None:
         _init_worker(tts_config)
     shard_samples, total_samples, total_seconds = {}, 0, 0.0
@@ -293,6 +294,7 @@ def write_shards(entries: list[dict], process, out_dir: str, *, plan: dict, samp
         bar.close()
         if pool is not None:
             pool.shutdown()
+        torch.set_num_threads(threads)  # the in-process worker's one thread was for the build only
     index = {
         "mode": plan["mode"],
         "shards": list(shard_samples),

@@ -14,6 +14,15 @@ DESCRIBED_EXTRA=${DESCRIBED_EXTRA:-0}  # more spoken described-scene questions i
 DESCRIBED_EXTRA_TASKS=${DESCRIBED_EXTRA_TASKS:-colour,count}  # their kinds, in turn
 PICTURED_DESCRIBED=${PICTURED_DESCRIBED:-0}  # spoken questions with picture + description (own shards)
 
+# The settings the data is built with: an OUT built with others is refused, not silently reused.
+DATA_SETTINGS="train=$TRAIN_SAMPLES heldout=$HELDOUT_SAMPLES sentences=$SENTENCES heldout_sentences=$HELDOUT_SENTENCES \
+per_shard=$SAMPLES_PER_SHARD picture_asr=$PICTURE_ASR/$PICTURE_ASR_SOURCE described_extra=$DESCRIBED_EXTRA/$DESCRIBED_EXTRA_TASKS \
+pictured_described=$PICTURED_DESCRIBED"
+if [ -f "$OUT/data.json" ] && [ -f "$OUT/data_settings" ] && [ "$(cat "$OUT/data_settings")" != "$DATA_SETTINGS" ]; then
+  echo "$OUT/data.json was built with other settings ($(cat "$OUT/data_settings")), not these ($DATA_SETTINGS):" \
+       "use another OUT" >&2
+  exit 1
+fi
 if [ ! -f "$OUT/data.json" ]; then
   mkdir -p "$OUT"
   python tools/make_demo_data.py --out "$OUT/data" --train "$TRAIN_SAMPLES" --heldout "$HELDOUT_SAMPLES" --seed 0 \
@@ -21,6 +30,7 @@ if [ ! -f "$OUT/data.json" ]; then
     --sentences_heldout "$HELDOUT_SENTENCES" --picture_asr "$PICTURE_ASR" \
     --picture_asr_source "$PICTURE_ASR_SOURCE" --described_extra "$DESCRIBED_EXTRA" \
     --described_extra_tasks "$DESCRIBED_EXTRA_TASKS" --pictured_described "$PICTURED_DESCRIBED" > "$OUT/data.json.tmp"
+  echo "$DATA_SETTINGS" > "$OUT/data_settings"
   mv "$OUT/data.json.tmp" "$OUT/data.json"
 fi
 spec() { python -c "import json, sys; print(json.load(open('$OUT/data.json'))[sys.argv[1]])" "$1"; }

@@ -53,6 +53,9 @@ def test_gjsd_beta_from_the_command_line_and_yaml(tmp_path, shards):
     c = load_config(base(shards, "--config", write_yaml(tmp_path, {"distill": {"kd_divergence": "gjsd", "kd_beta": 1}})))
     assert c.distill.kd_beta == 1.0 and isinstance(c.distill.kd_beta, float)
     assert load_config(base(shards)).distill.kd_beta is None
+    cleared = base(shards, "--config", write_yaml(tmp_path, {"distill": {"kd_divergence": "gjsd", "kd_beta": 0.5}}),
+                   "--kd_divergence", "fkl", "--kd_beta", "none")
+    assert load_config(cleared).distill.kd_beta is None
 
 
 def test_config_is_frozen(shards):

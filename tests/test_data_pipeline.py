@@ -95,16 +95,23 @@ def loader_keys(loader, limit=None):
     return keys
 
 
-def test_a_split_too_small_for_workers_is_written_in_process_to_the_same_bytes(llava_shards, tmp_path):
+def test_a_split_too_small_for_workers_is_written_in_process_to_the_same_bytes(llava_shards, tmp_path, monkeypatch):
     """--workers 2 on 20 samples starts no pool (MIN_SAMPLES_PER_WORKER), and the shards hold the
     pool's samples (the fixture's, written by two spawned workers): the same keys, pictures and
     texts byte for byte, speech of the same voice settings (seeded by the key) and length (eSpeak's
     waveform itself varies slightly from one synthesis to the next, in one process too)."""
     assert llava_shards["index"]["samples"] < 2 * writer.MIN_SAMPLES_PER_WORKER
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a worker pool was started")
+
+    monkeypatch.setattr(writer, "ProcessPoolExecutor", no_pool)
+    threads = torch.get_num_threads()
     out = tmp_path / "in_process"
     index = make_llava_shards(str(llava_shards["json"]), str(llava_shards["images"]), str(out), seed=3,
                               samples_per_shard=SAMPLES_PER_SHARD, workers=2, progress=False)
     assert index["shard_samples"] == llava_shards["index"]["shard_samples"]
+    assert torch.get_num_threads() == threads, "the caller's torch threads are left as they were"
     mine, pools = shard_samples(out), shard_samples(llava_shards["out"])
     assert sorted(mine) == sorted(pools)
     for key, members in mine.items():

@@ -155,3 +155,23 @@ def test_a_finished_rank_survives_a_late_stop_warning():
              "print('alive')\n")
     out = subprocess.run([sys.executable, "-c", child], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "alive", out.stderr
+
+
+def test_v2_data_refuses_an_out_built_with_other_settings(tmp_path):
+    """launch_scripts/v2_data.sh reuses $OUT's data only when it was built with the same settings."""
+    out = tmp_path / "v2"
+    out.mkdir()
+    (out / "data.json").write_text('{"train_shards": "x"}')
+    (out / "data_settings").write_text("train=8000 heldout=400 something else\n")
+    script = f"set -euo pipefail; OUT={shlex.quote(str(out))}; source launch_scripts/v2_data.sh; echo reused"
+    refused = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and "was built with other settings" in refused.stderr
+    assert "use another OUT" in refused.stderr and "reused" not in refused.stdout
+    env = {**os.environ, "DESCRIBED_EXTRA": "3"}
+    other = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert other.returncode == 1 and "not these (train=8000" in other.stderr and "described_extra=3/colour,count" in \
+        other.stderr
+    settings = other.stderr.split("not these (")[1].split("):")[0]
+    (out / "data_settings").write_text(settings + "\n")
+    reused = subprocess.run(["bash", "-c", script], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert reused.returncode == 0 and reused.stdout.strip() == "reused", reused.stderr

@@ -93,8 +93,9 @@ def test_matches_full_logits_reference(divergence, beta, temperature, chunk_size
 
 @pytest.mark.parametrize("named, beta", [("fkl", 0.0), ("rkl", 1.0), ("jsd", 0.5)])
 def test_named_divergences_are_gjsd_cases(named, beta):
-    """gjsd at beta 0, 1 and 0.5 is the forward KL, the reverse KL and the JSD, loss and gradient
-    (the ends by definition, as in GKD; 0.5 through the mixture formula)."""
+    """The dispatch: gjsd at beta 0, 1 and 0.5 is the forward KL, the reverse KL and the JSD, loss
+    and gradient (the formulas themselves are the full-logits reference test's), and next to an
+    end the mixture form tends to 0, which is why the ends are the KLs by definition."""
     lm_head, student_hidden, teacher_hidden, labels = make_inputs(2)
     teacher_answers, _ = gather_answers(teacher_hidden, labels)
 

@@ -103,6 +103,16 @@ def test_described_questions_never_speak_a_heldout_sentence(tmp_path):
                            described_extra_tasks=("colour", "size"))
 
 
+def test_make_demo_data_refuses_an_unknown_extra_kind_before_any_work(tmp_path, capsys):
+    from tools import make_demo_data
+
+    with pytest.raises(SystemExit):
+        make_demo_data.main(["--out", str(tmp_path / "data"), "--sentences_train", "4", "--described_extra", "2",
+                             "--described_extra_tasks", "colour, size"])
+    assert "--described_extra_tasks 'colour, size': each one of colour, count" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def align_batch(tmp_path, records: list[dict]):
     """(the one align-stage batch of `records`, written as shards under tmp_path, the processor)."""
     path = tmp_path / "records.json"
@@ -144,11 +154,13 @@ def test_pictured_described_questions_put_the_picture_and_its_description_before
     picture's tokens, the description and the speech, and trains on the answer."""
     from datagen.demo import make_split
 
-    vqa = make_split(str(tmp_path), "train", 12, seed=0)
+    vqa = make_split(str(tmp_path), "train", 40, seed=0)
     records = pictured_described_records(vqa, 5, seed=0)
     assert [r["source"] for r in records] == [f"pictured_demo_{t}" for t in DESCRIBED_TASKS]
     assert all(split_of(r["conversations"][0]["value"].removeprefix("<image>\n")) == "train"
-               for r in pictured_described_records(vqa, 12, seed=0))
+               for r in pictured_described_records(vqa, 20, seed=0))
+    with pytest.raises(ValueError, match="only"):  # a shortfall is loud
+        pictured_described_records(vqa, 41, seed=0)
     batch, processor = align_batch(tmp_path, records)
     by_id = {r["id"]: r for r in records}
     assert len(batch.keys) == 5 and int(batch.image_token_counts.min()) > 0

@@ -22,7 +22,7 @@ import argparse
 import json
 
 from datagen.demo import make_demo_data
-from datagen.sentences import make_sentence_data
+from datagen.sentences import DESCRIBED_TASKS, make_sentence_data
 
 
 def main(argv=None) -> None:
@@ -54,6 +54,10 @@ def main(argv=None) -> None:
                         help="with --sentences_train: spoken questions on training scenes with the picture and its "
                              "description in the prompt, on their own shards (shards/pictured_described)")
     args = parser.parse_args(argv)
+    extra_tasks = tuple(task.strip() for task in args.described_extra_tasks.split(",") if task.strip())
+    unknown = sorted(set(extra_tasks) - set(DESCRIBED_TASKS))
+    if unknown or not extra_tasks:  # before the demo data's TTS, not after it
+        parser.error(f"--described_extra_tasks {args.described_extra_tasks!r}: each one of {', '.join(DESCRIBED_TASKS)}")
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")
     paths = make_demo_data(args.out, num_train=args.train, num_heldout=args.heldout, seed=args.seed,
@@ -67,7 +71,7 @@ def main(argv=None) -> None:
                                         picture_asr=args.picture_asr,
                                         picture_asr_source=args.picture_asr_source,
                                         described_extra=args.described_extra,
-                                        described_extra_tasks=tuple(args.described_extra_tasks.split(",")),
+                                        described_extra_tasks=extra_tasks,
                                         pictured_described=args.pictured_described))
     print(json.dumps(paths, indent=2))
 

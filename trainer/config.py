@@ -105,11 +105,13 @@ class DistillConfig:
     kd_temperature: float = 1.0
     """Softmax temperature of both distributions; the KD term is scaled by T^2."""
     kd_divergence: str = "fkl"
-    """fkl = KL(teacher || student) (the paper), rkl = KL(student || teacher), jsd (beta 0.5), or gjsd with --kd_beta
+    """fkl = KL(teacher ‖ student) (the paper), rkl = KL(student ‖ teacher), jsd (beta 0.5), or gjsd with --kd_beta
     (generalized JSD as in GKD; fkl, rkl and jsd are its beta 0, 1 and 0.5)."""
     kd_beta: Optional[float] = None
-    """--kd_divergence gjsd only: beta KL(teacher || M) + (1 - beta) KL(student || M), M = beta teacher + (1 - beta)
-    student; 0 = forward KL (fkl) ... 1 = reverse KL (rkl)."""
+    """--kd_divergence gjsd only: beta KL(teacher ‖ M) + (1 - beta) KL(student ‖ M), M = beta teacher + (1 - beta)
+    student; 0 = forward KL (fkl) ... 1 = reverse KL (rkl) by definition, but inside (0, 1) the divergence shrinks
+    towards the ends (about beta x fkl for a small beta: --kd_beta 0.01 weighs the KD term about 100x less than
+    fkl). none = unset."""
     teacher: str = "shared"
     """shared: the live weights; frozen: the starting weights; ema: an EMA of the weights."""
     ema_decay: float = 0.999
@@ -227,6 +229,8 @@ def _coerce(name: str, f, value: Any) -> Any:
     if value is None:
         return None
     if default is None and f.type in (Optional[float], "Optional[float]"):
+        if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
+            return None  # a YAML's value cleared on the command line
         default = 0.0  # a number when given
     try:
         if isinstance(default, bool):
@@ -271,7 +275,9 @@ def field_docs(cls) -> dict:
     return docs
 
 
-def _metavar(default) -> str:
+def _metavar(default, annotation=None) -> str:
+    if annotation in (Optional[float], "Optional[float]"):
+        return "FLOAT"
     if isinstance(default, bool):
         return "BOOL"
     if isinstance(default, tuple):
@@ -293,7 +299,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
         docs = field_docs(cls)
         for f in fields(cls):
             help_text = f"{docs.get(f.name, '')} (default: {f.default!r})".replace("%", "%%")
-            group.add_argument(f"--{f.name}", default=None, metavar=_metavar(f.default), help=help_text)
+            group.add_argument(f"--{f.name}", default=None, metavar=_metavar(f.default, f.type), help=help_text)
     return parser
 
 
