@@ -130,6 +130,12 @@ def described_qa_records(count: int, seed: int, *, spoken: bool, tasks: tuple[st
     return records
 
 
+def check_tasks(tasks: tuple[str, ...]) -> None:
+    """ValueError unless `tasks` names one or more of DESCRIBED_TASKS and nothing else."""
+    if not tasks or set(tasks) - set(DESCRIBED_TASKS):
+        raise ValueError(f"described_extra_tasks {','.join(tasks)!r}: each one of {', '.join(DESCRIBED_TASKS)}")
+
+
 def pictured_described_records(vqa: list[dict], count: int, seed: int,
                                tasks: tuple[str, ...] = DESCRIBED_TASKS) -> list[dict]:
     """Spoken questions on training scenes with both the picture and its description in the prompt:
@@ -257,9 +263,7 @@ def make_sentence_data(out_dir: str, vqa_train_json: str, *, num_train: int, num
                    five question types in turn, on their own shards (a run adds them to stage_mix's
                    spec),
     each mix shuffled together by the shard writer. Returns {NAME + "_shards": spec}."""
-    unknown = sorted(set(described_extra_tasks) - set(DESCRIBED_TASKS))
-    if unknown or not described_extra_tasks:
-        raise ValueError(f"described_extra_tasks {described_extra_tasks!r}: each one of {DESCRIBED_TASKS}")
+    check_tasks(described_extra_tasks)
     extra_tag = "extra" if tuple(described_extra_tasks) == ("colour", "count") else "extra-" + "-".join(described_extra_tasks)
     os.makedirs(os.path.join(out_dir, "sentences"), exist_ok=True)
     with open(vqa_train_json) as f:

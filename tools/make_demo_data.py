@@ -22,7 +22,7 @@ import argparse
 import json
 
 from datagen.demo import make_demo_data
-from datagen.sentences import DESCRIBED_TASKS, make_sentence_data
+from datagen.sentences import DESCRIBED_TASKS, check_tasks, make_sentence_data
 
 
 def main(argv=None) -> None:
@@ -55,8 +55,9 @@ def main(argv=None) -> None:
                              "description in the prompt, on their own shards (shards/pictured_described)")
     args = parser.parse_args(argv)
     extra_tasks = tuple(task.strip() for task in args.described_extra_tasks.split(",") if task.strip())
-    unknown = sorted(set(extra_tasks) - set(DESCRIBED_TASKS))
-    if unknown or not extra_tasks:  # before the demo data's TTS, not after it
+    try:
+        check_tasks(extra_tasks)  # before the demo data's TTS, not after it
+    except ValueError:
         parser.error(f"--described_extra_tasks {args.described_extra_tasks!r}: each one of {', '.join(DESCRIBED_TASKS)}")
     if args.sentences_train and args.no_shards:
         parser.error("--sentences_train writes shards: drop --no_shards")

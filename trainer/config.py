@@ -228,7 +228,7 @@ def _coerce(name: str, f, value: Any) -> Any:
     default = f.default
     if value is None:
         return None
-    if default is None and f.type in (Optional[float], "Optional[float]"):
+    if default is None and _optional_float(f.type):
         if isinstance(value, str) and value.strip().lower() in ("none", "null", ""):
             return None  # a YAML's value cleared on the command line
         default = 0.0  # a number when given
@@ -275,8 +275,13 @@ def field_docs(cls) -> dict:
     return docs
 
 
+def _optional_float(annotation) -> bool:
+    """A field that is unset (None) or a number, like --kd_beta."""
+    return annotation in (Optional[float], "Optional[float]")
+
+
 def _metavar(default, annotation=None) -> str:
-    if annotation in (Optional[float], "Optional[float]"):
+    if _optional_float(annotation):
         return "FLOAT"
     if isinstance(default, bool):
         return "BOOL"
