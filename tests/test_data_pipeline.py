@@ -2,6 +2,7 @@
 rank x worker split, shuffling, exact resume, eval loader, ASR stage, too_long rule,
 inspect_shards."""
 
+import collections
 import io
 import json
 import os
@@ -18,6 +19,7 @@ from transformers import WhisperFeatureExtractor
 
 from tools.inspect_shards import main as inspect_main
 from trainer.data import DataQualityError, build_eval_loader, build_train_loader
+from trainer.data.loader import resize_state
 from trainer.data.batch import IGNORE_INDEX
 from datagen import writer
 from datagen.writer import make_asr_shards, make_llava_shards
@@ -642,3 +644,130 @@ def test_token_budget_resume_counts_shard_level_skips_once(llava_shards, process
         assert [b.keys for b in head + tail] == [b.keys for b in reference], stop
         assert resumed.skip_counts(include_ok=True) == uninterrupted.skip_counts(include_ok=True), stop
     assert at_shard_start, "some stop lies in a buffer that starts at a shard's first sample"
+
+
+# --- resume on another number of readers (trainer/data/loader.py resize_state) -----------------
+def _resized_keys(spec, processor, old, new, head, epochs, **extra):
+    """Each of `old` = (world_size, num_workers)'s ranks hands out `head` micro-batches; the
+    states then resume on `new` ranks and run to the end of `epochs`. Returns the keys handed out
+    before and after, the resized states and each new rank's keys."""
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, seed=7, epochs=epochs, **extra)
+    before, states = [], []
+    for rank in range(old[0]):
+        loader = build_train_loader(spec, processor, rank=rank, world_size=old[0], num_workers=old[1], **args)
+        before += [k for b in _take(loader, head) for k in b.keys]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    after, resized = [], []
+    for rank in range(new[0]):
+        state = resize_state(states, rank=rank, world_size=new[0], num_workers=new[1])
+        resized.append(json.loads(json.dumps(state)))
+        loader = build_train_loader(spec, processor, rank=rank, world_size=new[0], num_workers=new[1], state=state,
+                                    **args)
+        after.append([k for b in loader for k in b.keys])
+    return before, after, resized
+
+
+@pytest.mark.parametrize("old,new,head", [
+    ((2, 0), (1, 0), 3), ((1, 0), (2, 0), 4), ((2, 0), (3, 0), 2),
+    pytest.param((2, 2), (1, 2), 3, marks=pytest.mark.slow), pytest.param((1, 2), (3, 1), 5, marks=pytest.mark.slow)])
+def test_resize_reads_every_sample_of_each_epoch_once(llava_shards, processor, old, new, head):
+    """Stopped after `head` micro-batches per rank and resumed on another number of ranks and
+    workers, then run to the end of the epoch count: every sample is read once per epoch, the
+    interrupted epoch's rest included -- none repeated, none skipped (the same samples, not the
+    same order)."""
+    spec = [os.path.join(llava_shards["out"], name) for name in llava_shards["index"]["shards"]]
+    keys = sorted(shard_samples(llava_shards["out"]))
+    before, after, resized = _resized_keys(spec, processor, old, new, head, epochs=3)
+    assert all(after), "every new rank reads something"
+    stop = resized[0]["positions"]["0"]["own"]["epoch"]
+    assert stop < 3
+    assert collections.Counter(before + [k for rank in after for k in rank]) == {k: 3 for k in keys}
+
+
+def test_resize_to_fewer_ranks_hands_out_the_saved_micro_batches_first(llava_shards, processor):
+    """2 ranks -> 1 (no data workers): the one new reader takes the two saved readers' micro-batches
+    in turn, so with --grad_accum doubled a step sees the samples the saved run's step would have."""
+    spec = llava_shards["spec"]
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, seed=7, num_workers=0)
+    loaders = [build_train_loader(spec, processor, rank=r, world_size=2, **args) for r in (0, 1)]
+    for loader in loaders:
+        _take(loader, 2)
+    states = [json.loads(json.dumps(loader.state_dict())) for loader in loaders]
+    uninterrupted = [[b.keys for b in _take(loader, 2)] for loader in loaders]
+    state = resize_state(states, rank=0, world_size=1, num_workers=0)
+    got = [b.keys for b in _take(build_train_loader(spec, processor, rank=0, world_size=1, state=state, **args), 4)]
+    assert got == [uninterrupted[0][0], uninterrupted[1][0], uninterrupted[0][1], uninterrupted[1][1]]
+
+
+def test_resize_to_more_ranks_shares_each_saved_reader(llava_shards, processor):
+    """1 rank -> 2 (no data workers): both new readers walk the saved reader, each keeping every
+    other micro-batch, so a step of the two (--grad_accum halved) sees the saved run's step."""
+    spec = llava_shards["spec"]
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, seed=7, num_workers=0)
+    loader = build_train_loader(spec, processor, rank=0, world_size=1, **args)
+    _take(loader, 3)
+    state = json.loads(json.dumps(loader.state_dict()))
+    uninterrupted = [b.keys for b in _take(loader, 4)]
+    got = []
+    for rank in (0, 1):
+        resized = resize_state([state], rank=rank, world_size=2, num_workers=0)
+        got.append([b.keys for b in _take(build_train_loader(spec, processor, rank=rank, world_size=2, state=resized,
+                                                             **args), 2)])
+    assert [got[0][0], got[1][0], got[0][1], got[1][1]] == uninterrupted
+    ok = [build_train_loader(spec, processor, rank=r, world_size=2, state=resize_state(
+        [state], rank=r, world_size=2, num_workers=0), **args).skip_counts(include_ok=True).get("ok", 0) for r in (0, 1)]
+    assert ok == [state["counts"]["0"]["ok"], 0], "a shared reader's counts are counted once"
+
+
+def test_resized_run_resumes_exactly_and_resizes_again(llava_shards, processor):
+    """A resized loader's state resumes exactly on its own size, and resizes again (2 -> 3 -> 1):
+    still every sample once per epoch."""
+    spec = [os.path.join(llava_shards["out"], name) for name in llava_shards["index"]["shards"]]
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, seed=7, num_workers=0, epochs=4)
+    before, states = [], []
+    for rank in (0, 1):
+        loader = build_train_loader(spec, processor, rank=rank, world_size=2, **args)
+        before += [k for b in _take(loader, 3) for k in b.keys]
+        states.append(loader.state_dict())
+    middle = [resize_state(states, rank=r, world_size=3, num_workers=0) for r in range(3)]
+    # On its own size the resized state resumes exactly: 2 micro-batches, stop, 3 more == 5 in one go.
+    reference = [b.keys for b in _take(build_train_loader(spec, processor, rank=1, world_size=3, state=middle[1],
+                                                          **args), 5)]
+    first = build_train_loader(spec, processor, rank=1, world_size=3, state=middle[1], **args)
+    head = [b.keys for b in _take(first, 2)]
+    again = json.loads(json.dumps(first.state_dict()))
+    tail = [b.keys for b in _take(build_train_loader(spec, processor, rank=1, world_size=3, state=again, **args), 3)]
+    assert head + tail == reference
+    states = []
+    for rank in range(3):
+        loader = build_train_loader(spec, processor, rank=rank, world_size=3, state=middle[rank], **args)
+        before += [k for b in _take(loader, 2) for k in b.keys]
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    final = resize_state(states, rank=0, world_size=1, num_workers=0)
+    after = [k for b in build_train_loader(spec, processor, rank=0, world_size=1, state=final, **args) for k in b.keys]
+    keys = sorted(shard_samples(llava_shards["out"]))
+    assert collections.Counter(before + after) == {k: 4 for k in keys}
+
+
+def test_resize_from_inside_a_length_buffer(llava_shards, processor):
+    """Token budget: readers stopped inside a length buffer are replayed on the new size (their
+    buffer planned again, the micro-batches already handed out skipped): every sample once per
+    epoch. A buffer larger than a reader's share of an epoch cannot be replayed: refused."""
+    spec = [os.path.join(llava_shards["out"], name) for name in llava_shards["index"]["shards"]]
+    keys = sorted(shard_samples(llava_shards["out"]))
+    budget = dict(max_tokens=600, buffer_size=4)
+    before, after, resized = _resized_keys(spec, processor, (2, 0), (1, 0), 3, epochs=4, **budget)
+    assert any("buffer_start" in item["state"] for item in resized[0]["positions"]["0"]["leftover"])
+    assert collections.Counter(before + after[0]) == {k: 4 for k in keys}
+    with pytest.raises(ValueError, match="runs past the end of epoch"):
+        _resized_keys(spec, processor, (2, 0), (1, 0), 1, epochs=4, max_tokens=600, buffer_size=32)
+
+
+def test_resize_refuses_states_that_do_not_belong_together(llava_shards, processor):
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, num_workers=0)
+    states = [build_train_loader(llava_shards["spec"], processor, rank=r, world_size=2, seed=s, **args).state_dict()
+              for r, s in ((0, 7), (1, 8))]
+    with pytest.raises(ValueError, match="disagree on seed"):
+        resize_state(states, rank=0, world_size=1, num_workers=0)
+    with pytest.raises(ValueError, match="written by 2 ranks but 1 were given"):
+        resize_state(states[:1], rank=0, world_size=1, num_workers=0)

@@ -170,6 +170,10 @@ class CheckpointConfig:
     """Complete checkpoints to keep; older ones are deleted."""
     resume: Optional[str] = None
     """`auto` (newest complete checkpoint in --save_dir, if any) or a checkpoint directory."""
+    allow_batch_change: bool = False
+    """Resuming on another number of ranks keeps the saved global batch (micro-batch x --grad_accum x ranks) by
+    setting --grad_accum, and refuses when no whole number does; with this flag the run's own --grad_accum is kept
+    and the global batch may change."""
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ import torch
 from torch.profiler import record_function
 from tqdm import tqdm
 
-from trainer import checkpoint, dist, ds_config
+from trainer import checkpoint, dist, ds_config, resize
 from trainer.config import Config, ConfigError, write_resolved
 from trainer.data import build_eval_loader, build_train_loader
 from trainer.data.batch import Batch, Stage
@@ -162,6 +162,21 @@ class Trainer:
         _seed_everything(c.optim.seed)
         self.device = dist.device()
         self.zero_stage = self.ds_config.get("zero_optimization", {}).get("stage", 0)
+        # Which checkpoint, and whether it was written by another number of ranks (trainer/resize.py):
+        # then the global batch decides --grad_accum and DeepSpeed loads a universal conversion.
+        resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
+        self.saved_world = resize.saved_world_size(resume_from) if resume_from else None
+        self.resized = self.saved_world is not None and self.saved_world != dist.world_size()
+        if self.resized:
+            if self.zero_stage != 3:
+                raise ConfigError(f"{resume_from} was written by {self.saved_world} ranks, this run has "
+                                  f"{dist.world_size()}: resuming on another world size needs ZeRO-3 "
+                                  f"(--ds_config ds_configs/zero3*.json); {c.optim.ds_config} is stage {self.zero_stage}")
+            c = self.config = resize.plan_batch(c, resume_from, self.saved_world, dist.world_size())
+            self.ds_config = ds_config.resolve(c, dist.world_size(), on_gpu=torch.cuda.is_available())
+            self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
+            resize.prepare(resume_from)
+            self.watchdog.kick()
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
 
         # Under ZeRO-3 every parameter is partitioned as it is created: no rank ever holds
@@ -200,10 +215,18 @@ class Trainer:
         self.nonfinite_streak = 0  # in a row, up to the current step
         self.last_checkpoint = None
         self.stop_agreed = False
-        resume_from = checkpoint.resolve_resume(c.checkpoint.resume, c.checkpoint.save_dir)
         if resume_from:
             _check_same_lora(resume_from, omni_spec(self.model))
-        state = checkpoint.load(self.engine, resume_from) if resume_from else None
+        if self.resized:
+            state = resize.load(self.engine, resume_from, self.saved_world, self.objective.teacher,
+                                seed=c.optim.seed, num_workers=c.data.num_workers)
+        else:
+            state = checkpoint.load(self.engine, resume_from) if resume_from else None
+            if state is not None and state["data"].get("num_workers") != c.data.num_workers:
+                # Another --num_workers on the same ranks: the data readers are dealt anew.
+                dist.print0(f"resize: --num_workers {state['data'].get('num_workers')} -> {c.data.num_workers}: "
+                            "the data's rest of the epoch dealt to the new readers")
+                state["data"] = resize.data_state(resume_from, self.saved_world, c.data.num_workers)
         self.watchdog.kick()
         if state is not None:
             if state["world_size"] != dist.world_size():

@@ -150,22 +150,85 @@ class ShardStream(IterableDataset):
     def plan_settings(self) -> dict:
         return {"max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "with_teacher": self.with_teacher}
 
-    def epoch_shards(self, epoch: int, slot: int) -> list[int]:
+    def epoch_shards(self, epoch: int, slot: int, num_slots: int | None = None, split: bool | None = None) -> list[int]:
+        """The shard indices `slot` reads in `epoch`, under this run's split or the one given (a resized
+        run walks the slots of the run that wrote its checkpoint)."""
+        num_slots = self.num_slots if num_slots is None else num_slots
+        split = self.split_samples if split is None else split
         order = np.arange(len(self.urls))
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self.urls))
-        if self.split_samples:
+        if split:
             return order.tolist()
-        return order[slot::self.num_slots].tolist()
+        return order[slot::num_slots].tolist()
 
     def __iter__(self):
         info = get_worker_info()
         worker_id = info.id if info is not None else 0
         role = (worker_id + self.role_offset) % self.num_roles
         slot = self.rank * self.num_roles + role
-        where = f"rank {self.rank} worker role {role}"
-        saved = self.positions.get(str(role)) or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
-        counts = dict(self.counts.get(str(role)) or {})
+        saved = self.positions.get(str(role))
+        if saved is not None and "leftover" in saved:
+            walk = self._resized_walk(saved, slot, f"rank {self.rank} worker role {role}")
+        else:
+            walk = self._walk(slot, self.num_slots, self.split_samples, saved, dict(self.counts.get(str(role)) or {}),
+                              self.epochs, f"rank {self.rank} worker role {role}")
+        for samples, position, counts in walk:
+            yield self._emit(samples, role, position, counts)
+
+    def _resized_walk(self, saved: dict, slot: int, where: str):
+        """A slot of a run resumed on another number of readers (`resize_state`): first the
+        leftover walks it was given -- slots of the run that wrote the checkpoint, each to the end
+        of the epoch the resize stops at -- one micro-batch from each in turn, then its own slot
+        of this run's split from that epoch on. The position carries every walk's own state."""
+        items = [dict(item) for item in saved["leftover"]]
+        turn = saved["turn"]
+        walks = {}
+        while not all(item["done"] for item in items):
+            i = next(k % len(items) for k in range(turn, turn + len(items)) if not items[k % len(items)]["done"])
+            if i not in walks:
+                item = items[i]
+                walks[i] = self._walk(item["slot"], item["num_slots"], item["split_samples"], item["state"],
+                                      dict(item["counts"]), item["stop_epoch"],
+                                      f"{where} (leftover of slot {item['slot']} of {item['num_slots']})")
+            index, sharers = items[i].get("share", (0, 1))
+            produced = items[i].get("produced", 0)
+            try:
+                while True:  # a walk shared by several readers: every one walks it, each keeps its turns
+                    samples, position, counts = next(walks[i])
+                    produced += 1
+                    if (produced - 1) % sharers == index:
+                        break
+            except StopIteration:
+                items[i] = {**items[i], "done": True}
+                continue
+            items[i] = {**items[i], "state": position, "counts": counts, "produced": produced}
+            turn = i + 1
+            yield samples, {**saved, "leftover": list(items), "turn": turn}, self._total_counts(items, saved)
+        own = self._walk(slot, self.num_slots, self.split_samples, saved["own"], dict(saved["own_counts"]),
+                         self.epochs, where)
+        for samples, position, counts in own:
+            state = {**saved, "leftover": list(items), "turn": turn, "own": position, "own_counts": counts}
+            yield samples, state, self._total_counts(items, state)
+
+    @staticmethod
+    def _total_counts(items: list, state: dict) -> dict:
+        """This slot's counts: its own walk's and its leftover walks' (a shared walk's by its first
+        reader only: every reader of it counts all its samples)."""
+        total = dict(state["own_counts"])
+        for item in items:
+            if item.get("share", (0, 1))[0]:
+                continue
+            for reason, n in item["counts"].items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
+    def _walk(self, slot: int, num_slots: int, split: bool, saved: dict | None, counts: dict, stop_epoch: int | None,
+              where: str):
+        """Slot `slot` of a split into `num_slots` readers, from `saved` (its position after the last
+        micro-batch handed out; None = the start) until `stop_epoch` (None = forever): yields
+        (samples of one micro-batch, the position after it, the cumulative counts)."""
+        saved = saved or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
         skip, fingerprint = 0, None  # the first buffer's micro-batches handed out before a resume, and its samples
         if "buffer_start" in saved:
             if saved["plan"] != self.plan_settings():
@@ -192,9 +255,9 @@ class ShardStream(IterableDataset):
                 expected = max(1, math.ceil(whole_samples / whole_shards)) if whole_shards else 1
             return max(1, expected - read)
 
-        while self.epochs is None or position["epoch"] < self.epochs:
+        while stop_epoch is None or position["epoch"] < stop_epoch:
             epoch = position["epoch"]
-            shards = self.epoch_shards(epoch, slot)
+            shards = self.epoch_shards(epoch, slot, num_slots, split)
             seen_before = samples_seen(counts) - position["epoch_seen"]  # samples_seen at the epoch's start
             while position["shard_pos"] < len(shards):
                 shard_pos = position["shard_pos"]
@@ -209,14 +272,14 @@ class ShardStream(IterableDataset):
                     if position["cursor"] == 0:  # counted once per shard, also across a resume inside it
                         position["whole"] = [position["whole"][0] + 1, position["whole"][1] + len(raw_samples)]
                 # In sample-split mode every slot reads the shard; one slot owns its warnings.
-                owns_shard = not self.split_samples or shard_pos % self.num_slots == slot
+                owns_shard = not split or shard_pos % num_slots == slot
                 if error is not None and position["cursor"] == 0:
                     lost = samples_lost(url, len(raw_samples))
                     if owns_shard:
                         log.warning("%s: skipping %s, counted as %d lost samples: %s", where, error.reason, lost,
                                     error)
-                    if self.split_samples:  # the lost samples would have followed the ones read
-                        lost = samples_in_slot(position["base"] + len(raw_samples), lost, slot, self.num_slots)
+                    if split:  # the lost samples would have followed the ones read
+                        lost = samples_in_slot(position["base"] + len(raw_samples), lost, slot, num_slots)
                     if lost:
                         count(error.reason, lost)
                         check_quality(counts, self.max_bad_fraction, False, where)
@@ -232,7 +295,7 @@ class ShardStream(IterableDataset):
                     if self.max_tokens and not pending:
                         buffer_start = shard_entry if j == 0 else self._snapshot(position, counts, seen_before)
                     position["cursor"] = j + 1
-                    if self.split_samples and (position["base"] + j) % self.num_slots != slot:
+                    if split and (position["base"] + j) % num_slots != slot:
                         continue
                     raw = raw_samples[order[j]]
                     try:
@@ -249,29 +312,34 @@ class ShardStream(IterableDataset):
                     pending.append(sample)
                     if len(pending) == self.buffer_size:
                         position["epoch_seen"] = samples_seen(counts) - seen_before
-                        yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip,
-                                                  fingerprint)
+                        yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint)
                         pending, skip = [], 0
                 position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples),
                                 epoch_seen=samples_seen(counts) - seen_before)
             check_quality(counts, self.max_bad_fraction, True, where)
-            if samples_seen(counts) == seen_before and self.epochs is None:
+            if samples_seen(counts) == seen_before and stop_epoch is None:
                 raise ValueError(f"{where}: epoch {epoch} produced no samples (shards: {len(self.urls)}, "
-                                 f"slots: {self.num_slots}); the data set is smaller than the number of readers")
+                                 f"slots: {num_slots}); the data set is smaller than the number of readers")
             position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0, epoch_seen=0)
+        if skip:
+            raise ValueError(
+                f"cannot resume the data stream on this number of readers: {where} stopped inside a length buffer "
+                f"(--token_budget_buffer {self.buffer_size}) that runs past the end of epoch {stop_epoch - 1}, where "
+                "the resize hands over to the new split (a reader's share of an epoch is smaller than the buffer); "
+                "resume on the world size and --num_workers that wrote the checkpoint")
         if pending:
-            yield from self._hand_out(pending, slot, role, position, counts, buffer_start, skip, fingerprint)
+            yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint)
 
     @staticmethod
     def _snapshot(position: dict, counts: dict, seen_before: int) -> dict:
         """Where a buffer starts: the position and counts a resumed slot restarts it from."""
         return {"position": {**position, "epoch_seen": samples_seen(counts) - seen_before}, "counts": dict(counts)}
 
-    def _hand_out(self, pending, slot, role, position, counts, buffer_start, skip, expected):
+    def _hand_out(self, pending, slot, position, counts, buffer_start, skip, expected):
         """The buffer's micro-batches: one batch of them all, or the token budget's plan. A resumed
         buffer (skip > 0) must hold the samples, with the lengths, of the one planned before."""
         if not self.max_tokens:
-            yield self._emit(pending, role, position, counts)
+            yield list(pending), dict(position), dict(counts)
             return
         lengths = [sample_lengths(s, self.with_teacher) for s in pending]
         fingerprint = zlib.crc32(json.dumps([[s["key"], *n] for s, n in zip(pending, lengths)]).encode())
@@ -288,7 +356,7 @@ class ShardStream(IterableDataset):
                 continue
             inside = {"buffer_start": buffer_start, "emitted": k + 1, "plan": self.plan_settings(),
                       "fingerprint": fingerprint}
-            yield self._emit([pending[i] for i in group], role, position if k + 1 == len(groups) else inside, counts)
+            yield ([pending[i] for i in group], dict(position) if k + 1 == len(groups) else inside, dict(counts))
 
     def _emit(self, samples, role, position, counts):
         batch = self.collate(samples, self.pad_id)
@@ -411,6 +479,75 @@ class StreamingLoader:
         self._positions = {str(k): dict(v) for k, v in state["positions"].items()}
         self._counts = {str(k): dict(v) for k, v in state["counts"].items()}
         self._next_role = int(state["next_role"])
+
+
+def resize_state(saved: list[dict], *, rank: int, world_size: int, num_workers: int) -> dict:
+    """This rank's loader state for a run resumed on another number of ranks or workers, from
+    every saved rank's `StreamingLoader.state_dict()` (saved[r] is rank r's).
+
+    Exact after a resize means the same samples, not the same order or micro-batches: every
+    saved reader slot's share of the data up to the end of epoch E (its position's epoch + 1, +2
+    when a slot stopped inside a length buffer, so the buffer can be replayed whole; the
+    largest over slots) is read exactly once, by walking that slot of the saved split from its
+    saved position (a slot of an earlier resize keeps its own unfinished walks). With fewer new
+    slots than walks, walk i goes to slot i % new slots; with more, walk i is shared by slots i,
+    i + walks, ...: each of its k readers walks it whole (decoding it all) and keeps every k-th
+    micro-batch. A new slot hands out one micro-batch from each of its walks in turn, then reads
+    its own slot of the new split from epoch E on. With no data workers and a world size
+    divided or multiplied by the saved one, the steps after the resize see the saved run's
+    micro-batches until epoch E."""
+    first = saved[0]
+    for r, state in enumerate(saved):
+        if state.get("format") != STATE_FORMAT or state.get("rank") != r:
+            raise ValueError(f"saved data state {r} is not rank {r}'s (format {state.get('format')}, "
+                             f"rank {state.get('rank')})")
+        for key in ("seed", "num_shards", "shuffle", "world_size", "num_workers"):
+            if state.get(key) != first.get(key):
+                raise ValueError(f"saved data states disagree on {key}: rank 0 has {first.get(key)!r}, rank {r} "
+                                 f"has {state.get(key)!r}")
+    if first["world_size"] != len(saved):
+        raise ValueError(f"the data state was written by {first['world_size']} ranks but {len(saved)} were given")
+    old_roles = max(1, first["num_workers"])
+    old_slots = first["world_size"] * old_roles
+    old_split = first.get("split_samples", first["num_shards"] < old_slots)
+    walks, inherited, epochs, buffered = [], [], [], False
+    for slot in range(old_slots):
+        state = saved[slot // old_roles]
+        role = str(slot % old_roles)
+        position = state["positions"].get(role)
+        counts = dict(state["counts"].get(role) or {})
+        if position is not None and "leftover" in position:
+            inherited.extend(item for item in position["leftover"] if not item["done"])
+            position, counts = position["own"], dict(position["own_counts"])
+        position = position or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
+        if "buffer_start" in position:
+            buffered = True
+            epochs.append(position["buffer_start"]["position"]["epoch"])
+        else:
+            epochs.append(position["epoch"])
+        walks.append({"slot": slot, "num_slots": old_slots, "split_samples": old_split, "state": position,
+                      "counts": counts, "done": False})
+    stop = max(epochs) + (2 if buffered else 1)
+    new_roles = max(1, num_workers)
+    new_slots = world_size * new_roles
+    dealt = [[item for i, item in enumerate(inherited) if i % new_slots == slot] for slot in range(new_slots)]
+    for i, walk in enumerate(walks):
+        if new_slots <= len(walks):
+            dealt[i % new_slots].append({**walk, "stop_epoch": stop})
+            continue
+        sharers = range(i, new_slots, len(walks))  # more new readers than walks: each walk shared
+        for k, slot in enumerate(sharers):
+            dealt[slot].append({**walk, "stop_epoch": stop, "share": [k, len(sharers)], "produced": 0})
+    positions, counts = {}, {}
+    for role in range(new_roles):
+        slot = rank * new_roles + role
+        mine = dealt[slot]
+        positions[str(role)] = {"leftover": mine, "turn": 0,
+                                "own": {"epoch": stop, "shard_pos": 0, "cursor": 0, "base": 0}, "own_counts": {}}
+        counts[str(role)] = ShardStream._total_counts(mine, positions[str(role)])
+    return {"format": STATE_FORMAT, "rank": rank, "world_size": world_size, "num_workers": num_workers,
+            "seed": first["seed"], "num_shards": first["num_shards"], "shuffle": first["shuffle"],
+            "next_role": first["next_role"] % new_roles, "positions": positions, "counts": counts}
 
 
 def build_train_loader(spec: str | list[str], processor, *, stage: Stage | str, micro_batch_size: int, max_seq_len: int,

@@ -42,8 +42,9 @@ Trainer usage (after `deepspeed.initialize`, and after loading a checkpoint):
     engine.backward(out.loss); engine.step()
     if <that step was an optimizer step (gradient accumulation boundary)>: objective.teacher.update()
 Checkpoints: `teacher.state_dict()` holds this rank's copies (save one file per rank) and
-`teacher.load_state_dict(sd)` restores them on the same world size; both carry the teacher's
-`kind`, and loading another kind's state is a ValueError naming both.
+`teacher.load_state_dict(sd)` restores them on the same world size (`reshard_state` cuts them
+for another one); both carry the teacher's `kind`, and loading another kind's state is a
+ValueError naming both.
 """
 
 import contextlib
@@ -218,6 +219,39 @@ class EMATeacher(SnapshotTeacher):
             raise RuntimeError("EMA update inside the teacher context would average the teacher into itself")
         for param, ema in zip(self.params, self.copies):
             ema.mul_(self.decay).add_(_local_tensor(param).detach().float(), alpha=1.0 - self.decay)
+
+
+def reshard_flat(parts: list, numel: int, like: torch.Tensor, rank: int) -> torch.Tensor:
+    """The saved ranks' ZeRO-3 partitions of one parameter (in rank order) -> this rank's: the
+    partitions concatenated are the flat parameter (then padding); this rank's is elements
+    [rank * n, rank * n + n) of it (n = `like`'s size, DeepSpeed's partition), zero past the end."""
+    whole = torch.cat([p.reshape(-1) for p in parts])[:numel]
+    if whole.numel() != numel:
+        raise ValueError(f"the saved partitions hold {whole.numel()} elements, the parameter {numel}")
+    n = like.numel()
+    part = torch.zeros(n, dtype=like.dtype)
+    piece = whole[rank * n:rank * n + n]
+    part[:piece.numel()] = piece.to(like.dtype)
+    return part
+
+
+def reshard_state(saved: list, teacher, rank: int) -> dict:
+    """The teacher state for this rank of a run resumed on another world size, from every saved
+    rank's `state_dict()` (saved[r] is rank r's). Under ZeRO-3 each copy is a rank's flat
+    partition: the saved ranks' partitions of a parameter, concatenated, are the whole flat
+    parameter (then padding), and this rank's new partition is cut from it -- bit for bit.
+    Full copies (no ZeRO-3) are the same on every rank: rank 0's is kept."""
+    for state in saved:
+        _check_kind(state, teacher.kind)
+    if "copies" not in saved[0]:
+        return dict(saved[0])
+    if len({len(s["copies"]) for s in saved} | {len(teacher.copies)}) != 1:
+        raise ValueError("the saved teacher states hold another number of parameters than this model trains")
+    if not teacher.zero3:
+        return {"kind": teacher.kind, "copies": [c.clone() for c in saved[0]["copies"]]}
+    copies = [reshard_flat([s["copies"][i] for s in saved], param.ds_numel, mine, rank)
+              for i, (param, mine) in enumerate(zip(teacher.params, teacher.copies))]
+    return {"kind": teacher.kind, "copies": copies}
 
 
 def make_teacher(kind: str, model: nn.Module, ema_decay: float = 0.999, *, zero_stage: int = 0, release=None):
