@@ -20,6 +20,7 @@ import torch
 from tests.shared_launch import BASE, Check, call, main
 from trainer import checkpoint, resize
 from trainer.config import ConfigError, load_config
+from trainer.distill.teachers import reshard_flat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = ("--num_workers", "0", "--teacher", "ema", "--ema_decay", "0.9", "--save_every", "3")
@@ -207,7 +208,23 @@ def test_reshard_flat_cuts_deepspeeds_partitions():
         for new in (1, 2, 3, 5):
             expected = partitions(new)
             for rank in range(new):
-                got = resize.reshard_flat(partitions(old), whole.numel(), expected[rank], rank)
+                got = reshard_flat(partitions(old), whole.numel(), expected[rank], rank)
                 assert torch.equal(got, expected[rank]), (old, new, rank)
     with pytest.raises(ValueError, match="hold 6 elements, the parameter 11"):
-        resize.reshard_flat(partitions(2)[:1], whole.numel(), partitions(1)[0], 0)
+        reshard_flat(partitions(2)[:1], whole.numel(), partitions(1)[0], 0)
+
+
+def test_reshard_teacher_state_by_kind():
+    """A shared teacher has nothing to cut; full copies (no ZeRO-3) are rank 0's; another kind's
+    state is refused, naming both kinds."""
+    from trainer.distill.teachers import EMATeacher, SharedTeacher, reshard_state
+
+    shared = SharedTeacher()
+    assert reshard_state([shared.state_dict(), shared.state_dict()], shared, 0) == {"kind": "shared"}
+    model = torch.nn.Linear(3, 2)
+    ema = EMATeacher(model, decay=0.9)
+    saved = [ema.state_dict(), {"kind": "ema", "copies": [c + 1 for c in ema.copies]}]
+    got = reshard_state(saved, ema, 1)
+    assert all(torch.equal(a, b) for a, b in zip(got["copies"], saved[0]["copies"], strict=True))
+    with pytest.raises(ValueError, match="kind 'shared' but this run's teacher is 'ema'"):
+        reshard_state([shared.state_dict()], ema, 0)
