@@ -744,9 +744,12 @@ def test_resized_run_resumes_exactly_and_resizes_again(llava_shards, processor):
         before += [k for b in _take(loader, 2) for k in b.keys]
         states.append(json.loads(json.dumps(loader.state_dict())))
     final = resize_state(states, rank=0, world_size=1, num_workers=0)
-    after = [k for b in build_train_loader(spec, processor, rank=0, world_size=1, state=final, **args) for k in b.keys]
+    last = build_train_loader(spec, processor, rank=0, world_size=1, state=final, **args)
+    after = [k for b in last for k in b.keys]
     keys = sorted(shard_samples(llava_shards["out"]))
     assert collections.Counter(before + after) == {k: 4 for k in keys}
+    counts = last.skip_counts(include_ok=True)
+    assert counts["ok"] == len(before + after), "every sample counted once, through both resizes"
 
 
 def test_resize_from_inside_a_length_buffer(llava_shards, processor):
@@ -759,8 +762,33 @@ def test_resize_from_inside_a_length_buffer(llava_shards, processor):
     before, after, resized = _resized_keys(spec, processor, (2, 0), (1, 0), 3, epochs=4, **budget)
     assert any("buffer_start" in item["state"] for item in resized[0]["positions"]["0"]["leftover"])
     assert collections.Counter(before + after[0]) == {k: 4 for k in keys}
-    with pytest.raises(ValueError, match="runs past the end of epoch"):
+    with pytest.raises(ValueError, match="runs past the epoch where the new split takes over"):
         _resized_keys(spec, processor, (2, 0), (1, 0), 1, epochs=4, max_tokens=600, buffer_size=32)
+
+
+def test_a_resized_length_budget_run_resumes_exactly_after_any_micro_batch(llava_shards, processor):
+    """A run resized from inside length buffers, stopped after any of its micro-batches (inside a
+    replayed buffer, inside a leftover walk's last, partial buffer, in the new split) and resumed
+    on its own size, hands out the micro-batches of one uninterrupted pass."""
+    spec = [os.path.join(llava_shards["out"], name) for name in llava_shards["index"]["shards"]]
+    args = dict(stage="selfkd", micro_batch_size=2, max_seq_len=1024, seed=7, max_tokens=600, buffer_size=4,
+                num_workers=0)
+    states = []
+    for rank in (0, 1):
+        loader = build_train_loader(spec, processor, rank=rank, world_size=2, **args)
+        _take(loader, 3)
+        states.append(json.loads(json.dumps(loader.state_dict())))
+    resized = resize_state(states, rank=0, world_size=1, num_workers=0)
+    total = 16
+    reference = [b.keys for b in _take(build_train_loader(spec, processor, rank=0, world_size=1, state=resized,
+                                                          **args), total)]
+    for stop in range(1, total):
+        first = build_train_loader(spec, processor, rank=0, world_size=1, state=resized, **args)
+        head = [b.keys for b in _take(first, stop)]
+        state = json.loads(json.dumps(first.state_dict()))
+        tail = [b.keys for b in _take(build_train_loader(spec, processor, rank=0, world_size=1, state=state,
+                                                         **args), total - stop)]
+        assert head + tail == reference, stop
 
 
 def test_resize_refuses_states_that_do_not_belong_together(llava_shards, processor):

@@ -175,7 +175,15 @@ class Trainer:
             c = self.config = resize.plan_batch(c, resume_from, self.saved_world, dist.world_size())
             self.ds_config = ds_config.resolve(c, dist.world_size(), on_gpu=torch.cuda.is_available())
             self.ds_config["checkpoint"] = {**self.ds_config.get("checkpoint", {}), "load_universal": True}
-            resize.prepare(resume_from)
+            offload = {(self.ds_config.get("zero_optimization", {}).get(key) or {}).get("device")
+                       for key in ("offload_optimizer", "offload_param")}
+            if "nvme" in offload:
+                raise ConfigError(f"{resume_from} was written by {self.saved_world} ranks, this run has "
+                                  f"{dist.world_size()}: DeepSpeed cannot load a universal checkpoint with NVMe "
+                                  f"offload ({c.optim.ds_config}); resume on ds_configs/zero3.json or "
+                                  "zero3_offload.json, then go back to NVMe at the next checkpoint")
+            self.watchdog.kick()
+            resize.prepare(resume_from, kick=self.watchdog.kick)
             self.watchdog.kick()
         self.dtype = torch.bfloat16 if self.ds_config["bf16"]["enabled"] else torch.float32
 

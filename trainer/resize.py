@@ -34,6 +34,8 @@ import json
 import os
 import random
 import shutil
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -119,6 +121,10 @@ def convert(path: str, workers: int = 1) -> str:
     folder = os.path.join(path, UNIVERSAL)
     if universal_problem(path) is None:
         return folder
+    source = checkpoint.read_manifest(path)
+    if source is None:
+        raise checkpoint.CheckpointError(f"{path} was written before checkpoints had a file manifest: resume it on the "
+                                         "world size that wrote it")
     optim = glob.glob(os.path.join(path, "*_optim_states.pt"))
     if not optim:
         raise checkpoint.CheckpointError(f"{path} holds no DeepSpeed optimizer states (*_optim_states.pt) to reshard")
@@ -138,7 +144,7 @@ def convert(path: str, workers: int = 1) -> str:
                               inject_missing_state=False)
     with checkpoint.safe_loading():
         ds_to_universal.main(args)
-    manifest = checkpoint.build_manifest(tmp, checkpoint.read_manifest(path)["step"])
+    manifest = checkpoint.build_manifest(tmp, source["step"])
     manifest["source"] = _source_crc(path)
     checkpoint._fsync_tree(tmp)
     with open(os.path.join(tmp, checkpoint.COMPLETE), "w") as f:
@@ -146,25 +152,54 @@ def convert(path: str, workers: int = 1) -> str:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, folder)
+    stale = os.path.join(path, "latest_universal")  # ds_to_universal's pointer, to the temporary name
+    if os.path.isfile(stale):
+        os.remove(stale)
     return folder
 
 
-def prepare(path: str) -> str:
-    """Collective: rank 0 converts (or reuses a verified conversion), then every rank verifies
-    it; any failure is raised on every rank."""
+def prepare(path: str, kick=lambda: None, poll_s: float = 2.0) -> str:
+    """Collective: rank 0 converts (or reuses a verified conversion) while the other ranks wait
+    on the file system, not in a collective (a conversion can outlast --dist_timeout_s): every
+    rank calls `kick` (the hang watchdog's) meanwhile. Then every rank verifies the folder; any
+    failure is raised on every rank."""
+    failure = os.path.join(path, UNIVERSAL + ".failed")
+    if dist.is_main() and os.path.exists(failure):
+        os.remove(failure)  # a previous attempt's
+    dist.barrier()
     error = None
     if dist.is_main():
+        stop = threading.Event()
+        beat = threading.Thread(target=lambda: [kick() for _ in iter(lambda: stop.wait(30.0), True)], daemon=True)
+        beat.start()
         try:
             convert(path)
-        except Exception as exc:  # noqa: BLE001 - told to every rank below, then raised
+        except Exception as exc:  # noqa: BLE001 - told to every rank through the marker, then raised
             error = exc
-    dist.barrier()
-    problem = universal_problem(path) if error is None else f"{type(error).__name__}: {error}"
+            with open(failure, "w") as f:
+                f.write(f"{type(exc).__name__}: {exc}")
+        finally:
+            stop.set()
+            beat.join()
+    else:
+        done = os.path.join(path, UNIVERSAL, checkpoint.COMPLETE)
+        while not (os.path.exists(done) or os.path.exists(failure)):
+            kick()
+            time.sleep(poll_s)
+    kick()
+    problem = None
+    try:
+        problem = universal_problem(path) if error is None else f"{type(error).__name__}: {error}"
+    except OSError as exc:
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is None and os.path.exists(failure):
+        with open(failure) as f:
+            problem = f"the conversion failed on rank 0: {f.read()}"
     failed = dist.all_reduce_max(torch.tensor([float(problem is not None)])).item() > 0
     if error is not None:
         raise error
     if failed:
-        raise checkpoint.CheckpointError(f"cannot reshard {path}: {problem or 'the conversion failed on rank 0'}")
+        raise checkpoint.CheckpointError(f"cannot reshard {path}: {problem or 'it does not verify on another rank'}")
     return os.path.join(path, UNIVERSAL)
 
 
@@ -178,13 +213,19 @@ def _load_frozen(engine, path: str, saved_world: int) -> int:
     with checkpoint.safe_loading():
         fragments = [torch.load(f, map_location="cpu", weights_only=True, mmap=True).get(FROZEN_PARAM_FRAGMENTS) or {}
                      for f in files]
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
     restored = 0
     with torch.no_grad():
         for name, param in engine.module.named_parameters():
             if param.requires_grad or not hasattr(param, "ds_tensor") or name not in fragments[0]:
                 continue
+            parts = [f[name] for f in fragments]
             local = param.ds_tensor
-            local.data.copy_(reshard_flat([f[name] for f in fragments], param.ds_numel, local, dist.rank()))
+            local.data.copy_(reshard_flat(parts, param.ds_numel, local, dist.rank()).to(local.device))
+            if param.ds_status == ZeroParamStatus.AVAILABLE:  # persistent: the whole tensor stays gathered
+                whole = torch.cat([p.reshape(-1) for p in parts])[:param.ds_numel]
+                param.data.copy_(whole.view(param.ds_shape).to(param.device, param.dtype))
             restored += 1
     return restored
 
@@ -195,7 +236,7 @@ def data_state(path: str, saved_world: int, num_workers: int) -> dict:
 
     files = [os.path.join(path, f"trainer_state_rank{r}.pt") for r in range(saved_world)]
     checkpoint.check_safe(files)
-    saved = [torch.load(f, weights_only=True, mmap=True)["data"] for f in files]
+    saved = [torch.load(f, map_location="cpu", weights_only=True, mmap=True)["data"] for f in files]
     return resize_state(saved, rank=dist.rank(), world_size=dist.world_size(), num_workers=num_workers)
 
 
@@ -215,7 +256,7 @@ def load(engine, path: str, saved_world: int, teacher, *, seed: int, num_workers
     if load_path is None:
         raise checkpoint.CheckpointError(f"DeepSpeed could not load the universal checkpoint {folder}")
     frozen = _load_frozen(engine, path, saved_world)
-    saved = [torch.load(f, weights_only=True, mmap=True) for f in states_files]
+    saved = [torch.load(f, map_location="cpu", weights_only=True, mmap=True) for f in states_files]
     rank, world = dist.rank(), dist.world_size()
     state = {key: saved[0][key] for key in ("step", "samples_seen", "tokens_seen")}
     state["nonfinite_steps"] = saved[0].get("nonfinite_steps", 0)

@@ -199,8 +199,9 @@ class ShardStream(IterableDataset):
                     produced += 1
                     if (produced - 1) % sharers == index:
                         break
-            except StopIteration:
-                items[i] = {**items[i], "done": True}
+            except StopIteration as end:  # its final position and counts (skips after its last batch)
+                position, counts = end.value if end.value is not None else (items[i]["state"], items[i]["counts"])
+                items[i] = {**items[i], "done": True, "state": position, "counts": counts, "produced": produced}
                 continue
             items[i] = {**items[i], "state": position, "counts": counts, "produced": produced}
             turn = i + 1
@@ -312,7 +313,8 @@ class ShardStream(IterableDataset):
                     pending.append(sample)
                     if len(pending) == self.buffer_size:
                         position["epoch_seen"] = samples_seen(counts) - seen_before
-                        yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint)
+                        yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint,
+                                                  where)
                         pending, skip = [], 0
                 position.update(shard_pos=shard_pos + 1, cursor=0, base=position["base"] + len(raw_samples),
                                 epoch_seen=samples_seen(counts) - seen_before)
@@ -321,21 +323,16 @@ class ShardStream(IterableDataset):
                 raise ValueError(f"{where}: epoch {epoch} produced no samples (shards: {len(self.urls)}, "
                                  f"slots: {num_slots}); the data set is smaller than the number of readers")
             position.update(epoch=epoch + 1, shard_pos=0, cursor=0, base=0, epoch_seen=0)
-        if skip:
-            raise ValueError(
-                f"cannot resume the data stream on this number of readers: {where} stopped inside a length buffer "
-                f"(--token_budget_buffer {self.buffer_size}) that runs past the end of epoch {stop_epoch - 1}, where "
-                "the resize hands over to the new split (a reader's share of an epoch is smaller than the buffer); "
-                "resume on the world size and --num_workers that wrote the checkpoint")
         if pending:
-            yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint)
+            yield from self._hand_out(pending, slot, position, counts, buffer_start, skip, fingerprint, where)
+        return dict(position), dict(counts)
 
     @staticmethod
     def _snapshot(position: dict, counts: dict, seen_before: int) -> dict:
         """Where a buffer starts: the position and counts a resumed slot restarts it from."""
         return {"position": {**position, "epoch_seen": samples_seen(counts) - seen_before}, "counts": dict(counts)}
 
-    def _hand_out(self, pending, slot, position, counts, buffer_start, skip, expected):
+    def _hand_out(self, pending, slot, position, counts, buffer_start, skip, expected, where=""):
         """The buffer's micro-batches: one batch of them all, or the token budget's plan. A resumed
         buffer (skip > 0) must hold the samples, with the lengths, of the one planned before."""
         if not self.max_tokens:
@@ -345,9 +342,12 @@ class ShardStream(IterableDataset):
         fingerprint = zlib.crc32(json.dumps([[s["key"], *n] for s, n in zip(pending, lengths)]).encode())
         if skip and fingerprint != expected:
             raise ValueError(
-                "cannot resume the data stream exactly: the buffer this worker stopped inside now holds other "
+                f"cannot resume the data stream exactly: the buffer {where} stopped inside now holds other "
                 "samples or lengths (shards, --max_seq_len, the model's image or audio processing or the stage "
-                "changed since the checkpoint), so the micro-batches already trained cannot be told apart")
+                "changed since the checkpoint; or, after a resume on another number of readers, the buffer runs "
+                "past the epoch where the new split takes over: a reader's share of two epochs is smaller than "
+                f"--token_budget_buffer {self.buffer_size}), so the micro-batches already trained cannot be told "
+                "apart")
         start = buffer_start["position"]
         rng = np.random.default_rng([self.seed, slot, start["epoch"], start["shard_pos"], start["cursor"]])
         groups = plan_micro_batches(lengths, self.max_tokens, rng)
@@ -518,7 +518,12 @@ def resize_state(saved: list[dict], *, rank: int, world_size: int, num_workers: 
         counts = dict(state["counts"].get(role) or {})
         if position is not None and "leftover" in position:
             inherited.extend(item for item in position["leftover"] if not item["done"])
-            position, counts = position["own"], dict(position["own_counts"])
+            counts = dict(position["own_counts"])
+            for item in position["leftover"]:  # a finished walk's counts stay with the slot's own walk
+                if item["done"] and not item.get("share", (0, 1))[0]:
+                    for reason, n in item["counts"].items():
+                        counts[reason] = counts.get(reason, 0) + n
+            position = position["own"]
         position = position or {"epoch": 0, "shard_pos": 0, "cursor": 0, "base": 0}
         if "buffer_start" in position:
             buffered = True
