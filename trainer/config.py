@@ -112,6 +112,16 @@ class DistillConfig:
     student; 0 = forward KL (fkl) ... 1 = reverse KL (rkl) by definition, but inside (0, 1) the divergence shrinks
     towards the ends (about beta x fkl for a small beta: --kd_beta 0.01 weighs the KD term about 100x less than
     fkl). none = unset."""
+    kd_on_policy_fraction: float = 0.0
+    """Share of micro-batches where the student answers the spoken question itself (sampled, see --gen_temperature)
+    and the teacher grades every token of that answer given the typed question (on-policy Self-KD, as GKD's lmbda);
+    those micro-batches train on the KD term alone. Drawn per (seed, step, micro-batch), the same on every rank.
+    0 = off-policy only (the paper)."""
+    gen_max_new_tokens: int = 32
+    """Longest answer the student generates on an on-policy micro-batch (every rank decodes all of them under
+    ZeRO-3 with several ranks)."""
+    gen_temperature: float = 1.0
+    """Sampling temperature of the student's on-policy answers; 0 = greedy."""
     teacher: str = "shared"
     """shared: the live weights; frozen: the starting weights; ema: an EMA of the weights."""
     ema_decay: float = 0.999
@@ -398,6 +408,15 @@ def validate(c: Config) -> None:
     if k.kd_divergence != "gjsd" and k.kd_beta is not None:
         raise ConfigError(f"--kd_beta {k.kd_beta}: only with --kd_divergence gjsd ({k.kd_divergence} is gjsd with "
                           f"beta {NAMED_BETA[k.kd_divergence]})")
+    if not 0.0 <= k.kd_on_policy_fraction <= 1.0:
+        raise ConfigError(f"--kd_on_policy_fraction: must lie in [0, 1], got {k.kd_on_policy_fraction}")
+    if k.kd_on_policy_fraction > 0 and (d.stage != "selfkd" or k.kd_alpha <= 0):
+        raise ConfigError(f"--kd_on_policy_fraction {k.kd_on_policy_fraction}: on-policy distillation needs a teacher: "
+                          f"--stage selfkd with --kd_alpha > 0 (this run: --stage {d.stage}, --kd_alpha "
+                          f"{k.kd_alpha})")
+    if k.gen_max_new_tokens < 1 or k.gen_temperature < 0:
+        raise ConfigError(f"--gen_max_new_tokens must be >= 1 and --gen_temperature >= 0, got {k.gen_max_new_tokens} "
+                          f"and {k.gen_temperature}")
     _check_choice("teacher", k.teacher, TEACHERS)
     if not 0.0 < k.ema_decay < 1.0:
         raise ConfigError(f"--ema_decay: must lie in (0, 1), got {k.ema_decay}")

@@ -39,6 +39,7 @@ from trainer.data.batch import Batch, Stage
 from trainer.data.shards import check_shard_spec
 from trainer.distill.loss import KDSettings
 from trainer.distill.objective import OUTPUT_SUMS, SelfKDObjective, combine_sums
+from trainer.distill.on_policy import is_on_policy, sample_answers, with_answers
 from trainer.distill.teachers import make_teacher
 from trainer.metrics import MetricsWriter
 from trainer.models.factory import NAMED_MODELS, build_model
@@ -277,10 +278,10 @@ class Trainer:
         return self.objective.kd
 
     # --- one micro-batch / one optimizer step ---------------------------------------
-    def forward_backward_step(self, batch: Batch, normalizer: float, answer_chunks: int):
+    def forward_backward_step(self, batch: Batch, normalizer: float, answer_chunks: int, on_policy: bool = False):
         """One micro-batch through the objective under the engine; its ObjectiveOutput."""
         with record_function("step/forward"):
-            out = self.engine(batch.to(dtype=self.dtype), normalizer, answer_chunks)
+            out = self.engine(batch.to(dtype=self.dtype), normalizer, answer_chunks, on_policy)
         with record_function("step/backward"):
             self.engine.backward(out.loss)
         with record_function("step/optimizer"):
@@ -300,6 +301,23 @@ class Trainer:
             for _ in range(gas):
                 batches.append(next(self.data_iter))
         wait = time.perf_counter() - t_start
+        # On-policy micro-batches (trainer/distill/on_policy.py): the student answers first, so the
+        # answer tokens below are its own.
+        k = self.config.distill
+        on_policy = [is_on_policy(self.config.optim.seed, self.step + 1, i, k.kd_on_policy_fraction)
+                     for i in range(gas)]
+        generated = [0.0, 0.0]  # tokens the student generated, samples it answered
+        t_generate = time.perf_counter()
+        for i, flag in enumerate(on_policy):
+            if flag:
+                with record_function("step/generate"):
+                    answers = sample_answers(
+                        self.model, batches[i].to(dtype=self.dtype), max_new_tokens=k.gen_max_new_tokens,
+                        temperature=k.gen_temperature, seed=self.config.optim.seed, step=self.step + 1, micro=i,
+                        rank=dist.rank(), synced=self.zero_stage == 3 and dist.world_size() > 1, device=self.device)
+                batches[i] = with_answers(batches[i], answers, self.processor.pad_id)
+                generated = [generated[0] + sum(map(len, answers)), generated[1] + len(answers)]
+        generate_time = time.perf_counter() - t_generate
 
         # Per rank: answer tokens of each micro-batch, then the step's sample/token/encoder counts
         # (CPU tensors: no device read).
@@ -324,18 +342,25 @@ class Trainer:
 
         sums = None  # on the device until the closing collective
         teacher_computed = 0.0  # tokens the teacher pass computed (CPU counts, from the objective)
-        for batch, chunks in zip(batches, answer_chunks):
-            out = self.forward_backward_step(batch, normalizer, chunks)
+        on_sums = None  # the on-policy micro-batches' sums alone
+        for batch, chunks, flag in zip(batches, answer_chunks, on_policy):
+            out = self.forward_backward_step(batch, normalizer, chunks, flag)
             sums = out.sums().detach() if sums is None else sums + out.sums().detach()
+            if flag:
+                on_sums = out.sums().detach() if on_sums is None else on_sums + out.sums().detach()
             teacher_computed += out.teacher_tokens
         self.objective.teacher.update()
-        closing = torch.cat([sums.to(torch.float64), torch.tensor(
-            [teacher_computed, _peak_mem_gib(), float(self.stop.requested)], dtype=torch.float64, device=sums.device)])
+        on_sums = torch.zeros_like(sums) if on_sums is None else on_sums
+        closing = torch.cat([sums.to(torch.float64), on_sums.to(torch.float64), torch.tensor(
+            [teacher_computed, *generated, _peak_mem_gib(), float(self.stop.requested)], dtype=torch.float64,
+            device=sums.device)])
         with record_function("step/reduce"):
             rows = dist.all_gather_rows(closing)
-        summed = rows[:, :OUTPUT_SUMS + 1].sum(dim=0).tolist()
-        ce_sum, kd_sum, teacher_ce_sum, agree, teacher_entropy, n, teacher_tokens_computed = summed
-        peak_gib, stop = rows[:, OUTPUT_SUMS + 1:].max(dim=0).values.tolist()
+        summed_all = rows[:, :2 * OUTPUT_SUMS + 3].sum(dim=0).tolist()
+        summed, on_summed = summed_all[:OUTPUT_SUMS], summed_all[OUTPUT_SUMS:2 * OUTPUT_SUMS]
+        teacher_tokens_computed, generated_tokens, generated_samples = summed_all[2 * OUTPUT_SUMS:]
+        ce_sum, kd_sum, teacher_ce_sum, agree, teacher_entropy, n = summed
+        peak_gib, stop = rows[:, 2 * OUTPUT_SUMS + 3:].max(dim=0).values.tolist()
         self.stop_agreed = stop > 0
         self.stop.announce()
         step_time = time.perf_counter() - t_start  # after the closing read: the device work is done
@@ -346,7 +371,7 @@ class Trainer:
         self.samples_seen += int(samples)
         self.tokens_seen += int(tokens)
         metrics = {
-            "train/loss": combine_sums(summed[:OUTPUT_SUMS], self.kd),
+            "train/loss": combine_sums(summed, self.kd, on_policy_sums=on_summed),
             "train/ce_loss": ce_sum / n,
             "train/lr": self.engine.get_lr()[0],
             "perf/samples_per_s": samples / step_time,
@@ -363,6 +388,12 @@ class Trainer:
             metrics["train/teacher_ce"] = teacher_ce_sum / n
             metrics["train/agreement"] = agree / n
             metrics["train/teacher_entropy"] = teacher_entropy / n
+        if any(on_policy) or self.config.distill.kd_on_policy_fraction > 0:
+            on_n = on_summed[-1]
+            metrics["train/on_policy_share"] = sum(on_policy) / gas
+            metrics["train/gen_length"] = generated_tokens / max(generated_samples, 1.0)
+            metrics["train/on_policy_teacher_ce"] = on_summed[2] / on_n if on_n else 0.0
+            metrics["perf/generate_frac"] = generate_time / step_time
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

@@ -66,10 +66,16 @@ class ObjectiveOutput(NamedTuple):
 OUTPUT_SUMS = 6
 
 
-def combine_sums(sums, kd: KDSettings | None) -> float:
-    """The per-token loss from reduced sums (ObjectiveOutput.sums(), summed over ranks)."""
+def combine_sums(sums, kd: KDSettings | None, on_policy_sums=None) -> float:
+    """The per-token loss from reduced sums (ObjectiveOutput.sums(), summed over ranks, every
+    micro-batch's). `on_policy_sums`: the part of them from on-policy micro-batches, whose loss
+    is the KD term alone (alpha 1)."""
     ce_sum, kd_sum, _, _, _, n_tokens = [float(v) for v in sums]
-    return float(combine({"ce_sum": ce_sum, "kd_sum": kd_sum}, kd, n_tokens))
+    if on_policy_sums is None or kd is None or not float(on_policy_sums[-1]):
+        return float(combine({"ce_sum": ce_sum, "kd_sum": kd_sum}, kd, n_tokens))
+    on_ce, on_kd = float(on_policy_sums[0]), float(on_policy_sums[1])
+    off = combine({"ce_sum": ce_sum - on_ce, "kd_sum": kd_sum - on_kd}, kd, n_tokens)
+    return float(off + combine({"ce_sum": on_ce, "kd_sum": on_kd}, dataclasses.replace(kd, alpha=1.0), n_tokens))
 
 
 def answer_index(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,12 +132,15 @@ class SelfKDObjective(nn.Module):
             return 0
         return shared_prefix_length(batch)
 
-    def forward(self, batch: Batch, normalizer: float, answer_chunks: int | None = None) -> ObjectiveOutput:
+    def forward(self, batch: Batch, normalizer: float, answer_chunks: int | None = None,
+                on_policy: bool = False) -> ObjectiveOutput:
         """Loss of one micro-batch, normalised by `normalizer` (the trainer's global
         answer-token count, corrected for DeepSpeed's averaging). The LM head runs on chunks
         of at most `chunk_size` answer tokens, or on exactly `answer_chunks` chunks when
         given: under ZeRO-3 every rank must pass the same count (each LM-head call gathers).
-        Pass the batch on the CPU: what the host needs from it is read there (step 0)."""
+        Pass the batch on the CPU: what the host needs from it is read there (step 0).
+        `on_policy`: the answers are the student's own (trainer/distill/on_policy.py): the loss
+        is the KD term alone (alpha 1); the CE sum is still computed and returned."""
         model = self.model
         device = model.adapter.input_embeddings().weight.device
         if self.uses_teacher and not batch.has_teacher:
@@ -192,8 +201,9 @@ class SelfKDObjective(nn.Module):
             sums = answer_token_loss(student_answers, targets, model.adapter.lm_head, self.kd,
                                      teacher_hidden=teacher_answers, teacher_logits=teacher_logits,
                                      num_chunks=answer_chunks, chunk_size=self.chunk_size)
+        kd = dataclasses.replace(self.kd, alpha=1.0) if on_policy and self.kd is not None else self.kd
         return ObjectiveOutput(
-            loss=combine(sums, self.kd, normalizer) + vision_zero + audio_zero,
+            loss=combine(sums, kd, normalizer) + vision_zero + audio_zero,
             ce_sum=sums["ce_sum"].detach(),
             kd_sum=sums["kd_sum"].detach(),
             teacher_ce_sum=sums["teacher_ce_sum"],

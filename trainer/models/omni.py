@@ -319,7 +319,14 @@ class OmniModel(nn.Module):
         return self.processor.tokenizer.batch_decode(new_ids, skip_special_tokens=True)
 
     @torch.no_grad()
-    def generate_ids(self, batch: Batch, mode: str, max_new_tokens: int, *, synced_gpus: bool = False) -> list[list[int]]:
+    def generate_ids(self, batch: Batch, mode: str, max_new_tokens: int, *, synced_gpus: bool = False,
+                     temperature: float = 0.0, generator: torch.Generator | None = None,
+                     suppress_placeholders: bool = False) -> list[list[int]]:
+        """Token ids of the answers (each up to and including its end token), as `generate`;
+        `temperature` > 0 samples from softmax(logits / temperature) with `generator` instead
+        of taking the argmax. `suppress_placeholders`: never emit the image / audio placeholder
+        tokens (answers fed back as input, where a placeholder would claim an image or audio
+        token that is not there)."""
         role = "teacher" if mode == "text" else "student"
         device = self.adapter.input_embeddings().weight.device
         if (batch.side(role)[1][:, -1] == 0).any():
@@ -340,7 +347,14 @@ class OmniModel(nn.Module):
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         generated = []
         for step in range(max_new_tokens):
-            next_ids = self.adapter.lm_head(hidden[:, -1]).argmax(-1)  # B, H -> B
+            logits = self.adapter.lm_head(hidden[:, -1])  # B, H -> B, V
+            if suppress_placeholders:
+                logits[:, [self.image_token_id, self.audio_pad_id]] = float("-inf")
+            if temperature > 0:
+                probs = torch.softmax(logits.float() / temperature, dim=-1)
+                next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            else:
+                next_ids = logits.argmax(-1)
             next_ids = torch.where(finished, torch.full_like(next_ids, self.processor.pad_id), next_ids)
             generated.append(next_ids)
             finished |= torch.isin(next_ids, eos)
