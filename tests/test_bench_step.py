@@ -18,7 +18,7 @@ SHORT = ["--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--rounds
 # 2 ranks, the frozen teacher under LoRA (the adapters-off model); tools/bench_step.py --lora_r 0,4 would
 # set the copy beside it (docs/performance.md), which here would double the check's time.
 CHECKS = [Check("bench_two_ranks", [call("tests.test_bench_step:bench", *SHORT, "--engine", "deepspeed", "--teacher",
-                                         "frozen", "--lora_r", "4")])]
+                                         "frozen", "--lora_r", "4", "--on_policy_tokens", "4")])]
 BREAKDOWN = {"data_wait", "vision", "audio", "teacher", "student_forward", "loss_lm_head", "backward", "optimizer",
              "reduce", "host_blocked"}
 
@@ -67,6 +67,13 @@ def test_two_ranks_under_the_deepspeed_launcher(launch):
     assert report["engine"] == "deepspeed-zero3" and report["world_size"] == 2 and report["teacher"] == "frozen"
     assert report["kd_step_s"] > 0 and report["teacher_tokens"] > 0 and report["lora_r"] == 4
     assert report["teacher_resident_mib"] == 0, "LoRA's frozen teacher is the adapters-off model: no copy"
+    # On-policy steps (the adapters-off teacher grading the student's own answers): timed, with the
+    # generation's share and its parameter fetches: more than an off-policy step's (every decoding step
+    # fetches the LLM's modules again).
+    on_policy = report["on_policy"]
+    assert on_policy["max_new_tokens"] == 4 and on_policy["step_s"] > 0 and 0 < on_policy["generate_frac"] < 1
+    assert 0 < on_policy["gen_length"] <= 4
+    assert on_policy["fetches_per_step"]["modules"] > report["fetches_per_step"]["modules"]
     from trainer.models.build import build_tiny
     from trainer.models.tiny import build_tiny_processor
 

@@ -8,6 +8,7 @@ objective with its teacher and chunked loss, the loop's reductions and optimizer
     python tools/bench_step.py --model synthetic-8b --gradient_checkpointing --engine deepspeed --json
     python tools/bench_step.py --model synthetic-2b --teacher frozen --lora_r 0,16 --engine deepspeed  # copy vs adapters-off
     python tools/bench_step.py --model overhead-2b --micro_batch_size 8 --whisper_input window,clip   # framework overhead
+    python tools/bench_step.py --model tiny --engine deepspeed --on_policy_tokens 16 --json          # on-policy cost
     (launch_scripts/gpu_bench.sh runs the set docs/performance.md reports)
 
 It writes synthetic shards (random images, noise speech, random text at a realistic shape:
@@ -39,7 +40,9 @@ comma list: --whisper_input window,clip); ds_config (likewise a comma list, the 
 overhead_s (on each DeepSpeed report when both engines ran: its Self-KD step minus the plain loop's on
 the same batches, the framework's own time),
 fetches_per_step (ZeRO-3: modules fetched, all-gathers issued, parameters gathered in one Self-KD
-step; null under ZeRO-1/2). The
+step; null under ZeRO-1/2), on_policy (with --on_policy_tokens N, DeepSpeed path: steps whose every
+micro-batch is on-policy, the student sampling up to N tokens first: step_s, generate_frac, the
+share of the step spent generating, gen_length and their fetches_per_step; else null). The
 overhead-2b / overhead-8b presets have synthetic-2b's / -8b's module structure at tiny widths and
 a 1k vocabulary, fed tiny inputs: their step time is mostly per-module overhead.
 """
@@ -199,13 +202,14 @@ def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
     trainer.objective.kd = KD
     breakdown, syncs = profile_step(trainer.train_step, device)
     fetches = count_fetches(trainer.train_step) if trainer.zero_stage == 3 else None
+    on_policy = bench_on_policy(args, trainer) if args.on_policy_tokens else None
     kd_metrics = results["kd"]["metrics"]
     student = statistics.mean(m["perf/student_tokens"] for m in kd_metrics)
     teacher = statistics.mean(m["perf/teacher_tokens_computed"] for m in kd_metrics)
     mfus = [m["perf/mfu"] for m in kd_metrics if "perf/mfu" in m]
     report = _report(args, f"deepspeed-zero{trainer.zero_stage}", device, trainer.dtype, dist.world_size(), results,
                      student, teacher, mfu=statistics.median(mfus) if mfus else None)
-    report.update(breakdown=breakdown, host_syncs_per_step=syncs, fetches_per_step=fetches,
+    report.update(breakdown=breakdown, host_syncs_per_step=syncs, fetches_per_step=fetches, on_policy=on_policy,
                   **_lora_fields(trainer.model, trainer.objective.teacher, lora_r))
     trainer.close()
     # Let a plain model follow in this process: no ZeRO-3 build context left behind, memory freed.
@@ -217,6 +221,29 @@ def bench_deepspeed(args, spec: str, lora_r: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return report
+
+
+def bench_on_policy(args, trainer) -> dict:
+    """Self-KD steps whose every micro-batch is on-policy (the student samples up to
+    --on_policy_tokens tokens first): their median time, the share generation takes, the mean
+    answer length and, under ZeRO-3, the parameter fetches of one such step."""
+    import dataclasses
+
+    config = trainer.config
+    trainer.config = dataclasses.replace(config, distill=dataclasses.replace(
+        config.distill, kd_on_policy_fraction=1.0, gen_max_new_tokens=args.on_policy_tokens, gen_temperature=1.0))
+    try:
+        for _ in range(args.warmup):
+            trainer.train_step()
+        metrics = [trainer.train_step() for _ in range(args.steps)]
+        fetches = count_fetches(trainer.train_step) if trainer.zero_stage == 3 else None
+    finally:
+        trainer.config = config
+    times = _summary([m["perf/step_s"] for m in metrics])
+    return dict(max_new_tokens=args.on_policy_tokens, step_s=round(times["median"], 4),
+                generate_frac=round(statistics.mean(m["perf/generate_frac"] for m in metrics), 3),
+                gen_length=round(statistics.mean(m["train/gen_length"] for m in metrics), 2),
+                fetches_per_step=fetches)
 
 
 def count_fetches(step_fn) -> dict:
@@ -379,6 +406,9 @@ def main(argv=None) -> list:
     parser.add_argument("--whisper_input", default="auto",
                         help="comma list of auto, clip, window (composed models: what Whisper reads), each benched in "
                              "this process: --whisper_input window,clip sets the 30 s window beside the clip")
+    parser.add_argument("--on_policy_tokens", type=int, default=0,
+                        help="also time on-policy Self-KD steps (DeepSpeed path): every micro-batch's student samples "
+                             "up to this many tokens first; 0 = not")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
