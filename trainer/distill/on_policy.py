@@ -56,15 +56,19 @@ def _prompt_lengths(labels: torch.Tensor, attention_mask: torch.Tensor) -> list[
     return [int(f) if a else int(m) for f, a, m in zip(first, has_answer, attention_mask.sum(dim=1))]
 
 
+def _sides(batch: Batch):
+    """(role, input_ids, attention_mask, labels, prompt lengths) of each side the batch has."""
+    for role in ("student", "teacher"):
+        input_ids, attention_mask, labels = batch.side(role)
+        if input_ids is not None:
+            yield role, input_ids, attention_mask, labels, _prompt_lengths(labels, attention_mask)
+
+
 def prompt_batch(batch: Batch, pad_id: int) -> Batch:
     """The right-padded training batch's prompts (answers cut off), LEFT-padded with `pad_id`
     as generation wants them, both sides, with the collator's positions of the prompt tokens."""
     fields = {}
-    for role in ("student", "teacher"):
-        input_ids, attention_mask, labels = batch.side(role)
-        if input_ids is None:
-            continue
-        lengths = _prompt_lengths(labels, attention_mask)
+    for role, input_ids, attention_mask, _, lengths in _sides(batch):
         width = max(lengths)
         ids = torch.full((len(lengths), width), pad_id, dtype=input_ids.dtype)
         mask = torch.zeros((len(lengths), width), dtype=attention_mask.dtype)
@@ -89,11 +93,7 @@ def with_answers(batch: Batch, answers: list[list[int]], pad_id: int) -> Batch:
     if empty:
         raise ValueError(f"on-policy: no generated token for samples {empty}")
     fields = {}
-    for role in ("student", "teacher"):
-        input_ids, attention_mask, labels = batch.side(role)
-        if input_ids is None:
-            continue
-        lengths = _prompt_lengths(labels, attention_mask)
+    for role, input_ids, attention_mask, labels, lengths in _sides(batch):
         rows = [input_ids[i, :n].tolist() + answer for i, (n, answer) in enumerate(zip(lengths, answers))]
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype)
