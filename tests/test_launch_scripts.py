@@ -50,13 +50,21 @@ def test_slurm_dry_run_4_nodes(tmp_path):
     assert hosts[:4] == ["gpu-007 slots=8", "gpu-008 slots=8", "gpu-009 slots=8", "gpu-012 slots=8"]
 
 
-def test_a_requeued_slurm_job_resumes(tmp_path):
-    env = {"SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "gpu-001", "SLURM_JOB_ID": "4244",
-           "SLURM_RESTART_COUNT": "2", "HOSTFILE": str(tmp_path / "hostfile")}
-    line = next(line for line in run("launch_scripts/slurm_train.sbatch", env, *ARGS).splitlines()
-                if line.startswith("node 0"))
-    _, _, trainer_args = parse_launch(line.split(": ", 1)[1])
-    assert trainer_args == [*ARGS, "--resume", "auto"], "the last --resume wins: a requeued start continues"
+def test_a_requeued_slurm_job_resumes_on_the_nodes_it_got(tmp_path):
+    """A job submitted with a node range (--nodes=3-4), first started on 4 nodes, requeued onto 3:
+    the start launches 3 nodes from the allocation and resumes (the trainer reshards a checkpoint
+    of another world size: tests/test_resize.py)."""
+    env = {"SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "gpu-[007-008,012]", "SLURM_JOB_ID": "4244",
+           "SLURM_RESTART_COUNT": "2", "SLURM_GPUS_ON_NODE": "8", "HOSTFILE": str(tmp_path / "hostfile")}
+    lines = [line for line in run("launch_scripts/slurm_train.sbatch", env, *ARGS).splitlines()
+             if line.startswith("node ")]
+    assert len(lines) == 3
+    for line in lines:
+        _, opts, trainer_args = parse_launch(line.split(": ", 1)[1])
+        assert opts["--num_nodes"] == "3" and opts["--master_addr"] == "gpu-007"
+        assert trainer_args == [*ARGS, "--resume", "auto"], "the last --resume wins: a requeued start continues"
+    assert (tmp_path / "hostfile").read_text().split() == ["gpu-007", "slots=8", "gpu-008", "slots=8", "gpu-012",
+                                                          "slots=8"]
 
 
 def test_launch_scripts_use_the_project_environment(tmp_path):
