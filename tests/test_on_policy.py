@@ -2,7 +2,8 @@
 answers, the batch rebuilt around its answers, the seeded sampler, and the loss against a naive
 full-logits reference written here; then 2-rank ZeRO-3 runs in the shared launch."""
 
-import json
+import dataclasses
+import math
 import os
 
 import pytest
@@ -76,10 +77,18 @@ def test_with_the_reference_answers_gives_back_the_training_batch(model, process
     for role in ("student", "teacher"):
         for mine, theirs in zip(rebuilt.side(role), batch.side(role)):
             assert torch.equal(mine, theirs), role
-        assert rebuilt.position_ids(role) is None
-        assert torch.equal(model.positions(rebuilt, role), batch.position_ids(role)), role
+        assert torch.equal(rebuilt.position_ids(role), batch.position_ids(role)), role
+        without = dataclasses.replace(rebuilt, **{f"{role}_position_ids": None})
+        assert torch.equal(model.positions(without, role), batch.position_ids(role)), "the VLM's own rope index"
     with pytest.raises(ValueError, match="no generated token for samples"):
         with_answers(batch, [answers[0], [], answers[2]], processor.pad_id)
+    # --max_seq_len: an answer is cut so that neither side passes it.
+    longest = int(max(batch.student_attention_mask.sum(1).max(), batch.teacher_attention_mask.sum(1).max()))
+    long_answers = [answer * 20 for answer in answers]
+    cut = with_answers(batch, long_answers, processor.pad_id, max_len=longest + 3)
+    assert max(int(cut.student_attention_mask.sum(1).max()), int(cut.teacher_attention_mask.sum(1).max())) \
+        <= longest + 3
+    assert all(int((row != IGNORE_INDEX).sum()) >= 1 for row in cut.student_labels)
 
 
 def test_sampled_answers_are_seeded_and_never_placeholders(model, processor):
@@ -99,6 +108,61 @@ def test_sampled_answers_are_seeded_and_never_placeholders(model, processor):
         answers = sample_answers(model, batch, rank=0, **{**args, "temperature": temperature})
         flat = [t for answer in answers for t in answer]
         assert flat and not {model.audio_pad_id, model.image_token_id} & set(flat)
+    model.eval()  # the control: unsuppressed, greedy decoding emits the placeholder
+    with torch.no_grad():
+        plain = model.generate_ids(prompt_batch(batch, processor.pad_id), "audio", 3)
+    assert model.audio_pad_id in {t for answer in plain for t in answer}
+
+
+def _special_ids(processor) -> set:
+    tokenizer = processor.tokenizer
+    return set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+
+
+def test_greedy_answers_are_the_argmax_of_the_rebuilt_batch(model, processor):
+    """Decoded with a cache and positions stepped one by one, the greedy answer of each sample is
+    the argmax (special tokens aside, as the sampler has them) of the student's teacher-forced
+    logits on the rebuilt batch: the rebuilt ids and positions are the ones generation used."""
+    batch = make_batch(processor, 3, seed=8, stage="selfkd", image_size=[(56, 84), None, (84, 56)])
+    answers = sample_answers(model, batch, max_new_tokens=5, temperature=0.0, seed=0, step=1, micro=0, rank=0,
+                             synced=True)
+    rebuilt = with_answers(batch, answers, processor.pad_id)
+    stop = {processor.tokenizer.convert_tokens_to_ids(processor.turn_end), processor.tokenizer.eos_token_id,
+            processor.pad_id}
+    banned = sorted(_special_ids(processor) - stop)
+    model.eval()
+    with torch.no_grad():
+        images, _ = model.encode_images(rebuilt)
+        audio, _ = model.encode_audio(rebuilt)
+        hidden, _ = model.run_side(rebuilt, "student", images, audio, model.positions(rebuilt, "student"))
+        logits = model.adapter.lm_head(hidden)
+    logits[..., banned] = float("-inf")
+    labels = rebuilt.student_labels
+    for i, answer in enumerate(answers):
+        first = int((labels[i] != IGNORE_INDEX).int().argmax())
+        assert logits[i, first - 1:first - 1 + len(answer)].argmax(-1).tolist() == answer, i
+
+
+def test_logged_loss_adds_the_on_and_off_policy_parts():
+    """combine_sums with the on-policy part: alpha KD + (1 - alpha) CE over the off-policy sums
+    plus KD alone over the on-policy ones, all per answer token of the step."""
+    from trainer.distill.objective import combine_sums
+
+    kd = KDSettings(alpha=0.75, temperature=2.0, divergence="fkl")
+    total = [10.0, 4.0, 0.0, 0.0, 0.0, 20.0]  # ce, kd, teacher ce, agree, entropy, tokens
+    on = [3.0, 1.0, 0.0, 0.0, 0.0, 5.0]
+    expected = (0.75 * 4 * (4.0 - 1.0) + 0.25 * (10.0 - 3.0) + 4 * 1.0) / 20.0
+    assert combine_sums(total, kd, on_policy_sums=on) == pytest.approx(expected)
+    assert combine_sums(total, kd, on_policy_sums=[0.0] * 6) == pytest.approx((0.75 * 4 * 4.0 + 0.25 * 10.0) / 20)
+
+
+def test_the_token_budget_plans_room_for_on_policy_answers():
+    from trainer.data.budget import sample_lengths
+
+    sample = {"student_prompt_ids": [1] * 10, "teacher_prompt_ids": [1] * 7, "answer_ids": [2, 3]}
+    assert sample_lengths(sample, True) == (12, 9)
+    assert sample_lengths(sample, True, answer_reserve=32) == (42, 39)
+    assert sample_lengths({**sample, "answer_ids": [2] * 40}, True, answer_reserve=32) == (50, 47)
 
 
 def naive_kd(model, batch, beta: float, temperature: float) -> torch.Tensor:
@@ -164,13 +228,17 @@ def test_two_rank_on_policy_runs_and_resumes(launch):
     resumed = launch.ok("on_policy", "resumed")
     assert sorted(resumed.metrics) == [3, 4]
     shares = [full[s]["train/on_policy_share"] for s in sorted(full)]
-    assert any(shares) and all(0 <= s <= 1 for s in shares)
+    assert all(0 <= s <= 1 for s in shares) and full[3]["train/on_policy_share"] > 0, \
+        "the resumed steps include on-policy micro-batches"
     lengths = [full[s]["train/gen_length"] for s in sorted(full) if full[s]["train/on_policy_share"]]
     assert all(0 < n <= 6 for n in lengths)
+    assert any(n != int(n) for n in lengths), "answers of different lengths (a mean between whole numbers)"
+    assert "train/gen_length" not in full[4], "the student's own answers are logged only on steps that had some"
     for step in (3, 4):
         for key in ("train/loss", "train/kd_loss", "train/gen_length", "train/on_policy_share", "train/grad_norm"):
-            assert resumed.metrics[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
-    assert all(map(lambda v: v == v, (full[s]["train/loss"] for s in full))), "finite losses"
+            if key in full[step]:
+                assert resumed.metrics[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-6), (step, key)
+    assert all(math.isfinite(full[s]["train/loss"]) for s in full)
 
 
 @pytest.mark.parametrize("flags, message", [

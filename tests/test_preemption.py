@@ -9,6 +9,7 @@ session's shared launch (tests/shared_launch.py), the same trainer/main.py comma
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +24,16 @@ from trainer.supervise import ranks_below
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.slow
 MAX_STEPS = 20  # a signal sent at step 2 stops the run well before: the launcher watch polls every 2 s
-_port = iter(range(29740, 29760))  # fixed ranges per module: xdist runs modules side by side
+
+
+def free_port() -> int:
+    """A port the OS has free now. Not a fixed range: --dist loadgroup spreads this module's tests
+    over the workers, each with its own copy of a module-level counter, so two could take the same
+    port at once (seen: EADDRINUSE on 29743 in a clean-clone run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 CHECKS = [Check("preemption_reference", [main("run", "--max_steps", str(MAX_STEPS), "--save_every", "1000",
                                               "--save_dir", "{dir}/run/ckpt")])]
 
@@ -34,7 +44,7 @@ def shards(demo_shards):
 
 
 def command(shards, run_dir, *extra, supervised=True):
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(next(_port)),
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
            "trainer/main.py", "--ds_config", "ds_configs/zero3.json", "--model", "tiny",
            "--train_shards", shards["train_shards"], "--micro_batch_size", "4", "--num_workers", "2",
            "--max_seq_len", "512", "--lr", "3e-3", "--warmup_steps", "2", "--max_steps", str(MAX_STEPS),

@@ -11,6 +11,7 @@ import glob
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -50,7 +51,9 @@ def shrink(args: list) -> None:
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT",
                         "CROSS_RANK", "CROSS_SIZE")}
-    port = str(int(os.environ.get("MASTER_PORT", "29500")) + 17)
+    with socket.socket() as s:  # a port the OS has free now
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
     cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "1", "--master_port", port,
            os.path.join(ROOT, "trainer", "main.py"), *_flags(shards, "--max_steps", "8", "--save_dir", into,
                                                             "--resume", "auto", "--log_dir",

@@ -263,6 +263,8 @@ class Trainer:
             max_tokens=c.optim.max_tokens_per_micro_batch,
             buffer_size=c.optim.token_budget_buffer,
             with_teacher=self.objective.uses_teacher,
+            # On-policy answers may be --gen_max_new_tokens long: the token budget plans room for them.
+            answer_reserve=c.distill.gen_max_new_tokens if c.distill.kd_on_policy_fraction > 0 else 0,
         )
         self.data_iter = iter(self.loader)
         if state is not None:
@@ -315,7 +317,8 @@ class Trainer:
                         self.model, batches[i].to(dtype=self.dtype), max_new_tokens=k.gen_max_new_tokens,
                         temperature=k.gen_temperature, seed=self.config.optim.seed, step=self.step + 1, micro=i,
                         rank=dist.rank(), synced=self.zero_stage == 3 and dist.world_size() > 1, device=self.device)
-                batches[i] = with_answers(batches[i], answers, self.processor.pad_id)
+                self.watchdog.kick()  # a long generation is progress, not a hang
+                batches[i] = with_answers(batches[i], answers, self.processor.pad_id, max_len=self.config.data.max_seq_len)
                 generated = [generated[0] + sum(map(len, answers)), generated[1] + len(answers)]
         generate_time = time.perf_counter() - t_generate
 
@@ -388,12 +391,15 @@ class Trainer:
             metrics["train/teacher_ce"] = teacher_ce_sum / n
             metrics["train/agreement"] = agree / n
             metrics["train/teacher_entropy"] = teacher_entropy / n
-        if any(on_policy) or self.config.distill.kd_on_policy_fraction > 0:
-            on_n = on_summed[-1]
+        if self.config.distill.kd_on_policy_fraction > 0:
             metrics["train/on_policy_share"] = sum(on_policy) / gas
+            metrics["perf/generate_frac"] = generate_time / step_time
+        if any(on_policy):  # the student's own answers: logged only on steps that had some
+            on_n = on_summed[-1]
             metrics["train/gen_length"] = generated_tokens / max(generated_samples, 1.0)
             metrics["train/on_policy_teacher_ce"] = on_summed[2] / on_n if on_n else 0.0
-            metrics["perf/generate_frac"] = generate_time / step_time
+            if n > on_n:  # the CE on reference answers alone (on the student's own ones it is low by construction)
+                metrics["train/off_policy_ce_loss"] = (ce_sum - on_summed[0]) / (n - on_n)
         grad_norm = self.engine.get_global_grad_norm()
         if grad_norm is not None:
             metrics["train/grad_norm"] = float(grad_norm)

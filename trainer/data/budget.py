@@ -19,10 +19,11 @@ samples' rest) may be part-filled.
 import numpy as np
 
 
-def sample_lengths(sample: dict, with_teacher: bool) -> tuple[int, int]:
+def sample_lengths(sample: dict, with_teacher: bool, answer_reserve: int = 0) -> tuple[int, int]:
     """(student, teacher) sequence tokens (prompt + answer) of an encoded training sample;
-    teacher 0 without a teacher pass or a typed side."""
-    answer = len(sample.get("answer_ids", ()))
+    teacher 0 without a teacher pass or a typed side. `answer_reserve`: the answer counts as at
+    least this many tokens (on-policy runs: the student's own answer may be that long)."""
+    answer = max(len(sample.get("answer_ids", ())), answer_reserve)
     student = len(sample["student_prompt_ids"]) + answer
     teacher = len(sample["teacher_prompt_ids"]) + answer if with_teacher and "teacher_prompt_ids" in sample else 0
     return student, teacher

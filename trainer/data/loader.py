@@ -125,7 +125,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
                  epochs: int | None, positions: dict, counts: dict, role_offset: int, shard_sizes: dict,
-                 split_samples: bool = False, max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True):
+                 split_samples: bool = False, max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True,
+                 answer_reserve: int = 0):
         self.urls = urls
         self.shard_sizes = shard_sizes
         self.encoder = encoder
@@ -146,9 +147,13 @@ class ShardStream(IterableDataset):
         self.max_tokens = max_tokens
         self.buffer_size = buffer_size if max_tokens else micro_batch_size
         self.with_teacher = with_teacher
+        self.answer_reserve = answer_reserve
 
     def plan_settings(self) -> dict:
-        return {"max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "with_teacher": self.with_teacher}
+        settings = {"max_tokens": self.max_tokens, "buffer_size": self.buffer_size, "with_teacher": self.with_teacher}
+        if self.answer_reserve:  # only when set: checkpoints from before it resume unchanged
+            settings["answer_reserve"] = self.answer_reserve
+        return settings
 
     def epoch_shards(self, epoch: int, slot: int, num_slots: int | None = None, split: bool | None = None) -> list[int]:
         """The shard indices `slot` reads in `epoch`, under this run's split or the one given (a resized
@@ -338,7 +343,7 @@ class ShardStream(IterableDataset):
         if not self.max_tokens:
             yield list(pending), dict(position), dict(counts)
             return
-        lengths = [sample_lengths(s, self.with_teacher) for s in pending]
+        lengths = [sample_lengths(s, self.with_teacher, self.answer_reserve) for s in pending]
         fingerprint = zlib.crc32(json.dumps([[s["key"], *n] for s, n in zip(pending, lengths)]).encode())
         if skip and fingerprint != expected:
             raise ValueError(
@@ -410,7 +415,7 @@ class StreamingLoader:
     def __init__(self, urls: list[str], encoder: SampleEncoder, collate, *, micro_batch_size: int, rank: int,
                  world_size: int, num_workers: int, seed: int, shuffle: bool, max_bad_fraction: float,
                  epochs: int | None, state: dict | None, split_samples: bool = False, fresh_each_pass: bool = False,
-                 max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True):
+                 max_tokens: int = 0, buffer_size: int = 0, with_teacher: bool = True, answer_reserve: int = 0):
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
         if max_tokens < 0 or (max_tokens and buffer_size < 1):
@@ -427,7 +432,7 @@ class StreamingLoader:
                                  num_workers=num_workers, seed=seed, shuffle=shuffle,
                                  max_bad_fraction=max_bad_fraction, epochs=epochs, split_samples=split_samples,
                                  shard_sizes=read_shard_sizes(urls), max_tokens=max_tokens, buffer_size=buffer_size,
-                                 with_teacher=with_teacher)
+                                 with_teacher=with_teacher, answer_reserve=answer_reserve)
         self.encoder = encoder
         self.collate = collate
         self._positions: dict = {}
@@ -559,18 +564,19 @@ def build_train_loader(spec: str | list[str], processor, *, stage: Stage | str, 
                        rank: int, world_size: int, num_workers: int, seed: int, shuffle: bool = True,
                        max_bad_fraction: float = 0.01, state: dict | None = None,
                        epochs: int | None = None, max_tokens: int = 0, buffer_size: int = 0,
-                       with_teacher: bool = True) -> StreamingLoader:
+                       with_teacher: bool = True, answer_reserve: int = 0) -> StreamingLoader:
     """Training Batches (trainer/data/batch.py) from shards, forever (epochs=None) or for
     `epochs` passes. stage: one of TRAINING_STAGES (trainer/data/batch.py). max_tokens > 0:
     micro-batches by token budget from buffers of buffer_size samples (micro_batch_size is
-    then unused; with_teacher: teacher tokens count towards the budget)."""
+    then unused; with_teacher: teacher tokens count towards the budget; answer_reserve: an answer
+    counts as at least this many tokens, room for on-policy answers the student generates)."""
     if Stage(stage).value not in TRAINING_STAGES:
         raise ValueError(f"stage must be one of {TRAINING_STAGES}, got {stage!r}")
     return StreamingLoader(expand_shard_spec(spec), SampleEncoder(processor, stage, max_seq_len), collate_train,
                            micro_batch_size=micro_batch_size, rank=rank, world_size=world_size,
                            num_workers=num_workers, seed=seed, shuffle=shuffle, max_bad_fraction=max_bad_fraction,
                            epochs=epochs, state=state, max_tokens=max_tokens, buffer_size=buffer_size,
-                           with_teacher=with_teacher)
+                           with_teacher=with_teacher, answer_reserve=answer_reserve)
 
 
 def build_eval_loader(spec: str | list[str], processor, *, micro_batch_size: int, max_seq_len: int, rank: int,

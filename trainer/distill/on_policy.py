@@ -7,8 +7,10 @@ For an on-policy micro-batch, before the step's statistics (its answer tokens ch
      collator's positions of the prompt tokens;
   2. `sample_answers`: the student (the live model, eval mode, no grad) decodes its answer to
      the spoken prompt: softmax(logits / --gen_temperature) sampled (0 = greedy) for at most
-     --gen_max_new_tokens tokens, each answer cut after its end token, never an image or audio
-     placeholder token (fed back as input, it would claim a feature that is not there). Under ZeRO-3 with
+     --gen_max_new_tokens tokens, each answer cut after its end token (the turn's end, the
+     tokenizer's end of sequence or its pad token), never another special token (an image or
+     audio placeholder fed back as input would claim a feature that is not there; a modality's
+     start marker would confuse a native family's positions). Under ZeRO-3 with
      several ranks every rank runs all --gen_max_new_tokens decoding steps (ranks whose answers
      ended keep stepping), so every rank calls the same modules: the parameters are gathered
      module by module, as in training, not the whole model at once (a whole-model gather, TRL's
@@ -17,8 +19,10 @@ For an on-policy micro-batch, before the step's statistics (its answer tokens ch
      run draws the same answers;
   3. `with_answers`: the training batch again with the generated ids as the answer of both
      sides: spoken prompt + answer for the student, typed prompt + the same answer for the
-     teacher, labels on the answer (its end token included when it ended); positions computed
-     again by the model.
+     teacher, labels on the answer (its end token included when it ended), cut to --max_seq_len;
+     positions: the prompt's, then one more per answer token on every axis (text after the
+     prompt, exactly as the decoding steps had them). The token budget plans every answer as
+     at least --gen_max_new_tokens long (`answer_reserve`), so a micro-batch stays within it.
 The objective then runs unchanged: the teacher (shared, frozen, EMA, or the adapters-off model)
 scores the student's tokens given the typed question, with the prefix-shared teacher where it
 applies, and the divergence (--kd_divergence, gjsd with --kd_beta) runs over the generated
@@ -85,10 +89,15 @@ def prompt_batch(batch: Batch, pad_id: int) -> Batch:
     return dataclasses.replace(batch, **fields)
 
 
-def with_answers(batch: Batch, answers: list[list[int]], pad_id: int) -> Batch:
+def with_answers(batch: Batch, answers: list[list[int]], pad_id: int, max_len: int | None = None) -> Batch:
     """The training batch with `answers[i]` as sample i's answer on both sides (right-padded,
-    labels on the answer tokens only); positions left to the model (they follow the new
-    lengths). An empty answer is an error naming the sample."""
+    labels on the answer tokens only). Positions: the collator's of the prompt, then one more on
+    every axis per answer token (text after the prompt, as generation gave them); none when the
+    batch has none. `max_len`: an answer is cut so that neither side passes it (as the encoder's
+    --max_seq_len check). An empty answer is an error naming the sample."""
+    if max_len is not None:
+        room = [max_len - max(n) for n in zip(*(lengths for *_, lengths in _sides(batch)))]
+        answers = [answer[:max(r, 1)] for answer, r in zip(answers, room)]
     empty = [key for key, answer in zip(batch.keys, answers) if not answer]
     if empty:
         raise ValueError(f"on-policy: no generated token for samples {empty}")
@@ -99,12 +108,19 @@ def with_answers(batch: Batch, answers: list[list[int]], pad_id: int) -> Batch:
         ids = torch.full((len(rows), width), pad_id, dtype=input_ids.dtype)
         mask = torch.zeros((len(rows), width), dtype=attention_mask.dtype)
         new_labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=labels.dtype)
+        positions = batch.position_ids(role)
+        new_positions = None if positions is None else torch.zeros((positions.shape[0], len(rows), width),
+                                                                    dtype=positions.dtype)
         for i, (row, n) in enumerate(zip(rows, lengths)):
             ids[i, :len(row)] = torch.tensor(row, dtype=input_ids.dtype)
             mask[i, :len(row)] = 1
             new_labels[i, n:len(row)] = ids[i, n:len(row)]
+            if new_positions is not None:
+                prompt = positions[:, i, :n]
+                new_positions[:, i, :n] = prompt
+                new_positions[:, i, n:len(row)] = prompt.max() + 1 + torch.arange(len(row) - n)
         fields.update({f"{role}_input_ids": ids, f"{role}_attention_mask": mask, f"{role}_labels": new_labels,
-                       f"{role}_position_ids": None})
+                       f"{role}_position_ids": new_positions})
     return dataclasses.replace(batch, **fields)
 
 
@@ -127,4 +143,4 @@ def sample_answers(model, batch: Batch, *, max_new_tokens: int, temperature: flo
     generator.manual_seed(int(np.random.default_rng([seed, 0x6770, step, micro, rank]).integers(2**62)))
     with _eval_mode(model):
         return model.generate_ids(prompt_batch(batch, model.processor.pad_id), "audio", max_new_tokens, synced_gpus=synced,
-                                  temperature=temperature, generator=generator, suppress_placeholders=True)
+                                  temperature=temperature, generator=generator, suppress_special=True)

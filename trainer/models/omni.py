@@ -321,12 +321,12 @@ class OmniModel(nn.Module):
     @torch.no_grad()
     def generate_ids(self, batch: Batch, mode: str, max_new_tokens: int, *, synced_gpus: bool = False,
                      temperature: float = 0.0, generator: torch.Generator | None = None,
-                     suppress_placeholders: bool = False) -> list[list[int]]:
+                     suppress_special: bool = False) -> list[list[int]]:
         """Token ids of the answers (each up to and including its end token), as `generate`;
         `temperature` > 0 samples from softmax(logits / temperature) with `generator` instead
-        of taking the argmax. `suppress_placeholders`: never emit the image / audio placeholder
-        tokens (answers fed back as input, where a placeholder would claim an image or audio
-        token that is not there)."""
+        of taking the argmax. `suppress_special` (answers fed back as input, on-policy): the pad
+        token ends an answer too, and no other special token is ever emitted (an image or audio
+        placeholder would claim a feature that is not there)."""
         role = "teacher" if mode == "text" else "student"
         device = self.adapter.input_embeddings().weight.device
         if (batch.side(role)[1][:, -1] == 0).any():
@@ -343,13 +343,22 @@ class OmniModel(nn.Module):
                                             **self.decoder_extras(input_ids, image_tokens))
 
         eos_ids = {self.processor.tokenizer.convert_tokens_to_ids(self.processor.turn_end), self.processor.tokenizer.eos_token_id}
-        eos = torch.tensor(sorted(i for i in eos_ids if i is not None), device=device)
+        if suppress_special:
+            eos_ids.add(self.processor.pad_id)
+        eos_ids.discard(None)
+        eos = torch.tensor(sorted(eos_ids), device=device)
+        suppressed = None
+        if suppress_special:
+            tokenizer = self.processor.tokenizer
+            special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+            special |= {self.image_token_id, self.audio_pad_id}
+            suppressed = torch.tensor(sorted(special - eos_ids), device=device, dtype=torch.long)
         finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
         generated = []
         for step in range(max_new_tokens):
             logits = self.adapter.lm_head(hidden[:, -1])  # B, H -> B, V
-            if suppress_placeholders:
-                logits[:, [self.image_token_id, self.audio_pad_id]] = float("-inf")
+            if suppressed is not None and suppressed.numel():
+                logits[:, suppressed] = float("-inf")
             if temperature > 0:
                 probs = torch.softmax(logits.float() / temperature, dim=-1)
                 next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
@@ -358,7 +367,7 @@ class OmniModel(nn.Module):
             next_ids = torch.where(finished, torch.full_like(next_ids, self.processor.pad_id), next_ids)
             generated.append(next_ids)
             finished |= torch.isin(next_ids, eos)
-            if step + 1 == max_new_tokens or (finished.all() and not synced_gpus):
+            if step + 1 == max_new_tokens or (not synced_gpus and finished.all()):
                 break
             attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
             step_positions = (next_position + step).view(1, -1, 1).expand(3, -1, 1)  # 3, B, 1
