@@ -231,3 +231,35 @@ def test_reshard_teacher_state_by_kind():
     assert all(torch.equal(a, b) for a, b in zip(got["copies"], saved[0]["copies"], strict=True))
     with pytest.raises(ValueError, match="kind 'shared' but this run's teacher is 'ema'"):
         reshard_state([shared.state_dict()], ema, 0)
+
+
+def test_waiting_ranks_give_up_when_rank_0_stops_converting(tmp_path):
+    """The other ranks wait for rank 0's conversion on the file system, kicking their hang watchdog
+    only while rank 0's heartbeat is fresh: a finished or failed conversion ends the wait, a
+    heartbeat gone stale (rank 0 killed mid-conversion) raises instead of waiting forever."""
+    import threading
+    import time
+
+    path = str(tmp_path)
+    heartbeat = os.path.join(path, "universal.heartbeat")
+    open(heartbeat, "w").close()
+    kicks = []
+
+    def finish():
+        time.sleep(0.3)
+        os.makedirs(os.path.join(path, "universal"))
+        open(os.path.join(path, "universal", checkpoint.COMPLETE), "w").close()
+
+    threading.Thread(target=finish).start()
+    resize.wait_for_conversion(path, kick=lambda: kicks.append(1), poll_s=0.05)
+    assert kicks, "the watchdog is kicked while rank 0's heartbeat is fresh"
+    os.remove(os.path.join(path, "universal", checkpoint.COMPLETE))
+    open(os.path.join(path, "universal.failed"), "w").close()
+    resize.wait_for_conversion(path, poll_s=0.05)  # a failure marker ends the wait too
+    os.remove(os.path.join(path, "universal.failed"))
+    old = time.time() - 1000
+    os.utime(heartbeat, (old, old))
+    kicks.clear()
+    with pytest.raises(checkpoint.CheckpointError, match="rank 0 stopped converting"):
+        resize.wait_for_conversion(path, kick=lambda: kicks.append(1), poll_s=0.05)
+    assert not kicks

@@ -158,20 +158,56 @@ def convert(path: str, workers: int = 1) -> str:
     return folder
 
 
+HEARTBEAT_S = 30.0  # rank 0 touches CKPT/universal.heartbeat this often while it converts
+STALE_S = 300.0  # a heartbeat older than this: rank 0 stopped (killed, its node lost)
+
+
+def _touch(path: str) -> None:
+    with open(path, "a"):
+        os.utime(path)
+
+
+def wait_for_conversion(path: str, kick=lambda: None, poll_s: float = 2.0, stale_s: float = STALE_S) -> None:
+    """A rank other than 0: wait until rank 0's conversion is complete or has failed, calling
+    `kick` while rank 0's heartbeat is fresh; a heartbeat older than `stale_s` raises (rank 0
+    died mid-conversion: waiting on would hang, as the watchdog is kicked here)."""
+    done = os.path.join(path, UNIVERSAL, checkpoint.COMPLETE)
+    failure, heartbeat = (os.path.join(path, UNIVERSAL + suffix) for suffix in (".failed", ".heartbeat"))
+    while not (os.path.exists(done) or os.path.exists(failure)):
+        try:
+            age = time.time() - os.path.getmtime(heartbeat)
+        except OSError:
+            age = float("inf")
+        if age > stale_s:
+            raise checkpoint.CheckpointError(
+                f"rank 0 stopped converting {path} ({heartbeat} is {age:.0f} s old, or missing): run "
+                "tools/reshard_checkpoint.py on it, then resume")
+        kick()
+        time.sleep(poll_s)
+
+
 def prepare(path: str, kick=lambda: None, poll_s: float = 2.0) -> str:
     """Collective: rank 0 converts (or reuses a verified conversion) while the other ranks wait
     on the file system, not in a collective (a conversion can outlast --dist_timeout_s): every
-    rank calls `kick` (the hang watchdog's) meanwhile. Then every rank verifies the folder; any
-    failure is raised on every rank."""
-    failure = os.path.join(path, UNIVERSAL + ".failed")
-    if dist.is_main() and os.path.exists(failure):
-        os.remove(failure)  # a previous attempt's
+    rank calls `kick` (the hang watchdog's) meanwhile, the others only while rank 0's heartbeat
+    file is fresh. Then every rank verifies the folder; any failure is raised on every rank."""
+    failure, heartbeat = (os.path.join(path, UNIVERSAL + suffix) for suffix in (".failed", ".heartbeat"))
+    if dist.is_main():
+        if os.path.exists(failure):
+            os.remove(failure)  # a previous attempt's
+        _touch(heartbeat)
     dist.barrier()
     error = None
     if dist.is_main():
         stop = threading.Event()
-        beat = threading.Thread(target=lambda: [kick() for _ in iter(lambda: stop.wait(30.0), True)], daemon=True)
-        beat.start()
+
+        def beat():
+            while not stop.wait(HEARTBEAT_S):
+                _touch(heartbeat)
+                kick()
+
+        beating = threading.Thread(target=beat, daemon=True)
+        beating.start()
         try:
             convert(path)
         except Exception as exc:  # noqa: BLE001 - told to every rank through the marker, then raised
@@ -180,12 +216,9 @@ def prepare(path: str, kick=lambda: None, poll_s: float = 2.0) -> str:
                 f.write(f"{type(exc).__name__}: {exc}")
         finally:
             stop.set()
-            beat.join()
+            beating.join()
     else:
-        done = os.path.join(path, UNIVERSAL, checkpoint.COMPLETE)
-        while not (os.path.exists(done) or os.path.exists(failure)):
-            kick()
-            time.sleep(poll_s)
+        wait_for_conversion(path, kick, poll_s)
     kick()
     problem = None
     try:
@@ -281,7 +314,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description="Convert a checkpoint for resuming on another number of ranks (what --resume does by itself "
                     "on first use; run it ahead, with more workers, for a large model).")
-    parser.add_argument("checkpoint", help="a complete checkpoint directory, SAVE_DIR/step_XXXXXXXX")
+    parser.add_argument("checkpoint", help="a complete checkpoint directory, such as SAVE_DIR/step_00001000")
     parser.add_argument("--workers", type=int, default=4, help="processes extracting the ZeRO partitions")
     args = parser.parse_args(argv)
     problem = checkpoint.verify(args.checkpoint) if os.path.isfile(
