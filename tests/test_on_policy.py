@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from tests.shared_launch import Check, call, main
+from tests.test_model_omni import model, processor  # noqa: F401 - the tiny model and processor fixtures
 from trainer.data.batch import IGNORE_INDEX
 from trainer.distill.loss import KDSettings
 from trainer.distill.objective import SelfKDObjective
 from trainer.distill.on_policy import is_on_policy, prompt_batch, sample_answers, with_answers
-from trainer.models.build import build_tiny
 from trainer.models.synthetic import make_batch
-from trainer.models.tiny import build_tiny_processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOY_START = os.path.join(ROOT, "docs", "results", "selfkd_vs_sft_v2", "attempt_colour_position_extra")
@@ -31,16 +30,6 @@ CHECKS = [
              rank0_only=True),
         main("resumed", *ON_POLICY, "--save_dir", "{dir}/ckpt_resumed", "--resume", "auto")]),
 ]
-
-
-@pytest.fixture(scope="module")
-def processor():
-    return build_tiny_processor()
-
-
-@pytest.fixture()
-def model(processor):
-    return build_tiny(processor, attn_impl="sdpa", seed=0)
 
 
 def test_which_micro_batches_are_on_policy():
